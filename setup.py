@@ -1,0 +1,24 @@
+from setuptools import setup
+
+setup(
+    name="nest_ssl",
+    version="0.1.0",
+    description="Plain-PyTorch NEST self-supervised speech pretraining (NeMo-compatible), with Triton kernels",
+    python_requires=">=3.10",
+    # kernels/ ships as nest_ssl.kernels: the top-level name `kernels` is taken on the package registry.
+    packages=["nest_ssl", "nest_ssl.conformer", "nest_ssl.data", "nest_ssl.testing", "nest_ssl.kernels"],
+    package_dir={"nest_ssl.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "torchaudio>=2.4",
+        "numpy>=1.24",
+        "soundfile>=0.12",
+        "pyyaml>=6.0",
+        "tensorboard>=2.14",
+        "triton>=3.0; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-xdist>=3", "ruff>=0.5"],
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
+    },
+)

@@ -1,0 +1,36 @@
+"""Shared test settings: fixture paths, markers, determinism."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+FIXTURES = Path(__file__).parent / "fixtures"
+PARITY = FIXTURES / "parity"
+SPEC = FIXTURES / "spec"
+
+# One thread per pytest-xdist worker keeps CPU results reproducible and the 2-core CI machine unoversubscribed.
+torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU-only machines)")
+    config.addinivalue_line("markers", "slow: slower CPU test (still run by make test)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def triton_interpret():
+    """Skip unless Triton kernels can run here: on a GPU, or on CPU under TRITON_INTERPRET=1."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 (make test sets it)")
+    return "cuda" if torch.cuda.is_available() else "cpu"
