@@ -181,7 +181,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if (module + ".").startswith(_OPAQUE_PREFIXES) or module in ("enum", "copyreg", "pathlib"):
             key = f"{module}.{name}"
             if module == "copyreg" and name == "_reconstructor":
-                return lambda cls, base, state: cls() if isinstance(cls, type) and issubclass(cls, _Opaque) else _Opaque()
+                return lambda cls, base, state: cls() if isinstance(cls, type) and issubclass(cls, _Opaque) else \
+                    _Opaque()
             return self.opaque.setdefault(key, type(name, (_Opaque,), {"__module__": module}))
         raise NemoFileError(f"{self.origin}: checkpoint refers to {module}.{name}, which is not on the allow-list")
 
@@ -191,7 +192,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise NemoFileError(f"{self.origin}: unknown persistent id kind {kind!r}")
         data = self.zf.read(f"{self.prefix}data/{key}")
         dtype = storage_type._dtype  # torch.FloatStorage etc. carry their dtype as a class attribute
-        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8).untyped_storage() if data else torch.UntypedStorage(0)
+        raw = torch.UntypedStorage(0)
+        if data:
+            raw = torch.frombuffer(bytearray(data), dtype=torch.uint8).untyped_storage()
         return torch.storage.TypedStorage(wrap_storage=raw, dtype=dtype, _internal=True)
 
 
@@ -221,4 +224,5 @@ def load_nemo_weights(path: str | os.PathLike) -> tuple[dict | None, dict[str, t
         return read_nemo(path)
     ckpt = read_ptl_checkpoint(path)
     cfg = opaque_to_plain((ckpt.get("hyper_parameters") or {}).get("cfg"))
-    return cfg if isinstance(cfg, dict) else None, {k: v for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
+    weights = {k: v for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
+    return (cfg if isinstance(cfg, dict) else None), weights
