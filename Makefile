@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
+DEMO_DIR ?= demo_out
+
 .PHONY: install test lint demo bench bench-train clean
 
 install: $(STAMP)
@@ -22,6 +24,25 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
+
+# A bare machine to a pretrained tiny model: synthetic corpus + noise, then a few minutes of CPU pretraining.
+demo: install
+	$(BIN)/python scripts/make_demo_data.py --out $(DEMO_DIR)/data
+	$(BIN)/python scripts/pretrain.py --config configs/nest_tiny_cpu.yaml \
+		model.train_ds.manifest_filepath=$(DEMO_DIR)/data/train_manifest.json \
+		model.train_ds.noise_manifest=$(DEMO_DIR)/data/noise_manifest.json \
+		model.validation_ds.manifest_filepath=$(DEMO_DIR)/data/val_manifest.json \
+		model.validation_ds.noise_manifest=$(DEMO_DIR)/data/noise_manifest.json \
+		exp_manager.exp_dir=$(DEMO_DIR)/experiments
+	@echo "TensorBoard: $(BIN)/tensorboard --logdir $(DEMO_DIR)/experiments"
+
+# Kernel micro-benchmarks (Triton rows need a CUDA GPU; on CPU only the torch providers run).
+bench: install
+	$(BIN)/python kernels/bench.py
+
+# Whole NEST training step, eager vs Triton kernels (needs a GPU for the headline figures).
+bench-train: install
+	$(BIN)/python scripts/benchmark_train.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

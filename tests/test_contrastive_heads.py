@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import PARITY
 from nest_ssl.contrastive.decoders import (
     ConvASRDecoder,
     ConvASRDecoderConfig,
@@ -18,8 +19,6 @@ from nest_ssl.contrastive.decoders import (
 )
 from nest_ssl.contrastive.loss import ContrastiveLoss, ContrastiveLossConfig
 from nest_ssl.contrastive.patch_masking import MaskedPatchAugmentation, MaskedPatchAugmentationConfig
-
-from conftest import PARITY
 
 SET = PARITY / "contrastive_tiny"
 CFG = json.loads((SET / "config.json").read_text())

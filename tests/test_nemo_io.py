@@ -8,9 +8,8 @@ import pytest
 import torch
 import yaml
 
-from nest_ssl.nemo_io import NemoFileError, load_nemo_weights, read_nemo, read_ptl_checkpoint, write_nemo
-
 from conftest import FIXTURES
+from nest_ssl.nemo_io import NemoFileError, load_nemo_weights, read_nemo, read_ptl_checkpoint, write_nemo
 
 CFG = {"sample_rate": 16000, "encoder": {"_target_": "nemo.collections.asr.modules.ConformerEncoder", "d_model": 8},
        "target": "nemo.collections.asr.models.ssl_models.EncDecDenoiseMaskedTokenPredModel"}

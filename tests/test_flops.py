@@ -1,0 +1,30 @@
+"""The FLOP model behind MFU: NEST-L at 20 s must give the issue's ~8.9 GFLOP per audio-second."""
+import json
+
+import pytest
+import yaml
+
+from conftest import SPEC
+from nest_ssl.flops import mfu, nest_train_flops_per_audio_second
+
+ENCODER = yaml.safe_load((SPEC / "nest_fast-conformer.nemo.yaml").read_text())["model"]["encoder"]
+TRAINABLE = 112_964_608  # NEST-L, spec section 8
+
+
+def test_nest_l_at_20s_is_about_8_9_gflop_per_audio_second():
+    assert nest_train_flops_per_audio_second(TRAINABLE, ENCODER, 20.0) / 1e9 == pytest.approx(8.9, rel=0.02)
+
+
+def test_trainable_count_is_the_spec_one():
+    counts = json.loads((SPEC / "nest_large_param_counts.json").read_text())
+    assert counts["trainable"] == TRAINABLE
+
+
+def test_longer_utterances_cost_more_per_second_through_attention():
+    assert nest_train_flops_per_audio_second(TRAINABLE, ENCODER, 60.0) > \
+        nest_train_flops_per_audio_second(TRAINABLE, ENCODER, 20.0)
+
+
+def test_issue_target_40k_audio_seconds_is_about_36_percent_mfu_on_h100():
+    f = nest_train_flops_per_audio_second(TRAINABLE, ENCODER, 20.0)
+    assert mfu(40_000, f, 989e12) == pytest.approx(0.36, abs=0.01)
