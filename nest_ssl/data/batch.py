@@ -1,0 +1,50 @@
+"""`AudioNoiseItem` / `AudioNoiseBatch`: one sample and one padded batch of clean audio + noise (spec 1.5).
+
+Same field names and defaults (all None) as NeMo's `ssl_dataset.py`, so the augmentor and model step read them
+the same way. Signals are float32 (B, Lmax) zero-padded; lengths are int64 (B,).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class AudioNoiseItem:
+    sample_id: str | None = None
+    audio: torch.Tensor | None = None  # (L,) float32
+    audio_len: torch.Tensor | int | None = None
+    noise: torch.Tensor | None = None  # (Ln,) float32
+    noise_len: torch.Tensor | int | None = None
+    noisy_audio: torch.Tensor | None = None
+    noisy_audio_len: torch.Tensor | int | None = None
+
+
+@dataclass
+class AudioNoiseBatch:
+    sample_id: list[Any] | None = None
+    audio: torch.Tensor | None = None  # (B, Lmax) float32
+    audio_len: torch.Tensor | None = None  # (B,) int64
+    noise: torch.Tensor | None = None  # (B, Lmax) float32
+    noise_len: torch.Tensor | None = None  # (B,) int64
+    noisy_audio: torch.Tensor | None = None  # (B, Lmax) float32
+    noisy_audio_len: torch.Tensor | None = None  # (B,) int64
+
+    def _map(self, fn) -> AudioNoiseBatch:
+        changes = {f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **changes)
+
+    def to(self, device, non_blocking: bool = False) -> AudioNoiseBatch:
+        """A new batch with every tensor moved to `device` (sample_id is kept as is)."""
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> AudioNoiseBatch:
+        """Called by DataLoader(pin_memory=True) on custom batch types."""
+        return self._map(lambda t: t.pin_memory())
+
+    def __len__(self) -> int:
+        return 0 if self.audio is None else int(self.audio.shape[0])

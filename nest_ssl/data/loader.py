@@ -1,0 +1,135 @@
+"""`build_dataloader`: the one entry point the trainer calls (spec 5).
+
+Returns a `DataLoaderWrapper` with __iter__ (AudioNoiseBatch), __len__ (batches per epoch on this rank, equal on
+every rank), set_epoch, state_dict/load_state_dict (resume with the next unseen batch) and `bad_samples`, the
+(path, reason) list of skipped items, limited by `max_bad_samples`.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+
+import torch
+
+from nest_ssl.data.config import DatasetConfig
+from nest_ssl.data.dataset import AudioNoiseCollate, AudioNoiseDataset, BadItem
+from nest_ssl.data.manifest import read_manifests, split_paths
+from nest_ssl.data.sampler import BatchSampler
+from nest_ssl.data.tarred import TarredAudioNoiseDataset, shard_list
+
+log = logging.getLogger(__name__)
+
+
+class DataLoaderWrapper:
+    def __init__(self, cfg: DatasetConfig, dataset, collate: AudioNoiseCollate, sampler: BatchSampler | None,
+                 num_batches: int):
+        self.cfg, self.dataset, self.collate, self.sampler = cfg, dataset, collate, sampler
+        self.num_batches, self.epoch, self.start = num_batches, 0, 0
+        self.bad_samples: list[tuple[str, str]] = []  # distinct (path, reason), first-seen order
+        self.bad_counts: collections.Counter = collections.Counter()  # path -> times skipped (all epochs)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def set_epoch(self, epoch: int):
+        if epoch != self.epoch:
+            self.epoch, self.start = epoch, 0
+        for obj in (self.dataset, self.collate, getattr(self.dataset, "base", None)):
+            if obj is not None:
+                obj.epoch = epoch
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+
+    def _torch_loader(self):
+        c = self.cfg
+        kw = dict(num_workers=c.num_workers, collate_fn=self.collate, pin_memory=c.pin_memory)
+        if c.num_workers > 0:
+            kw.update(prefetch_factor=c.prefetch_factor or 2, persistent_workers=False)
+        if self.sampler is not None:
+            self.sampler.start = self.start
+            return torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler, **kw)
+        return torch.utils.data.DataLoader(self.dataset, batch_size=c.batch_size, **kw)
+
+    def _record_bad(self, bad):
+        for b in bad:
+            if (b.path, b.reason) not in self.bad_samples:  # a bad file is counted once, not once per epoch
+                self.bad_samples.append((b.path, b.reason))
+                log.warning("skipping bad sample %s: %s", b.path, b.reason)
+            self.bad_counts[b.path] += 1
+        if len(self.bad_samples) > self.cfg.max_bad_samples:
+            worst = self.bad_counts.most_common(10)
+            raise RuntimeError(f"{len(self.bad_samples)} bad samples exceed max_bad_samples="
+                               f"{self.cfg.max_bad_samples}; worst files: {worst}")
+
+    def __iter__(self):
+        self.set_epoch(self.epoch)
+        skip = self.start if self.sampler is None else 0  # the iterable path replays up to the resume point
+        passes = 0
+        while self.start < self.num_batches:
+            passes, got = passes + 1, 0
+            for batch, bad in self._torch_loader():
+                self._record_bad(bad)
+                if batch is None:
+                    continue
+                got += 1
+                if skip:
+                    skip -= 1
+                    continue
+                self.start += 1
+                yield batch
+                if self.start >= self.num_batches:
+                    break
+            if self.sampler is not None or got == 0 or passes > 100:
+                break  # a tarred stream shorter than num_batches is read again (equal batches on every rank)
+        self.epoch, self.start = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "start": self.start, "bad_samples": list(self.bad_samples)}
+
+    def load_state_dict(self, sd: dict):
+        self.epoch, self.start = int(sd["epoch"]), int(sd["start"])
+        self.bad_samples = [tuple(x) for x in sd.get("bad_samples", [])]
+        self.bad_counts = collections.Counter(p for p, _ in self.bad_samples)
+
+
+def build_dataloader(ds_cfg: DatasetConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0, augmentor=None,
+                     is_train: bool = True) -> DataLoaderWrapper:
+    c = ds_cfg.validate("train_ds" if is_train else "validation_ds")
+    noise = read_manifests(c.noise_manifest) if c.noise_manifest else []
+    # is_concat: one dataset per manifest; otherwise all manifests form one dataset (nested bucket lists flatten)
+    groups = [[m] for m in split_paths(c.manifest_filepath)] if c.is_concat else [split_paths(c.manifest_filepath)]
+    if c.is_tarred and "_OP_" in str(c.manifest_filepath) and "_CL_" in str(c.manifest_filepath):
+        # sharded manifests: expanded and split over ranks exactly like the tar shards they describe
+        groups = [shard_list(c.manifest_filepath, rank, world_size, c.tarred_shard_strategy)]
+    parts = [read_manifests(g, c.min_duration, c.max_duration, c.max_utts) for g in groups]
+    missing = []
+    if c.batch_duration is not None:  # the duration budget needs every duration: such items are bad, not fatal
+        missing = [e.audio_filepath for p in parts for e in p if e.duration is None]
+        parts = [[e for e in p if e.duration is not None] for p in parts]
+    entries = [e for p in parts for e in p]
+    if not entries:
+        raise ValueError(f"manifest_filepath={c.manifest_filepath!r}: no items left after the duration filter")
+    ds = AudioNoiseDataset(entries, noise, c.sample_rate, c.min_audio_len_secs, c.pad_audio_mode,
+                           c.channel_selector, seed, c.skip_bad_samples)
+    collate = AudioNoiseCollate(augmentor, c.augment_on_device, seed, True)
+    if c.is_tarred:
+        shards = shard_list(c.tarred_audio_filepaths, rank, world_size, c.tarred_shard_strategy)
+        tds = TarredAudioNoiseDataset(ds, shards, c.shuffle_n if c.shuffle else 0, seed + 7919 * rank)
+        sharded = len(groups[0]) > 1 or "_OP_" in str(c.manifest_filepath)
+        n = len(entries) // (1 if sharded else world_size) // c.batch_size
+        return _with_missing(DataLoaderWrapper(c, tds, collate, None, n), missing)
+    sampler = BatchSampler(ds.durations(), c.batch_size, shuffle=c.shuffle, drop_last=c.drop_last, rank=rank,
+                           world_size=world_size, seed=seed, batch_duration=c.batch_duration,
+                           num_buckets=c.num_buckets, bucket_buffer_size=c.bucket_buffer_size,
+                           concat_sizes=[len(p) for p in parts] if c.is_concat else None,
+                           concat_temperature=c.concat_sampling_temperature,
+                           concat_probs=c.concat_sampling_probabilities)
+    return _with_missing(DataLoaderWrapper(c, ds, collate, sampler, len(sampler)), missing)
+
+
+def _with_missing(loader: DataLoaderWrapper, missing: list[str]) -> DataLoaderWrapper:
+    if missing and not loader.cfg.skip_bad_samples:
+        raise ValueError(f"{missing[0]}: missing duration, needed by batch_duration (skip_bad_samples=false)")
+    if missing:
+        loader._record_bad([BadItem(p, "missing duration (needed by batch_duration)") for p in missing])
+    return loader

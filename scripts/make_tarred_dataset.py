@@ -1,0 +1,33 @@
+"""Write NeMo-compatible tarred shards from a manifest: OUT/audio_{0..N-1}.tar + OUT/tarred_audio_manifest.json.
+
+Each manifest line gets `audio_filepath` = the member name inside its tar and `shard_id`; members are named
+uniquely by their file stem (stems must be unique, as NeMo matches members to entries by stem).
+
+    python scripts/make_tarred_dataset.py --manifest M.json --out DIR --num_shards 8 [--shuffle --seed 0]
+Read back with is_tarred: true, tarred_audio_filepaths: DIR/audio__OP_0..7_CL_.tar,
+manifest_filepath: DIR/tarred_audio_manifest.json.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nest_ssl.data.tarred import write_tarred_dataset  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--manifest", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--num_shards", type=int, default=8)
+    ap.add_argument("--shuffle", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--min_duration", type=float)
+    ap.add_argument("--max_duration", type=float)
+    a = ap.parse_args(argv)
+    tars = write_tarred_dataset(a.manifest, a.out, a.num_shards, a.shuffle, a.seed, a.min_duration, a.max_duration)
+    print(f"wrote {len(tars)} shards to {a.out} (tarred_audio_filepaths: {a.out}/audio__OP_0..{len(tars) - 1}_CL_.tar)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,175 @@
+"""Tarred shards (make_tarred_dataset -> read), sharding strategies, shuffle_n, and scripts/check_data.py."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from test_data import cfg, write_manifest, write_wav
+
+from nest_ssl.data.loader import build_dataloader
+from nest_ssl.data.tarred import shard_list, write_tarred_dataset
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def tarred(tmp_path):
+    rows = []
+    for i in range(16):
+        write_wav(tmp_path / f"utt{i}.wav", 1.0 + 0.01 * i, seed=i)
+        rows.append({"audio_filepath": f"utt{i}.wav", "duration": 1.0 + 0.01 * i})
+    m = write_manifest(tmp_path / "m.json", rows)
+    write_tarred_dataset(m, str(tmp_path / "tar"), num_shards=4)
+    return str(tmp_path / "tar"), m
+
+
+def tcfg(d, **kw):
+    base = dict(is_tarred=True, tarred_audio_filepaths=f"{d}/audio__OP_0..3_CL_.tar", shuffle=False, batch_size=2,
+                manifest_filepath=f"{d}/tarred_audio_manifest.json")
+    base.update(kw)
+    return cfg(base.pop("manifest_filepath"), **base)
+
+
+def durations(loader):
+    return [round(x / 16000, 2) for b in loader for x in b.audio_len.tolist()]
+
+
+def test_tarred_round_trip_reads_every_sample_once(tarred):
+    d, _ = tarred
+    assert sorted(os.listdir(d)) == [f"audio_{i}.tar" for i in range(4)] + ["tarred_audio_manifest.json"]
+    rows = [json.loads(x) for x in open(f"{d}/tarred_audio_manifest.json")]
+    assert {r["shard_id"] for r in rows} == {0, 1, 2, 3} and not os.path.isabs(rows[0]["audio_filepath"])
+    loader = build_dataloader(tcfg(d))
+    assert len(loader) == 8
+    assert sorted(durations(loader)) == [round(1.0 + 0.01 * i, 2) for i in range(16)]
+
+
+def test_tarred_with_workers_and_pipe_source(tarred):
+    d, _ = tarred
+    assert len(durations(build_dataloader(tcfg(d, num_workers=2)))) == 16
+    pipe = tcfg(d, tarred_audio_filepaths=[f"pipe:cat {d}/audio_{i}.tar" for i in range(4)])
+    assert len(durations(build_dataloader(pipe))) == 16
+
+
+def test_scatter_and_replicate():
+    shards = [f"s{i}" for i in range(5)]
+    assert [shard_list(shards, r, 2, "scatter") for r in range(2)] == [["s0", "s1"], ["s2", "s3"]]
+    assert shard_list(shards, 1, 2, "replicate") == shards
+    with pytest.raises(ValueError, match="tarred_shard_strategy"):
+        shard_list(shards, 0, 1, "bogus")
+
+
+def test_tarred_ranks_get_equal_batches_and_disjoint_shards(tarred):
+    d, _ = tarred
+    loaders = [build_dataloader(tcfg(d), rank=r, world_size=2) for r in range(2)]
+    per_rank = [durations(x) for x in loaders]
+    assert len(per_rank[0]) == len(per_rank[1]) == 8 and not set(per_rank[0]) & set(per_rank[1])
+
+
+def test_shuffle_n_mixes_samples_across_shards(tarred):
+    d, _ = tarred
+    plain = durations(build_dataloader(tcfg(d)))
+    shuffled = durations(build_dataloader(tcfg(d, shuffle=True, shuffle_n=8), seed=1))
+    assert sorted(shuffled) == sorted(plain) and shuffled != plain
+    # samples of one shard are no longer consecutive: shuffling only the shard order would keep them in blocks of 4
+    shard_of = {v: i % 4 for i, v in enumerate(round(1.0 + 0.01 * i, 2) for i in range(16))}
+    blocks = [shard_of[v] for v in shuffled]
+    assert any(blocks[i] != blocks[i + 1] for i in range(0, 16, 4))
+    assert shuffled == durations(build_dataloader(tcfg(d, shuffle=True, shuffle_n=8), seed=1))
+
+
+def test_missing_and_corrupt_shard_are_reported(tarred):
+    d, _ = tarred
+    os.remove(f"{d}/audio_1.tar")
+    with open(f"{d}/audio_2.tar", "r+b") as f:
+        f.truncate(700)
+    loader = build_dataloader(tcfg(d, drop_last=False))
+    list(loader)
+    reasons = {os.path.basename(p): r for p, r in loader.bad_samples}
+    assert reasons["audio_1.tar"] == "missing shard"
+    assert any("audio_2.tar" in p for p, _ in loader.bad_samples)
+
+
+def run_check(*args):
+    r = subprocess.run([sys.executable, "scripts/check_data.py", *args, "--json"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    return r.returncode, json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_check_data_json_and_exit_code(tmp_path, tarred):
+    _, m = tarred
+    rc, rep = run_check("--manifest", m)
+    assert rc == 0 and rep["utterances"] == 16 and rep["bad"] == [] and rep["sample_rates"] == {"16000": 16}
+    assert abs(rep["hours"] - sum(1.0 + 0.01 * i for i in range(16)) / 3600) < 1e-6
+    (tmp_path / "broken.wav").write_bytes(b"junk" * 20)
+    m2 = write_manifest(tmp_path / "m2.json", [{"audio_filepath": "utt0.wav"}, {"audio_filepath": "broken.wav"},
+                                               {"audio_filepath": "nope.wav"}])
+    rc, rep = run_check("--manifest", m2)
+    assert rc == 1 and rep["utterances"] == 1 and [os.path.basename(b["path"]) for b in rep["bad"]] == [
+        "broken.wav", "nope.wav"]
+
+
+def test_check_data_tarred(tarred):
+    d, _ = tarred
+    rc, rep = run_check("--manifest", f"{d}/tarred_audio_manifest.json", "--tarred", f"{d}/audio__OP_0..3_CL_.tar")
+    assert rc == 0 and rep["utterances"] == 16
+
+
+def test_tarred_resume_mid_epoch(tarred):
+    d, _ = tarred
+    c = dict(shuffle=True, shuffle_n=4)
+    full = durations(build_dataloader(tcfg(d, **c), seed=2))
+    loader = build_dataloader(tcfg(d, **c), seed=2)
+    it = iter(loader)
+    head = [round(x / 16000, 2) for _ in range(3) for x in next(it).audio_len.tolist()]
+    resumed = build_dataloader(tcfg(d, **c), seed=2)
+    resumed.load_state_dict(loader.state_dict())
+    assert head + durations(resumed) == full
+
+
+def test_sharded_tarred_manifests_split_by_rank(tmp_path):
+    rows = []
+    for i in range(8):
+        write_wav(tmp_path / f"v{i}.wav", 1.0 + 0.01 * i, seed=i)
+        rows.append({"audio_filepath": f"v{i}.wav", "duration": 1.0 + 0.01 * i})
+    d = str(tmp_path / "tar")
+    write_tarred_dataset(write_manifest(tmp_path / "m.json", rows), d, num_shards=2)
+    os.makedirs(f"{d}/sharded_manifests")
+    for s in range(2):
+        write_manifest(f"{d}/sharded_manifests/manifest_{s}.json",
+                       [r for r in map(json.loads, open(f"{d}/tarred_audio_manifest.json")) if r["shard_id"] == s])
+    c = dict(tarred_audio_filepaths=f"{d}/audio__OP_0..1_CL_.tar",
+             manifest_filepath=f"{d}/sharded_manifests/manifest__OP_0..1_CL_.json")
+    got = [durations(build_dataloader(tcfg(d, **c), rank=r, world_size=2)) for r in range(2)]
+    assert len(got[0]) == len(got[1]) == 4 and sorted(got[0] + got[1]) == [round(1 + 0.01 * i, 2) for i in range(8)]
+
+
+def test_scripts_make_manifest_then_make_tarred_dataset_round_trip(tmp_path):
+    os.makedirs(tmp_path / "audio/sub")
+    for i in range(3):
+        write_wav(tmp_path / f"audio/sub/w{i}.wav", 1.0 + 0.25 * i, seed=i)
+    write_wav(tmp_path / "audio/x.flac", 1.5, fmt="FLAC")
+    m, out = str(tmp_path / "m.json"), str(tmp_path / "tar")
+    for cmd in (["scripts/make_manifest.py", str(tmp_path / "audio"), m, "--relative"],
+                ["scripts/make_tarred_dataset.py", "--manifest", m, "--out", out, "--num_shards", "2"]):
+        subprocess.run([sys.executable, *cmd], cwd=ROOT, check=True, capture_output=True, timeout=120)
+    rows = [json.loads(x) for x in open(m)]
+    assert [r["duration"] for r in rows] == [1.0, 1.25, 1.5, 1.5] and rows[0]["audio_filepath"] == "audio/sub/w0.wav"
+    c = tcfg(out, tarred_audio_filepaths=f"{out}/audio_[0..1].tar", batch_size=1)
+    assert sorted(durations(build_dataloader(c))) == [1.0, 1.25, 1.5, 1.5]
+
+
+def test_tarred_short_stream_is_reread_to_give_len_batches(tarred):
+    d, _ = tarred
+    os.remove(f"{d}/audio_3.tar")  # 12 of 16 samples left; len() still promises 8 batches of 2
+    loader = build_dataloader(tcfg(d))
+    assert len(loader) == 8 and sum(1 for _ in loader) == 8
+    assert loader.bad_samples == [(f"{d}/audio_3.tar", "missing shard")]
+
+
+def test_check_data_from_nemo_yaml_section(tarred):
+    _, m = tarred
+    rc, rep = run_check("--config", "configs/nest_fast-conformer.yaml", "--section", "model.train_ds",
+                        f"model.train_ds.manifest_filepath={m}")
+    assert rc == 0 and rep["utterances"] == 16
