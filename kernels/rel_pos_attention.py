@@ -1,0 +1,375 @@
+"""Fused Transformer-XL relative-position attention (NeMo `RelPositionMultiHeadAttention` core), O(T) memory.
+
+Math (spec nemo_nest.md §3.5), per batch b and head h, with s = 1/sqrt(d_k):
+
+    ac[i, j]  = (q[i] + u) . k[j]
+    bd[i, j]  = (q[i] + v_bias) . p[(T - 1) - i + j]          # NeMo's rel_shift, closed form
+    score     = (ac + bd) * s, masked -> excluded             # NeMo: replaced by -10000, probs zeroed after
+    ctx[i]    = sum_j dropout(softmax(score)[i, j]) * v[j]    # a fully masked (padded) query row gives 0
+
+Masked (i, j): i >= length, j >= length, or outside the limited context j - i < -L / j - i > R.
+For a valid query row NeMo's -10000 entries get exp(-10000 - max) == 0 in fp32, so excluding them is exact.
+
+Reference: `nest_ssl.conformer.attention.rel_pos_attention_torch` (tests compare against it).
+
+How the position term stays on chip: for a (BLOCK_M query x BLOCK_N key) tile the needed p rows
+form one window of BLOCK_M + BLOCK_N - 1 consecutive rows. We compute the (BLOCK_M x BLOCK_W) product
+(q + v_bias) . window^T and skew it into the score tile with `tl.gather` (column BLOCK_M - 1 - ii + jj).
+The backward un-skews d(score) into the window with the inverse gather and accumulates dp with fp32
+atomics (tiles on one diagonal share a window). Nothing of size T x T or T x (2T - 1) is ever stored.
+
+Dropout: Philox (`tl.rand`) keyed by `seed`, counter (b*H + h) << 32 | (i*T + j); the backward and
+`dropout_mask_debug` regenerate the same bits. Softmax statistics are kept as a base-2 logsumexp (B, H, T).
+
+Limits: d_k <= 128 (padded to a power of two with masks), T <= 46340 (32-bit i*T + j), CUDA or
+TRITON_INTERPRET=1. The interpreter computes every dot in fp32 (its bf16 dot is wrong) and uses one config.
+"""
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+LOG2E = 1.4426950408889634
+
+
+def _configs():
+    # The interpreter cannot autotune; tiny blocks keep its (numpy) launches cheap. BLOCK_W >= BLOCK_M + BLOCK_N - 1
+    # (the p window of one tile), a power of two; BLOCK_M == BLOCK_N wastes the least of it.
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_W": 32})]
+    cfgs = [(64, 64, 128, 4, 2), (64, 64, 128, 8, 3), (64, 32, 128, 4, 2), (32, 32, 64, 4, 2), (128, 64, 256, 8, 2)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_W": w}, num_warps=nw, num_stages=ns)
+            for m, n, w, nw, ns in cfgs]
+
+
+@triton.jit
+def _keep_mask(seed, bh, offs_m, offs_n, T, dropout_p):
+    # 64-bit Philox counter: high word = (b, h), low word = i*T + j, so every (b, h, i, j) has its own draw.
+    off = (bh.to(tl.int64) << 32) | (offs_m[:, None] * T + offs_n[None, :]).to(tl.int64)
+    return tl.rand(seed, off) >= dropout_p
+
+
+@triton.jit
+def _scores(qu, qv, k_ptrs, pw_ptrs, offs_m, offs_n, offs_w, offs_d, T, D, length, ctx_l, ctx_r, qk_scale,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """Masked, base-2-scaled score tile (BLOCK_M, BLOCK_N) and the p window it used (BLOCK_W, BLOCK_D)."""
+    dmask = offs_d[None, :] < D
+    k = tl.load(k_ptrs, mask=(offs_n[:, None] < T) & dmask, other=0.0)
+    pw = tl.load(pw_ptrs, mask=((offs_w[:, None] >= 0) & (offs_w[:, None] < 2 * T - 1)) & dmask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        pw = pw.to(tl.float32)
+    prec: tl.constexpr = "ieee" if IEEE else "tf32"
+    ac = tl.dot(qu, tl.trans(k), input_precision=prec)  # (BLOCK_M, BLOCK_N)
+    bdw = tl.dot(qv, tl.trans(pw), input_precision=prec)  # (BLOCK_M, BLOCK_W)
+    ii = tl.arange(0, BLOCK_M)[:, None]
+    jj = tl.arange(0, BLOCK_N)[None, :]
+    bd = tl.gather(bdw, (BLOCK_M - 1) - ii + jj, axis=1)  # rel_shift: window column of p[(T-1) - i + j]
+    rel = offs_n[None, :] - offs_m[:, None]
+    valid = (offs_m[:, None] < length) & (offs_n[None, :] < length)
+    valid = valid & ((ctx_l < 0) | (rel >= -ctx_l)) & ((ctx_r < 0) | (rel <= ctx_r))
+    s = tl.where(valid, (ac + bd) * qk_scale, float("-inf"))
+    return s, valid, k, pw
+
+
+@triton.jit
+def _load_q(Q, U, VB, qkv_base, h, offs_m, offs_d, T, D, dt: tl.constexpr):
+    dmask = offs_d < D
+    q = tl.load(Q + qkv_base + offs_m[:, None] * D + offs_d[None, :],
+                mask=(offs_m[:, None] < T) & dmask[None, :], other=0.0).to(tl.float32)
+    u = tl.load(U + h * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    vb = tl.load(VB + h * D + offs_d, mask=dmask, other=0.0).to(tl.float32)
+    return (q + u[None, :]).to(dt), (q + vb[None, :]).to(dt)
+
+
+@triton.jit
+def _key_range(m_lo, m_hi, length, ctx_l, ctx_r, BLOCK_N: tl.constexpr):
+    """Key blocks [lo, hi) that can be unmasked for query rows [m_lo, m_hi); empty for padded rows."""
+    lo = tl.where(ctx_l >= 0, tl.maximum(m_lo - ctx_l, 0), 0)
+    hi = tl.where(ctx_r >= 0, tl.minimum(m_hi + ctx_r, length), length)
+    hi = tl.where(m_lo < length, hi, 0)
+    return (lo // BLOCK_N) * BLOCK_N, hi
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, P, U, VB, LEN, OUT, LSE, seed, T, H, D, stride_pb, qk_scale, ctx_l, ctx_r, dropout_p,
+                T_BUCKET,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
+                DROPOUT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    length = tl.load(LEN + b)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    qkv_base = bh.to(tl.int64) * T * D
+    p_base = b.to(tl.int64) * stride_pb + h.to(tl.int64) * (2 * T - 1) * D
+    dt: tl.constexpr = tl.float32 if UPCAST else Q.dtype.element_ty
+    qu, qv = _load_q(Q, U, VB, qkv_base, h, offs_m, offs_d, T, D, dt)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    lo, hi = _key_range(m0, m0 + BLOCK_M, length, ctx_l, ctx_r, BLOCK_N)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_w = (T - BLOCK_M - m0 + n0) + tl.arange(0, BLOCK_W)  # p rows of this tile's window
+        s, valid, k, pw = _scores(qu, qv, K + qkv_base + offs_n[:, None] * D + offs_d[None, :],
+                                  P + p_base + offs_w[:, None] * D + offs_d[None, :], offs_m, offs_n, offs_w,
+                                  offs_d, T, D, length, ctx_l, ctx_r, qk_scale, BLOCK_M, BLOCK_N, UPCAST, IEEE)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing valid yet
+        alpha = tl.exp2(m_i - m_safe)
+        prob = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(prob, 1)
+        if DROPOUT:
+            keep = _keep_mask(seed, bh, offs_m, offs_n, T, dropout_p)
+            prob = tl.where(keep, prob / (1.0 - dropout_p), 0.0)
+        v = tl.load(V + qkv_base + offs_n[:, None] * D + offs_d[None, :],
+                    mask=(offs_n[:, None] < T) & (offs_d[None, :] < D), other=0.0).to(dt)
+        acc = acc * alpha[:, None] + tl.dot(prob.to(dt), v, input_precision="ieee" if IEEE else "tf32")
+        m_i = m_new
+    row_ok = l_i > 0.0  # False exactly for padded query rows: NeMo zeroes their probabilities
+    out = tl.where(row_ok[:, None], acc / tl.where(row_ok, l_i, 1.0)[:, None], 0.0)
+    tl.store(OUT + qkv_base + offs_m[:, None] * D + offs_d[None, :], out.to(OUT.dtype.element_ty),
+             mask=(offs_m[:, None] < T) & (offs_d[None, :] < D))
+    lse = tl.where(row_ok, m_i + tl.log2(tl.where(row_ok, l_i, 1.0)), 0.0)
+    tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
+
+
+@triton.jit
+def _bwd_tile(Q, K, V, P, U, VB, DO, LSE, DELTA, seed, bh, h, m0, n0, qkv_base, p_base, T, D, length,
+              qk_scale, ctx_l, ctx_r, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+              IEEE: tl.constexpr):
+    """Recompute one tile; return d(score) (unscaled by 1/sqrt(d)), the dropped probs and the operands."""
+    dt: tl.constexpr = tl.float32 if UPCAST else Q.dtype.element_ty
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_w = (T - BLOCK_M - m0 + n0) + tl.arange(0, BLOCK_W)
+    qu, qv = _load_q(Q, U, VB, qkv_base, h, offs_m, offs_d, T, D, dt)
+    s, valid, k, pw = _scores(qu, qv, K + qkv_base + offs_n[:, None] * D + offs_d[None, :],
+                              P + p_base + offs_w[:, None] * D + offs_d[None, :], offs_m, offs_n, offs_w,
+                              offs_d, T, D, length, ctx_l, ctx_r, qk_scale, BLOCK_M, BLOCK_N, UPCAST, IEEE)
+    rmask = offs_m < T
+    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=rmask, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=rmask, other=0.0)
+    do = tl.load(DO + qkv_base + offs_m[:, None] * D + offs_d[None, :],
+                 mask=rmask[:, None] & (offs_d[None, :] < D), other=0.0).to(dt)
+    v = tl.load(V + qkv_base + offs_n[:, None] * D + offs_d[None, :],
+                mask=(offs_n[:, None] < T) & (offs_d[None, :] < D), other=0.0).to(dt)
+    prob = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
+    dprob = tl.dot(do, tl.trans(v), input_precision="ieee" if IEEE else "tf32")  # (BLOCK_M, BLOCK_N)
+    pdrop = prob
+    if DROPOUT:
+        keep = _keep_mask(seed, bh, offs_m, offs_n, T, dropout_p)
+        pdrop = tl.where(keep, prob / (1.0 - dropout_p), 0.0)
+        dprob = tl.where(keep, dprob / (1.0 - dropout_p), 0.0)
+    ds = prob * (dprob - delta[:, None])
+    return ds, pdrop, qu, qv, k, pw, do, offs_w
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DK, DV, seed, T, H, D, stride_pb, sm_scale, qk_scale,
+                     ctx_l, ctx_r, dropout_p, T_BUCKET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+                     IEEE: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    length = tl.load(LEN + b)
+    n0 = pid_n * BLOCK_N
+    qkv_base = bh.to(tl.int64) * T * D
+    p_base = b.to(tl.int64) * stride_pb + h.to(tl.int64) * (2 * T - 1) * D
+    prec: tl.constexpr = "ieee" if IEEE else "tf32"
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    # Query rows that may see this key block: i in [j - R, j + L] (context swapped relative to the forward).
+    lo, hi = _key_range(n0, n0 + BLOCK_N, length, ctx_r, ctx_l, BLOCK_M)
+    for m0 in range(lo, hi, BLOCK_M):
+        ds, pdrop, qu, qv, k, pw, do, offs_w = _bwd_tile(
+            Q, K, V, P, U, VB, DO, LSE, DELTA, seed, bh, h, m0, n0, qkv_base, p_base, T, D, length, qk_scale,
+            ctx_l, ctx_r, dropout_p, BLOCK_M, BLOCK_N, BLOCK_W, BLOCK_D, DROPOUT, UPCAST, IEEE)
+        dv += tl.dot(tl.trans(pdrop.to(do.dtype)), do, input_precision=prec)
+        dk += tl.dot(tl.trans(ds.to(qu.dtype)), qu, input_precision=prec)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = qkv_base + offs_n[:, None] * D + offs_d[None, :]
+    mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
+    tl.store(DK + ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DQU, DQV, DP, seed, T, H, D, stride_pb, stride_dpb,
+                   sm_scale, qk_scale, ctx_l, ctx_r, dropout_p, T_BUCKET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+                   IEEE: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    length = tl.load(LEN + b)
+    m0 = pid_m * BLOCK_M
+    qkv_base = bh.to(tl.int64) * T * D
+    p_base = b.to(tl.int64) * stride_pb + h.to(tl.int64) * (2 * T - 1) * D
+    dp_base = b.to(tl.int64) * stride_dpb + h.to(tl.int64) * (2 * T - 1) * D
+    prec: tl.constexpr = "ieee" if IEEE else "tf32"
+    offs_d = tl.arange(0, BLOCK_D)
+    ii = tl.arange(0, BLOCK_M)[:, None]
+    cc = tl.arange(0, BLOCK_W)[None, :]
+    jidx = cc - (BLOCK_M - 1) + ii  # inverse skew: window column c of row ii holds key jj = c - (BLOCK_M-1) + ii
+    jin = (jidx >= 0) & (jidx < BLOCK_N)
+    jidx = tl.minimum(tl.maximum(jidx, 0), BLOCK_N - 1)
+    dqu = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    dqv = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    lo, hi = _key_range(m0, m0 + BLOCK_M, length, ctx_l, ctx_r, BLOCK_N)
+    for n0 in range(lo, hi, BLOCK_N):
+        ds, pdrop, qu, qv, k, pw, do, offs_w = _bwd_tile(
+            Q, K, V, P, U, VB, DO, LSE, DELTA, seed, bh, h, m0, n0, qkv_base, p_base, T, D, length, qk_scale,
+            ctx_l, ctx_r, dropout_p, BLOCK_M, BLOCK_N, BLOCK_W, BLOCK_D, DROPOUT, UPCAST, IEEE)
+        dsw = tl.where(jin, tl.gather(ds, jidx, axis=1), 0.0).to(qv.dtype)  # (BLOCK_M, BLOCK_W)
+        dqu += tl.dot(ds.to(k.dtype), k, input_precision=prec)
+        dqv += tl.dot(dsw, pw, input_precision=prec)
+        dpw = tl.dot(tl.trans(dsw), qv, input_precision=prec) * sm_scale  # (BLOCK_W, BLOCK_D)
+        wmask = ((offs_w[:, None] >= 0) & (offs_w[:, None] < 2 * T - 1)) & (offs_d[None, :] < D)
+        tl.atomic_add(DP + dp_base + offs_w[:, None] * D + offs_d[None, :], dpw, mask=wmask)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    ptrs = qkv_base + offs_m[:, None] * D + offs_d[None, :]
+    mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
+    tl.store(DQU + ptrs, dqu * sm_scale, mask=mask)
+    tl.store(DQV + ptrs, dqv * sm_scale, mask=mask)
+
+
+@triton.jit
+def _dropout_mask_kernel(OUT, seed, T, dropout_p, BLOCK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    for n0 in range(0, T, BLOCK):
+        offs_n = n0 + tl.arange(0, BLOCK)
+        keep = _keep_mask(seed, bh, offs_m, offs_n, T, dropout_p)
+        val = tl.where(keep, 1.0 / (1.0 - dropout_p), 0.0)
+        tl.store(OUT + bh.to(tl.int64) * T * T + offs_m[:, None] * T + offs_n[None, :], val,
+                 mask=(offs_m[:, None] < T) & (offs_n[None, :] < T))
+
+
+def _maybe_tune(kernel, reset=None):
+    if INTERPRET:
+        return kernel
+    # Keyed on T rounded up to a power of two: training sees a new T almost every batch, tuning each is too slow.
+    return triton.autotune(_configs(), key=["T_BUCKET", "BLOCK_D", "DROPOUT"], reset_to_zero=reset)(kernel)
+
+
+_fwd = _maybe_tune(_fwd_kernel)
+_bwd_dkdv = _maybe_tune(_bwd_dkdv_kernel)
+_bwd_dq = _maybe_tune(_bwd_dq_kernel, reset=["DP"])
+
+
+def _launch(kernel, blocks_of, bh, *args, _axis="rows", **consts):
+    """Autotuned launch on GPU; the interpreter gets its single config explicitly. Grid: (blocks along _axis, B*H)."""
+    meta = dict(_configs()[0].kwargs) if INTERPRET else {}
+    key = "BLOCK_M" if _axis == "rows" else "BLOCK_N"
+    kernel[lambda m: (triton.cdiv(blocks_of, m[key]), bh)](*args, **consts, **meta)
+
+
+def _check(q, k, v, p, pos_bias_u, pos_bias_v, lengths, att_context_size, dropout_p):
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"q, k, v must share shape (B, H, T, d_k); got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    B, H, T, D = q.shape
+    if p.dim() != 4 or p.shape[0] not in (1, B) or tuple(p.shape[1:]) != (H, 2 * T - 1, D):
+        raise ValueError(f"p must be (1 or {B}, {H}, {2 * T - 1}, {D}); got {tuple(p.shape)}")
+    for name, t in (("pos_bias_u", pos_bias_u), ("pos_bias_v", pos_bias_v)):
+        if tuple(t.shape) != (H, D):
+            raise ValueError(f"{name} must be ({H}, {D}); got {tuple(t.shape)}")
+    if lengths is not None and tuple(lengths.shape) != (B,):
+        raise ValueError(f"lengths must be ({B},); got {tuple(lengths.shape)}")
+    if D > 128:
+        raise ValueError(f"d_k={D} is not supported; allowed d_k <= 128")
+    if T > 46340:
+        raise ValueError(f"T={T} is not supported; allowed T <= 46340 (32-bit dropout counter)")
+    if len(att_context_size) != 2:
+        raise ValueError(f"att_context_size must be [L, R]; got {att_context_size}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p={dropout_p}; allowed 0 <= dropout_p < 1")
+    if q.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError("rel_pos_attention's Triton kernels need a CUDA device, or TRITON_INTERPRET=1 on CPU")
+
+
+def _common(q, p, ctx_l, ctx_r, dropout_p):
+    B, H, T, D = q.shape
+    sm_scale = 1.0 / math.sqrt(D)
+    return dict(T=T, H=H, D=D, stride_pb=0 if p.shape[0] == 1 else H * (2 * T - 1) * D,
+                ctx_l=ctx_l, ctx_r=ctx_r, dropout_p=float(dropout_p), T_BUCKET=triton.next_power_of_2(T),
+                BLOCK_D=max(16, triton.next_power_of_2(D)),
+                DROPOUT=dropout_p > 0.0, UPCAST=INTERPRET, IEEE=q.dtype == torch.float32), sm_scale
+
+
+class RelPosAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, p, pos_bias_u, pos_bias_v, lengths, ctx_l, ctx_r, dropout_p, seed):
+        q, k, v, p = (t.contiguous() for t in (q, k, v, p))
+        B, H, T, D = q.shape
+        consts, sm_scale = _common(q, p, ctx_l, ctx_r, dropout_p)
+        o = torch.empty_like(q)
+        lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+        _launch(_fwd, T, B * H, q, k, v, p, pos_bias_u.contiguous(), pos_bias_v.contiguous(), lengths, o, lse, seed,
+                qk_scale=sm_scale * LOG2E, **consts)
+        ctx.save_for_backward(q, k, v, p, pos_bias_u, pos_bias_v, lengths, o, lse)
+        ctx.cfg = (ctx_l, ctx_r, dropout_p, seed)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, p, u, vb, lengths, o, lse = ctx.saved_tensors
+        ctx_l, ctx_r, dropout_p, seed = ctx.cfg
+        B, H, T, D = q.shape
+        do = do.contiguous()
+        consts, sm_scale = _common(q, p, ctx_l, ctx_r, dropout_p)
+        delta = (do.float() * o.float()).sum(-1)  # (B, H, T): rowsum(P * dP) = rowsum(dO * O), dropout included
+        args = (q, k, v, p, u.contiguous(), vb.contiguous(), lengths, do, lse, delta)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        _launch(_bwd_dkdv, T, B * H, *args, dk, dv, seed, sm_scale=sm_scale, qk_scale=sm_scale * LOG2E,
+                _axis="keys", **consts)
+        dqu = torch.empty(q.shape, device=q.device, dtype=torch.float32)
+        dqv = torch.empty_like(dqu)
+        dp = torch.zeros(p.shape, device=p.device, dtype=torch.float32)  # fp32: filled by atomics
+        _launch(_bwd_dq, T, B * H, *args, dqu, dqv, dp, seed, stride_dpb=consts["stride_pb"], sm_scale=sm_scale,
+                qk_scale=sm_scale * LOG2E, **consts)
+        dq = (dqu + dqv).to(q.dtype)
+        du = dqu.sum((0, 2)).to(u.dtype)  # (H, d_k): the bias is shared by every batch row and query
+        dvb = dqv.sum((0, 2)).to(vb.dtype)
+        return dq, dk, dv, dp.to(p.dtype), du, dvb, None, None, None, None, None
+
+
+def rel_pos_attention(q, k, v, p, pos_bias_u, pos_bias_v, lengths, att_context_size=(-1, -1), dropout_p=0.0,
+                      training=False, seed=None):
+    """Fused NeMo relative-position attention. q, k, v: (B, H, T, d_k) (q without biases); p: (1 or B, H, 2T-1, d_k);
+    pos_bias_u/v: (H, d_k); lengths: (B,) int or None (= all T). Returns ctx (B, H, T, d_k), zero on padded rows."""
+    _check(q, k, v, p, pos_bias_u, pos_bias_v, lengths, att_context_size, dropout_p)
+    B, H, T, D = q.shape
+    if lengths is None:
+        lengths = torch.full((B,), T, device=q.device, dtype=torch.int32)
+    # Clamped: keys past T are not loaded, so a length > T must not mark them valid.
+    lengths = lengths.to(device=q.device, dtype=torch.int32).clamp(0, T).contiguous()
+    # Under autocast the linears may hand over mixed dtypes; the kernel runs in q's dtype (gradients cast back).
+    k, v, p = (t.to(q.dtype) for t in (k, v, p))
+    p_eff = dropout_p if training else 0.0
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p_eff > 0 else 0
+    ctx_l, ctx_r = (int(c) for c in att_context_size)
+    return RelPosAttentionFunction.apply(q, k, v, p, pos_bias_u, pos_bias_v, lengths, ctx_l, ctx_r, p_eff, int(seed))
+
+
+def dropout_mask_debug(B, H, T, dropout_p, seed, device="cpu"):
+    """The kernel's dropout scaling (B, H, T, T) in {0, 1/(1-p)} for `seed`; small sizes only (tests)."""
+    out = torch.empty((B, H, T, T), device=device, dtype=torch.float32)
+    _dropout_mask_kernel[(triton.cdiv(T, 16), B * H)](out, int(seed), T, float(dropout_p), BLOCK=16)
+    return out
