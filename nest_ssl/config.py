@@ -1,0 +1,510 @@
+"""NeMo-schema YAML config: load, Hydra-style overrides, `${a.b}` interpolation, `???`, typed validation, CLI.
+
+    raw = load_yaml(path)                      # PyYAML + YAML-1.1 floats (`1e-3` is a float, not a string)
+    raw = apply_overrides(raw, ["a.b=1", "+a.new=2", "~a.c", "++a.d=[1,2]"])   # before resolution
+    plain = resolve(raw)                       # every ${a.b.c} replaced; `???` stays the string "???"
+    run = from_dict(RunConfig, plain, "")      # typed dataclasses; `???` -> Missing(path), error when used
+
+`load_config(path, overrides)` does all four and returns `(plain, run)`. The plain dict is what gets written to run
+dirs and embedded in checkpoints; sections with `_target_` stay plain dicts there and are validated (not built)
+through `nest_ssl.nemo_compat`. CLI: `python -m nest_ssl.config FILE [overrides...]` or
+`python -m nest_ssl.config --config-path DIR --config-name NAME [overrides...]` prints the resolved YAML.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: the message names the full key path."""
+
+
+class Missing:
+    """A `???` value. Printing shows `???`; using it (str, path, bool, iteration, numbers) raises naming the key."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str = ""):
+        self.path = path
+
+    def __repr__(self) -> str:
+        return "???"
+
+    def __eq__(self, other: object) -> bool:  # so owners' `x == "???"` checks keep working
+        return isinstance(other, Missing) or (isinstance(other, str) and other == MISSING_STR)
+
+    def __hash__(self) -> int:
+        return hash(MISSING_STR)
+
+    def _fail(self, *args, **kwargs):
+        raise ConfigError(f"{self.path or 'value'} is mandatory ('???') but was not set; "
+                          f"set it in the YAML or on the command line ({self.path or 'key'}=...)")
+
+    __str__ = __fspath__ = __bool__ = __iter__ = __len__ = __int__ = __float__ = __index__ = __getitem__ = _fail
+    __contains__ = __lt__ = __le__ = __gt__ = __ge__ = __add__ = __radd__ = __sub__ = __rsub__ = _fail
+    __mul__ = __rmul__ = __truediv__ = __rtruediv__ = __floordiv__ = __mod__ = __neg__ = __abs__ = _fail
+
+
+MISSING = Missing()
+MISSING_STR = "???"
+
+
+def is_missing(value: Any) -> bool:
+    return isinstance(value, Missing) or (isinstance(value, str) and value == MISSING_STR)
+
+
+def require(value: Any, path: str | None = None) -> Any:
+    """`value`, or a ConfigError naming `path` when it is `???`."""
+    if is_missing(value):
+        Missing(path or getattr(value, "path", "")).__str__()
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------- YAML
+class _Loader(yaml.SafeLoader):
+    """SafeLoader whose float rule also takes `1e-3`, `5e4` (YAML 1.2 / OmegaConf style, no dot required)."""
+
+
+_FLOAT_RE = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+_Loader.yaml_implicit_resolvers = {k: [r for r in v if r[0] != "tag:yaml.org,2002:float"]
+                                   for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+
+
+def parse_value(text: str) -> Any:
+    """One scalar/list/dict written as YAML (`1e-3`, `[0.9,0.98]`, `null`, `'quoted'`); empty text is ''."""
+    if text == "":
+        return ""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse value {text!r}: {e}") from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    with open(path) as f:
+        try:
+            data = yaml.load(f, Loader=_Loader)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that also writes tuples (as lists) and `Missing` (as `???`), e.g. for dataclasses.asdict(run)."""
+
+
+_Dumper.add_representer(tuple, lambda d, v: d.represent_list(list(v)))
+_Dumper.add_representer(Missing, lambda d, v: d.represent_str(MISSING_STR))
+
+
+def to_yaml(data: dict) -> str:
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False)
+
+
+# ------------------------------------------------------------------------------------------------------ overrides
+def _split(key: str) -> list[str]:
+    parts = key.split(".")
+    if not key or any(p == "" for p in parts):
+        raise ConfigError(f"invalid override key {key!r}")
+    return parts
+
+
+def _child(node: Any, part: str, path: str, create: bool) -> Any:
+    if isinstance(node, list) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+        return node[int(part)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"{path}: parent is not a mapping ({node!r})")
+    if part not in node:
+        if not create:
+            raise ConfigError(f"Could not override '{path}': no such key")
+        node[part] = {}
+    return node[part]
+
+
+def _apply_one(tree: dict, text: str) -> None:
+    op, body = ("~", text[1:]) if text.startswith("~") else ("++", text[2:]) if text.startswith("++") \
+        else ("+", text[1:]) if text.startswith("+") else ("=", text)
+    key, eq, val = body.partition("=")
+    if op != "~" and not eq:
+        raise ConfigError(f"override {text!r} must look like key=value, +key=value, ++key=value or ~key")
+    parts = _split(key.strip())
+    parent = tree
+    for i, part in enumerate(parts[:-1]):
+        parent = _child(parent, part, ".".join(parts[: i + 1]), create=op in ("+", "++"))
+    last = parts[-1]
+    if isinstance(parent, list) and last.lstrip("-").isdigit():
+        if not -len(parent) <= int(last) < len(parent):
+            raise ConfigError(f"Could not override '{key}': index out of range")
+        if op == "~":
+            del parent[int(last)]
+        else:
+            parent[int(last)] = parse_value(val)
+        return
+    if not isinstance(parent, dict):
+        raise ConfigError(f"Could not override '{key}': parent is not a mapping")
+    exists = last in parent
+    if op == "~":
+        if not exists:
+            raise ConfigError(f"Could not delete '{key}': no such key")
+        del parent[last]
+    elif op == "=" and not exists:
+        raise ConfigError(f"Could not override '{key}': no such key (use +{key}=... to add a new key)")
+    elif op == "+" and exists:
+        raise ConfigError(f"Could not append to '{key}': it already exists (use {key}=... or ++{key}=...)")
+    else:
+        parent[last] = parse_value(val)
+
+
+def apply_overrides(tree: dict, overrides: typing.Iterable[str]) -> dict:
+    """Hydra's dotted syntax on a copy: `a.b=v` (must exist), `+a.b=v` (must not), `++a.b=v`, `~a.b`."""
+    tree = copy.deepcopy(tree)
+    for text in overrides:
+        _apply_one(tree, text)
+    return tree
+
+
+# -------------------------------------------------------------------------------------------------- interpolation
+_INNER = re.compile(r"\$\{([^${}]*)\}")  # an interpolation with no interpolation inside: innermost first
+
+
+class _Resolver:
+    def __init__(self, root: dict):
+        self.root, self.done, self.stack = root, {}, []
+
+    def lookup(self, key: str, ref_from: str) -> Any:
+        node, walked = self.root, []
+        for part in key.strip().split("."):
+            walked.append(part)
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                raise ConfigError(f"{ref_from}: interpolation ${{{key}}} refers to unknown key '{key}'")
+            if isinstance(node, str) and "${" in node:
+                node = self.resolve(node, ".".join(walked))
+        return self.resolve(node, key.strip())
+
+    def resolve(self, node: Any, path: str) -> Any:
+        if path in self.done:
+            return self.done[path]
+        if path in self.stack:
+            chain = " -> ".join(self.stack[self.stack.index(path):] + [path])
+            raise ConfigError(f"interpolation cycle at '{path}': {chain}")
+        self.stack.append(path)
+        try:
+            if isinstance(node, dict):
+                out = {k: self.resolve(v, f"{path}.{k}" if path else str(k)) for k, v in node.items()}
+            elif isinstance(node, list):
+                out = [self.resolve(v, f"{path}.{i}") for i, v in enumerate(node)]
+            elif isinstance(node, str) and "${" in node:
+                out = self.interpolate(node, path)
+            else:
+                out = node
+        finally:
+            self.stack.pop()
+        self.done[path] = out
+        return out
+
+    def interpolate(self, text: str, path: str) -> Any:
+        while True:
+            m = _INNER.search(text)
+            if m is None:
+                return text
+            value = self.lookup(m.group(1), path)
+            if m.span() == (0, len(text)):
+                return copy.deepcopy(value)  # whole-string: keep int/list/dict type
+            if is_missing(value):
+                raise ConfigError(f"{path}: interpolation ${{{m.group(1)}}} refers to a mandatory value ('???')")
+            text = text[: m.start()] + str(value) + text[m.end():]
+
+
+def resolve(tree: dict) -> dict:
+    """A plain copy of `tree` with every `${a.b.c}` replaced (absolute paths from the root)."""
+    return _Resolver(tree).resolve(tree, "")
+
+
+def missing_keys(tree: Any, path: str = "") -> list[str]:
+    """Full key paths of every `???` left in a plain tree."""
+    if isinstance(tree, dict):
+        return [m for k, v in tree.items() for m in missing_keys(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(tree, list):
+        return [m for i, v in enumerate(tree) for m in missing_keys(v, f"{path}.{i}")]
+    return [path] if is_missing(tree) else []
+
+
+# ------------------------------------------------------------------------------------------------ typed from_dict
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is None and hasattr(tp, "__name__"):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _bad(path: str, value: Any, tp: Any) -> ConfigError:
+    return ConfigError(f"{path}={value!r}: expected {_type_name(tp)}, got {type(value).__name__}")
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:  # noqa: C901 - one branch per annotation kind
+    if is_missing(value):
+        return Missing(path)
+    if tp is Any or tp is object:
+        return value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        if type(value) in args and type(value) in (bool, int, float, str):
+            return value  # exact match first: `1.0` stays a float in Union[int, float] (1 and 1.0 differ there)
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(arg, value, path)
+            except ConfigError:
+                pass
+        raise _bad(path, value, tp)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{path}={value!r}: allowed values are {list(args)}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _bad(path, value, tp)
+        return value
+    if tp is int:
+        if isinstance(value, float) and value.is_integer():  # `5e4` is a float in YAML
+            return int(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _bad(path, value, tp)
+        return value
+    if tp is float:
+        if isinstance(value, str):  # `1e-3` read by a plain PyYAML loader
+            try:
+                return float(value)
+            except ValueError:
+                raise _bad(path, value, tp) from None
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise _bad(path, value, tp)
+        return float(value)
+    if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # OmegaConf does the same for `name: 123`
+        if not isinstance(value, str):
+            raise _bad(path, value, tp)
+        return value
+    if tp in (list, tuple) or origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _bad(path, value, tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{path}={value!r}: expected {len(args)} items")
+            return tuple(_convert(a, v, f"{path}.{i}") for i, (a, v) in enumerate(zip(args, value)))
+        item = args[0] if args else Any
+        out = [_convert(item, v, f"{path}.{i}") for i, v in enumerate(value)]
+        return tuple(out) if (tp is tuple or origin is tuple) else out
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise _bad(path, value, tp)
+        vt = args[1] if len(args) == 2 else Any
+        return {k: _convert(vt, v, f"{path}.{k}") for k, v in value.items()}
+    if isinstance(tp, type):
+        if not isinstance(value, tp):
+            raise _bad(path, value, tp)
+        return value
+    raise ConfigError(f"{path}: unsupported annotation {tp!r}")
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass `cls` from a plain dict: unknown keys and wrong types raise naming the full key path.
+
+    `_target_` is ignored here (nemo_compat resolves it); `???` values become `Missing(path)`.
+    """
+    where = path or "<root>"
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"from_dict needs a dataclass, got {cls!r}")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}={data!r}: expected a mapping for {cls.__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields and k != "_target_"]
+    if unknown:
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(repr(_join(path, k)) for k in unknown)} for {cls.__name__}; "
+                          f"valid keys: {sorted(fields)}")
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation only importable under TYPE_CHECKING: take such values as given
+        hints = {}
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _convert(hints.get(name, Any), data[name], _join(path, name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key '{_join(path, name)}' for {cls.__name__}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+# --------------------------------------------------------------------------------------------------------- schema
+@dataclass
+class ModelConfig:
+    """NeMo's `model` section of the NEST YAML. Targeted sections stay plain dicts (built by nemo_compat)."""
+
+    sample_rate: int = 16000
+    num_classes: int = 8192
+    num_books: int = 1
+    code_dim: int = 16
+    squeeze_single: bool = False
+    mask_position: str = "pre_conv"
+    train_ds: Any = None       # -> nest_ssl.data.config.DatasetConfig
+    validation_ds: Any = None  # -> nest_ssl.data.config.DatasetConfig
+    preprocessor: Optional[dict] = None
+    spec_augment: Optional[dict] = None
+    masking: Optional[dict] = None
+    quantizer: Optional[dict] = None
+    encoder: Optional[dict] = None
+    decoder: Optional[dict] = None
+    loss: Optional[dict] = None
+    optim: Any = None          # -> nest_ssl.optim.OptimConfig
+    decoder_out: Optional[int] = None   # contrastive SSL (SpeechEncDecSelfSupervisedModel) only
+    loss_list: Optional[dict] = None    # contrastive SSL: {name: {decoder: {_target_...}, loss: {...}, ...}}
+    target: Optional[str] = None        # NeMo writes these two into saved configs
+    nemo_version: Optional[str] = None
+
+
+@dataclass
+class RunConfig:
+    name: str = "SSL-NEST-FastConformer"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    trainer: Any = None      # -> nest_ssl.train.TrainerConfig
+    exp_manager: Any = None  # -> nest_ssl.exp_manager.ExpManagerConfig
+    init_from_nemo_model: Optional[str] = None
+    init_from_pretrained_model: Optional[str] = None
+    init_from_ptl_ckpt: Optional[str] = None
+    seed: int = 0
+
+
+# Untargeted sections -> their owners' dataclasses, imported lazily (they import torch and their own deps).
+SECTION_CLASSES = {
+    "model.train_ds": ("nest_ssl.data.config", "DatasetConfig"),
+    "model.validation_ds": ("nest_ssl.data.config", "DatasetConfig"),
+    "model.optim": ("nest_ssl.optim", "OptimConfig"),
+    "trainer": ("nest_ssl.train", "TrainerConfig"),
+    "exp_manager": ("nest_ssl.exp_manager", "ExpManagerConfig"),
+}
+
+
+def _section_class(path: str) -> type | None:
+    module, name = SECTION_CLASSES[path]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as e:
+        if e.name != module:  # the owner's module exists but is broken: say so
+            raise
+        return None
+
+
+def _validate_targets(node: Any, path: str) -> None:
+    from nest_ssl import nemo_compat
+
+    if isinstance(node, dict):
+        if "_target_" in node:
+            nemo_compat.target_config(node, path)
+        for k, v in node.items():
+            _validate_targets(v, _join(path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _validate_targets(v, f"{path}.{i}")
+
+
+def build_run_config(plain: dict) -> RunConfig:
+    """Typed view of a resolved plain dict; every section checked (unknown keys, types, `_target_`)."""
+    run = from_dict(RunConfig, plain, "")
+    for path in SECTION_CLASSES:
+        owner, key = ("model", path[6:]) if path.startswith("model.") else (None, path)
+        holder = run.model if owner else run
+        value = getattr(holder, key)
+        cls = _section_class(path)
+        if cls is not None and isinstance(value, dict):
+            setattr(holder, key, from_dict(cls, value, path))
+    _validate_targets(plain, "")
+    return run
+
+
+def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> tuple[dict, RunConfig]:
+    """YAML file + overrides -> (resolved plain dict, validated RunConfig)."""
+    plain = resolve(apply_overrides(load_yaml(path), overrides))
+    return plain, build_run_config(plain)
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+def config_file_from_args(argv: list[str]) -> tuple[Path, list[str]]:
+    """`FILE`, `--config FILE` or `--config-path DIR --config-name NAME` (`.yaml` optional), then overrides."""
+    argv, opts = list(argv), {}
+    for flag in ("--config", "--config-path", "--config-name"):
+        for i, a in enumerate(argv):
+            if a == flag and i + 1 < len(argv):
+                opts[flag] = argv[i + 1]
+                del argv[i: i + 2]
+                break
+            if a.startswith(flag + "="):
+                opts[flag] = a.split("=", 1)[1]
+                del argv[i]
+                break
+    if "--config-name" in opts:
+        name = opts["--config-name"]
+        name = name if name.endswith((".yaml", ".yml")) else name + ".yaml"
+        return Path(opts.get("--config-path", ".")) / name, argv
+    if "--config-path" in opts:
+        raise ConfigError("--config-path needs --config-name")
+    if "--config" in opts:
+        return Path(opts["--config"]), argv
+    if not argv or "=" in argv[0] or argv[0].startswith("~"):
+        raise ConfigError("usage: python -m nest_ssl.config FILE|--config FILE|--config-path DIR --config-name NAME "
+                          "[overrides...]")
+    return Path(argv[0]), argv[1:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        path, overrides = config_file_from_args(sys.argv[1:] if argv is None else argv)
+        plain, _ = load_config(path, overrides)
+    except (ValueError, ImportError) as e:  # ConfigError, or an owner's __post_init__ / import failure
+        print(f"config error: {e}", file=sys.stderr)
+        return 1
+    sys.stdout.write(to_yaml(plain))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

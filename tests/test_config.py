@@ -1,0 +1,387 @@
+"""Config system: NeMo's NEST YAML loads unchanged; interpolation, ???, overrides, validation, _target_ table, CLI."""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import pytest
+
+from nest_ssl import nemo_compat
+from nest_ssl.config import (
+    ConfigError,
+    Missing,
+    apply_overrides,
+    config_file_from_args,
+    from_dict,
+    load_config,
+    load_yaml,
+    missing_keys,
+    parse_value,
+    require,
+    resolve,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+NEMO_YAML = ROOT / "tests/fixtures/spec/nest_fast-conformer.nemo.yaml"
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+MANIFESTS = ["model.train_ds.manifest_filepath=/tmp/train.json", "model.validation_ds.manifest_filepath=/tmp/val.json"]
+OWNER_MODULES = ["nest_ssl.conformer.encoder", "nest_ssl.optim", "nest_ssl.train", "nest_ssl.exp_manager",
+                 "nest_ssl.data.config"]
+
+
+def _need_owner_modules(monkeypatch=None, config: Path = NEMO_YAML):
+    """Skip until the owners' modules exist; with monkeypatch, a missing encoder is replaced by a stand-in."""
+    absent = [m for m in OWNER_MODULES if importlib.util.find_spec(m) is None]
+    if monkeypatch is not None and "nest_ssl.conformer.encoder" in absent:
+        enc = resolve(load_yaml(config))["model"]["encoder"]
+        _fake_owner_modules(monkeypatch, {"model": {"encoder": enc}}, only=("nest_ssl.conformer.encoder",))
+        absent.remove("nest_ssl.conformer.encoder")
+    if absent:
+        pytest.skip(f"owner modules not written yet: {absent}")
+
+
+@pytest.fixture(scope="module")
+def nemo_plain() -> dict:
+    return resolve(load_yaml(NEMO_YAML))
+
+
+# ------------------------------------------------------------------------------------------- NeMo YAML, resolve
+def test_nemo_yaml_resolves_interpolations_and_yaml11_floats(nemo_plain):
+    m = nemo_plain["model"]
+    assert m["optim"]["weight_decay"] == 1e-3 and isinstance(m["optim"]["weight_decay"], float)
+    assert m["optim"]["sched"]["min_lr"] == 1e-6 and isinstance(m["optim"]["sched"]["min_lr"], float)
+    assert m["optim"]["betas"] == [0.9, 0.98]
+    assert m["preprocessor"]["dither"] == 1e-5
+    assert m["train_ds"]["sample_rate"] == 16000 and m["preprocessor"]["sample_rate"] == 16000
+    assert m["masking"]["feat_in"] == 80 and m["quantizer"]["feat_in"] == 80 and m["encoder"]["feat_in"] == 80
+    assert m["quantizer"]["combine_time_steps"] == 8 and m["loss"]["combine_time_steps"] == 8  # chained via encoder
+    assert m["decoder"]["feat_in"] == 512 and m["optim"]["sched"]["d_model"] == 512
+    assert m["decoder"]["num_classes"] == 8192 and m["decoder"]["num_decoders"] == 1
+    assert m["encoder"]["att_context_size"] == [-1, -1]
+    assert nemo_plain["exp_manager"]["name"] == "SSL-NEST-FastConformer"
+    fname = nemo_plain["exp_manager"]["checkpoint_callback_params"]["filename"]
+    assert fname == "SSL-NEST-FastConformer--{val_loss:.3f}-{step}"
+
+
+def test_nemo_yaml_keeps_mandatory_values(nemo_plain):
+    assert missing_keys(nemo_plain) == ["model.train_ds.manifest_filepath", "model.validation_ds.manifest_filepath"]
+
+
+@pytest.mark.parametrize("text,expected", [("1e-3", 1e-3), ("5e4", 5e4), ("-1.5E-2", -1.5e-2), ("1.0", 1.0),
+                                           ("7", 7), ("[0.9,0.98]", [0.9, 0.98]), ("null", None), ("'1e-3'", "1e-3"),
+                                           ('"a b"', "a b"), ("true", True), ("", ""), ("abc", "abc")])
+def test_parse_value_reads_yaml(text, expected):
+    value = parse_value(text)
+    assert value == expected and type(value) is type(expected)
+
+
+def test_whole_string_interpolation_keeps_type_and_nested_refs():
+    raw = {"a": {"n": 3, "l": [1, 2], "d": {"x": 1}, "k": "n"}, "b": "${a.n}", "c": "${a.l}", "e": "${a.d}",
+           "f": "x${a.n}y", "g": "${b}", "h": "${a.${a.k}}"}
+    out = resolve(raw)
+    assert out["b"] == 3 and out["c"] == [1, 2] and out["e"] == {"x": 1}
+    assert out["f"] == "x3y" and out["g"] == 3 and out["h"] == 3
+    out["c"].append(9)
+    assert out["a"]["l"] == [1, 2]  # interpolated copies do not alias
+
+
+@pytest.mark.parametrize("raw,needle", [({"a": "${b}", "b": "${a}"}, "cycle"), ({"a": "${a}"}, "cycle"),
+                                        ({"a": {"b": "${a}"}}, "cycle"), ({"a": "${nope.x}"}, "nope.x")])
+def test_interpolation_errors_name_the_key(raw, needle):
+    with pytest.raises(ConfigError, match=needle):
+        resolve(raw)
+
+
+# ------------------------------------------------------------------------------------------------- overrides
+def test_overrides_every_form_before_resolution():
+    raw = load_yaml(NEMO_YAML)
+    out = resolve(apply_overrides(raw, [
+        "model.sample_rate=8000", "model.optim.betas=[0.8,0.9]", "model.optim.lr=1e-3", "name='my run'",
+        "+model.train_ds.new_key=1", "~model.spec_augment", "++model.encoder.n_layers=4", "++trainer.extra=x",
+        "exp_manager.exp_dir=null", "model.encoder.att_context_size.0=64",
+    ]))
+    m = out["model"]
+    assert m["train_ds"]["sample_rate"] == 8000 and m["preprocessor"]["sample_rate"] == 8000
+    assert m["optim"]["betas"] == [0.8, 0.9] and m["optim"]["lr"] == 1e-3
+    assert out["name"] == "my run" and out["exp_manager"]["name"] == "my run"
+    assert m["train_ds"]["new_key"] == 1 and "spec_augment" not in m
+    assert m["encoder"]["n_layers"] == 4 and out["trainer"]["extra"] == "x" and out["exp_manager"]["exp_dir"] is None
+    assert m["encoder"]["att_context_size"] == [64, -1]
+    assert raw["model"]["sample_rate"] == 16000  # the input tree is not mutated
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.nope=1", "model.nope"), ("+model.sample_rate=1", "model.sample_rate"), ("~model.nope", "model.nope"),
+    ("model.sample_rate", "key=value"), ("model..x=1", "invalid"), ("model.optim.betas=[1,", "cannot parse"),
+])
+def test_bad_overrides_raise_naming_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("[", r"\[")):
+        apply_overrides(load_yaml(NEMO_YAML), [override])
+
+
+# ---------------------------------------------------------------------------------------------- from_dict
+@dataclass
+class _Inner:
+    x: int = 1
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Outer:
+    name: str = "n"
+    lr: float = 0.1
+    flag: bool = False
+    opt: Optional[int] = None
+    size: tuple[int, int] = (1, 2)
+    either: Union[int, list[int]] = 0
+    inner: _Inner = field(default_factory=_Inner)
+    free: dict = field(default_factory=dict)
+    anything: Any = None
+    path: str = "???"
+
+
+@pytest.mark.parametrize("tp,value", [(Union[int, float], 1.0), (Union[int, float], 2), (Union[str, int], 16),
+                                      (Union[int, str], "bf16"), (Optional[float], 1)])
+def test_union_prefers_the_exact_type(tp, value):
+    from nest_ssl.config import _convert
+
+    out = _convert(tp, value, "k")
+    assert out == value and (type(out) is type(value) or tp == Optional[float] and type(out) is float)
+
+
+def test_from_dict_converts_by_annotation():
+    cfg = from_dict(_Outer, {"lr": "1e-3", "opt": 5e4, "size": [3, 4], "either": [1, 2], "inner": {"x": 2.0},
+                             "free": {"_target_": "x"}, "anything": [1], "name": 123}, "sec")
+    assert cfg.lr == 1e-3 and cfg.opt == 50000 and type(cfg.opt) is int and cfg.size == (3, 4)
+    assert cfg.either == [1, 2] and cfg.inner == _Inner(x=2) and cfg.free == {"_target_": "x"} and cfg.name == "123"
+    assert isinstance(cfg.path, str)
+
+
+@pytest.mark.parametrize("data,needle", [
+    ({"flag": "yes"}, "sec.flag='yes'"), ({"lr": "fast"}, "sec.lr='fast'"), ({"inner": {"x": 1.5}}, "sec.inner.x=1.5"),
+    ({"size": [1]}, "sec.size"), ({"opt": True}, "sec.opt=True"), ({"inner": 3}, "sec.inner=3"),
+])
+def test_from_dict_wrong_type_names_key_and_value(data, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("[", r"\[")):
+        from_dict(_Outer, data, "sec")
+
+
+def test_from_dict_unknown_key_names_path_and_valid_keys():
+    with pytest.raises(ConfigError, match=r"'sec\.inner\.y'.*valid keys: \['tags', 'x'\]"):
+        from_dict(_Outer, {"inner": {"y": 1}}, "sec")
+    with pytest.raises(ValueError):  # ConfigError is a ValueError
+        from_dict(_Outer, {"typo": 1}, "")
+
+
+def test_mandatory_value_errors_at_use_with_full_path():
+    cfg = from_dict(_Outer, {"path": "???", "inner": {"tags": "???"}}, "model.train_ds")
+    assert repr(cfg.path) == "???" and "???" in repr(cfg)  # printing still works
+    for use in (str, Path, bool, list, lambda v: f"{v}", lambda v: open(v)):
+        with pytest.raises(ConfigError, match=r"model\.train_ds\.path is mandatory"):
+            use(cfg.path)
+    with pytest.raises(ConfigError, match=r"model\.train_ds\.inner\.tags"):
+        iter(cfg.inner.tags)
+    with pytest.raises(ConfigError, match="model.train_ds.manifest_filepath"):
+        require("???", "model.train_ds.manifest_filepath")
+    assert require(3, "x") == 3 and cfg.path == "???" and isinstance(cfg.path, Missing)
+
+
+# ------------------------------------------------------------------------------------------- _target_ table
+def test_unknown_target_is_an_error_naming_it_and_listing_known():
+    with pytest.raises(ConfigError, match=r"model\.encoder\._target_='os\.system'.*known: \["):
+        nemo_compat.target_class({"_target_": "os.system"}, "model.encoder")
+
+
+def test_every_target_maps_to_a_class_with_a_canonical_nemo_path():
+    for target, (module, name) in nemo_compat.TARGETS.items():
+        assert module.startswith("nest_ssl.") and (target.startswith("nemo.") or target == f"{module}.{name}")
+        assert nemo_compat.NEMO_TARGET[(module, name)].startswith("nemo.collections.asr.")
+
+
+@pytest.mark.parametrize("key", ["preprocessor", "spec_augment", "masking", "quantizer", "decoder", "loss"])
+def test_targets_of_nemo_yaml_validate_and_instantiate(nemo_plain, key):
+    section = nemo_plain["model"][key]
+    module = nemo_compat.instantiate(section, f"model.{key}")
+    assert nemo_compat.nemo_target(module) == section["_target_"]
+    with pytest.raises(ConfigError, match=rf"model\.{key}\.bogus"):
+        nemo_compat.target_config({**section, "bogus": 1}, f"model.{key}")
+
+
+def test_batch_augmentor_target_validates(nemo_plain):
+    aug = nemo_plain["model"]["train_ds"]["batch_augmentor"]
+    cfg = nemo_compat.target_config(aug, "model.train_ds.batch_augmentor")
+    assert cfg.prob == 0.5 and cfg.max_r_noise == 20.0
+
+
+# ----------------------------------------------------------------------------------- whole configs + CLI
+@pytest.mark.parametrize("path", [NEMO_YAML, *CONFIGS], ids=lambda p: p.name)
+def test_every_config_loads_and_validates(path, monkeypatch):
+    _need_owner_modules(monkeypatch, path)
+    plain, run = load_config(path, MANIFESTS)
+    assert run.model.encoder["_target_"] == "nemo.collections.asr.modules.ConformerEncoder"
+    assert run.model.train_ds.manifest_filepath == "/tmp/train.json"
+    assert plain["model"]["decoder"]["feat_in"] == plain["model"]["encoder"]["d_model"]
+
+
+def test_configs_match_nemo_header_table():
+    rows = {"s": (176, 4, 16, 9, 0.0, True), "m": (256, 4, 16, 9, 1e-3, True), "l": (512, 8, 17, 9, 1e-3, True),
+            "xl": (1024, 8, 24, 9, 1e-3, False), "xxl": (1024, 8, 42, 5, 1e-3, False)}
+    assert resolve(load_yaml(ROOT / "configs/nest_fast-conformer.yaml")) == resolve(load_yaml(NEMO_YAML))
+    for size, (d, h, n, k, wd, flag) in rows.items():
+        m = resolve(load_yaml(ROOT / f"configs/nest_fast-conformer_{size}.yaml"))["model"]
+        e = m["encoder"]
+        assert (e["d_model"], e["n_heads"], e["n_layers"], e["conv_kernel_size"]) == (d, h, n, k)
+        assert m["optim"]["weight_decay"] == wd and e["xscaling"] is flag and e["use_bias"] is flag
+
+
+def test_tiny_cpu_config_matches_parity_fixture_shapes():
+    import json
+
+    tiny = json.loads((ROOT / "tests/fixtures/parity/nest_tiny/config.json").read_text())["model"]
+    m = resolve(load_yaml(ROOT / "configs/nest_tiny_cpu.yaml"))["model"]
+    for key in ("preprocessor", "masking", "quantizer", "encoder", "decoder", "loss"):
+        assert m[key] == tiny[key], key
+
+
+def test_config_path_and_name_args():
+    path, rest = config_file_from_args(["--config-path", "configs", "--config-name", "nest_tiny_cpu", "a=1"])
+    assert path == Path("configs/nest_tiny_cpu.yaml") and rest == ["a=1"]
+    path, rest = config_file_from_args(["--config-name=x.yaml", "--config-path=d"])
+    assert path == Path("d/x.yaml") and rest == []
+    assert config_file_from_args(["--config", "c.yaml", "~a"]) == (Path("c.yaml"), ["~a"])
+    assert config_file_from_args(["c.yaml", "a=1"]) == (Path("c.yaml"), ["a=1"])
+    with pytest.raises(ConfigError, match="usage"):
+        config_file_from_args(["a=1"])
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "nest_ssl.config", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_cli_prints_resolved_yaml_and_exit_codes():
+    _need_owner_modules()
+    ok = _cli("--config-path", "configs", "--config-name", "nest_tiny_cpu", "model.num_classes=32", *MANIFESTS)
+    assert ok.returncode == 0, ok.stderr
+    printed = parse_value(ok.stdout)
+    assert printed["model"]["num_classes"] == 32 and printed["model"]["decoder"]["num_classes"] == 32
+    ckpt = printed["exp_manager"]["checkpoint_callback_params"]
+    assert ckpt["filename"] == "SSL-NEST-tiny-cpu--{val_loss:.3f}-{step}"
+    missing = _cli("configs/nest_tiny_cpu.yaml")  # printing works with ??? present
+    assert missing.returncode == 0 and parse_value(missing.stdout)["model"]["train_ds"]["manifest_filepath"] == "???"
+    bad = _cli(str(NEMO_YAML), "model.encoder.d_modle=3")
+    assert bad.returncode == 1 and "model.encoder.d_modle" in bad.stderr and bad.stdout == ""
+    assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_cli_bad_file_exits_1():
+    bad = _cli("no/such.yaml")
+    assert bad.returncode == 1 and "no/such.yaml" in bad.stderr
+
+
+@pytest.mark.parametrize("name", ["contrastive_fast-conformer", "contrastive_conformer_ssl"])
+def test_contrastive_nemo_yaml_loads(name, monkeypatch):
+    path = ROOT / f"tests/fixtures/spec/{name}.nemo.yaml"
+    _need_owner_modules(monkeypatch, path)
+    plain, run = load_config(path, MANIFESTS)
+    assert set(run.model.loss_list) == set(plain["model"]["loss_list"])
+    assert nemo_compat.model_class(plain["model"]).__name__ == "SpeechEncDecSelfSupervisedModel"
+
+
+def test_model_class_from_target(nemo_plain):
+    assert nemo_compat.model_class(nemo_plain["model"]).__name__ == "EncDecDenoiseMaskedTokenPredModel"
+    saved = {**nemo_plain["model"], "target": "nemo.collections.asr.models.ssl_models.EncDecMaskedTokenPredModel"}
+    assert nemo_compat.model_class(saved).__name__ == "EncDecMaskedTokenPredModel"
+    with pytest.raises(ConfigError, match=r"model\.target\._target_='x\.Y'"):
+        nemo_compat.model_class({"target": "x.Y"})
+
+
+def _fake_owner_modules(monkeypatch, plain: dict, only: tuple = ()) -> None:
+    """Stand-ins built from the YAML's own keys, so the load path is tested even before owners' modules exist."""
+    import dataclasses
+    import types
+
+    def fake(module: str, cls_name: str, section: dict, wrap_in_class: bool = False):
+        dc = dataclasses.make_dataclass(cls_name + ("Config" if wrap_in_class else ""),
+                                        [(k, Any, None) for k in section if k != "_target_"])
+        if only and module not in only:
+            return
+        mod = types.ModuleType(module)
+        if wrap_in_class:
+            setattr(mod, cls_name, type(cls_name, (), {"config_class": dc}))
+        else:
+            setattr(mod, cls_name, dc)
+        monkeypatch.setitem(sys.modules, module, mod)
+
+    fake("nest_ssl.conformer.encoder", "ConformerEncoder", plain["model"]["encoder"], wrap_in_class=True)
+    if not only:
+        fake("nest_ssl.optim", "OptimConfig", plain["model"]["optim"])
+        fake("nest_ssl.train", "TrainerConfig", plain["trainer"])
+        fake("nest_ssl.exp_manager", "ExpManagerConfig", plain["exp_manager"])
+
+
+def test_load_config_machinery_with_stand_in_sections(monkeypatch, nemo_plain):
+    _fake_owner_modules(monkeypatch, nemo_plain)
+    plain, run = load_config(NEMO_YAML, ["model.optim.lr=2.0", "trainer.max_steps=7"])
+    assert run.name == "SSL-NEST-FastConformer" and run.seed == 0 and run.init_from_nemo_model is None
+    assert run.model.optim.lr == 2.0 and run.trainer.max_steps == 7 and plain["trainer"]["max_steps"] == 7
+    assert run.exp_manager.checkpoint_callback_params["filename"].startswith("SSL-NEST-FastConformer--{val_loss")
+    assert isinstance(run.model.train_ds.manifest_filepath, Missing)
+    with pytest.raises(ConfigError, match=r"model\.train_ds\.manifest_filepath is mandatory"):
+        Path(run.model.train_ds.manifest_filepath)
+    with pytest.raises(ConfigError, match=r"'trainer\.bogus'.*valid keys: \["):
+        load_config(NEMO_YAML, ["+trainer.bogus=1"])
+    with pytest.raises(ConfigError, match=r"'model\.encoder\.d_modle'"):
+        load_config(NEMO_YAML, ["+model.encoder.d_modle=1"])
+    with pytest.raises(ConfigError, match=r"model\.quantizer\._target_='my\.Evil'"):
+        load_config(NEMO_YAML, ["model.quantizer._target_=my.Evil"])
+    with pytest.raises(ConfigError, match=r"'model\.bogus'.*valid keys"):
+        load_config(NEMO_YAML, ["+model.bogus=1"])
+    with pytest.raises(ConfigError, match=r"model\.num_books='two'"):
+        load_config(NEMO_YAML, ["model.num_books=two"])
+
+
+def test_to_yaml_round_trips_plain_and_typed_values(nemo_plain):
+    import dataclasses
+
+    from nest_ssl.config import to_yaml
+
+    text = to_yaml(nemo_plain)
+    assert "manifest_filepath: ???" in text.replace("'???'", "???")
+    assert resolve(parse_value(text)) == nemo_plain
+    cfg = from_dict(_Outer, {"path": "???"}, "x")
+    assert parse_value(to_yaml(dataclasses.asdict(cfg)))["size"] == [1, 2]
+
+
+def test_mandatory_value_used_in_post_init_names_the_key():
+    @dataclass
+    class _Checked:
+        d_model: int = 4
+
+        def __post_init__(self):
+            if self.d_model <= 0:
+                raise ValueError(f"d_model={self.d_model!r} must be positive")
+
+    with pytest.raises(ConfigError, match=r"model\.encoder\.d_model is mandatory"):
+        from_dict(_Checked, {"d_model": "???"}, "model.encoder")
+    with pytest.raises(ConfigError, match=r"model\.encoder: d_model=-1 must be positive"):
+        from_dict(_Checked, {"d_model": -1}, "model.encoder")
+
+
+@pytest.mark.parametrize("section", ["model.train_ds", "model.validation_ds", "model.optim", "trainer", "exp_manager"])
+@pytest.mark.parametrize("path", [NEMO_YAML, *CONFIGS], ids=lambda p: p.name)
+def test_owner_sections_of_every_config_validate(path, section):
+    from nest_ssl.config import SECTION_CLASSES, _section_class
+
+    if importlib.util.find_spec(SECTION_CLASSES[section][0]) is None:
+        pytest.skip(f"{SECTION_CLASSES[section][0]} not written yet")
+    node = resolve(apply_overrides(load_yaml(path), MANIFESTS))
+    for key in section.split("."):
+        node = node[key]
+    cfg = from_dict(_section_class(section), node, section)
+    with pytest.raises(ConfigError, match=rf"'{section}\.no_such_key'.*valid keys"):
+        from_dict(_section_class(section), {**node, "no_such_key": 1}, section)
+    assert cfg is not None
