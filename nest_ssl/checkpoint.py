@@ -1,0 +1,109 @@
+"""Self-describing training checkpoints: atomic writes, automatic discovery, exact resume.
+
+A checkpoint is one `torch.save`d dict of tensors and plain Python types only (it loads with
+`weights_only=True`): model, optimizer, scheduler, grad scaler, step, epoch, data-loader position, every RNG
+state (as uint8 tensors / plain tuples) and the resolved run config. Writes go to `<file>.tmp` and are
+renamed into place, so a kill -9 leaves either the old file or the new one, never half of one. A file that is
+still truncated (a copied or damaged one) is skipped in favour of the previous checkpoint, with a warning.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+
+
+def rng_state() -> dict:
+    """Every RNG the run touches, as tensors / plain types (weights_only-safe)."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": np_state[0], "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                  "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]),
+                   "gauss": py_state[2]},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb+") as f:  # the bytes are on disk before the rename makes them visible
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load(path: str | os.PathLike, map_location="cpu") -> dict:
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def candidates(ckpt_dir: str | os.PathLike) -> list[Path]:
+    """Resumable checkpoints, newest first: the '-last' one, then the top-k ones (full states too), by mtime."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    files = [p for p in d.glob("*.ckpt") if not Path(str(p) + "-unfinished").exists()]
+    return sorted(files, key=lambda p: (p.name.endswith("-last.ckpt"), p.stat().st_mtime_ns), reverse=True)
+
+
+def load_latest(ckpt_dir: str | os.PathLike) -> tuple[Optional[Path], Optional[dict]]:
+    """The newest checkpoint that loads; a damaged one is skipped with a warning (falls back to the previous)."""
+    for path in candidates(ckpt_dir):
+        try:
+            return path, load(path)
+        except Exception as e:  # truncated zip, bad pickle, ...: any unreadable file
+            warnings.warn(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying the previous one",
+                          stacklevel=2)
+    return None, None
+
+
+def state(*, model, optimizer, scheduler, scaler, step: int, epoch: int, loader_state: dict, config: dict,
+          extra: Optional[dict] = None) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "state_dict": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "scaler": None if scaler is None else scaler.state_dict(),
+        "global_step": int(step),
+        "epoch": int(epoch),
+        "loader": loader_state,
+        "rng": rng_state(),
+        "config": config,
+        **(extra or {}),
+    }
+
+
+def restore(ckpt: dict, *, model, optimizer, scheduler, scaler) -> None:
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None and ckpt.get("scheduler") is not None:
+        scheduler.load_state_dict(ckpt["scheduler"])
+    if scaler is not None and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"])

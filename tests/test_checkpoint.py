@@ -1,0 +1,62 @@
+"""Checkpoint files: RNG round trip, weights_only loading, atomic writes, truncated-file fallback, names."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from nest_ssl import checkpoint as ckpt
+from nest_ssl.exp_manager import ExpManagerConfig, TopK, format_name, log_dir
+
+
+def test_rng_state_round_trips_through_weights_only_file(tmp_path):
+    ckpt.atomic_save({"rng": ckpt.rng_state()}, tmp_path / "a.ckpt")
+    before = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    ckpt.set_rng_state(ckpt.load(tmp_path / "a.ckpt")["rng"])  # weights_only=True inside
+    after = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    assert torch.equal(before[0], after[0]) and np.array_equal(before[1], after[1]) and before[2] == after[2]
+
+
+def test_atomic_save_leaves_no_temp_file(tmp_path):
+    ckpt.atomic_save({"x": torch.ones(2)}, tmp_path / "sub" / "c.ckpt")
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["c.ckpt"]
+
+
+def test_truncated_newest_falls_back_with_warning(tmp_path):
+    ckpt.atomic_save({"global_step": 2}, tmp_path / "run--val_loss=1.000-step=2.ckpt")
+    ckpt.atomic_save({"global_step": 4}, tmp_path / "run--val_loss=2.000-step=4-last.ckpt")
+    last = tmp_path / "run--val_loss=2.000-step=4-last.ckpt"
+    last.write_bytes(last.read_bytes()[:40])
+    with pytest.warns(UserWarning, match="unreadable"):
+        path, state = ckpt.load_latest(tmp_path)
+    assert state["global_step"] == 2 and path.name.endswith("step=2.ckpt")
+
+
+def test_unfinished_marker_and_empty_dir(tmp_path):
+    assert ckpt.load_latest(tmp_path / "missing") == (None, None)
+    ckpt.atomic_save({"global_step": 1}, tmp_path / "a-last.ckpt")
+    (tmp_path / "a-last.ckpt-unfinished").touch()
+    assert ckpt.load_latest(tmp_path) == (None, None)
+
+
+def test_nemo_filename_pattern():
+    name = format_name("SSL-NEST--{val_loss:.3f}-{step}", "SSL-NEST", {"val_loss": 4.4312, "step": 3})
+    assert name == "SSL-NEST--val_loss=4.431-step=3"  # spec 7.3
+    with pytest.raises(ValueError, match="wer"):
+        format_name("x--{wer:.2f}", "x", {"val_loss": 1.0})
+
+
+def test_top_k_keeps_best():
+    k = TopK(2, "min")
+    assert k.add(3.0, "a") == [] and k.add(1.0, "b") == [] and k.better(2.0) and not k.better(4.0)
+    assert k.add(2.0, "c") == ["a"] and [p for _, p in k.best] == ["b", "c"]
+
+
+def test_log_dir_layout(tmp_path):
+    cfg = ExpManagerConfig(exp_dir=str(tmp_path), name="run", resume_if_exists=True)
+    assert log_dir(cfg, "x") == tmp_path / "run"  # no version dir with resume_if_exists (NeMo)
+    cfg = ExpManagerConfig(exp_dir=str(tmp_path), resume_if_exists=False, version="v1")
+    assert log_dir(cfg, "x") == tmp_path / "x" / "v1"
+    with pytest.raises(ValueError, match="mode"):
+        ExpManagerConfig(checkpoint_callback_params={"mode": "best"})

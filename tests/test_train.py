@@ -1,0 +1,138 @@
+"""CPU tests of the training loop with a tiny stand-in model (tests/train_support.py): exact resume,
+accumulation, preemption, config errors, non-finite steps, checkpoint fallback."""
+
+import math
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from nest_ssl import checkpoint as ckpt
+from nest_ssl.config import ConfigError
+from nest_ssl.train import REQUEUE_EXIT_CODE, NonFiniteError, train
+from tests.train_support import factory, make_data, run_config
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("demo"))
+
+
+def last_ckpt(exp_dir) -> Path:
+    (path,) = Path(exp_dir, "tiny", "checkpoints").glob("*-last.ckpt")
+    return path
+
+
+def test_resume_after_kill_is_bit_exact(data, tmp_path):
+    model = factory(dropout=0.2, use_generator=True)  # dropout + generator draws: every RNG must be restored
+    full = train(run_config(data, tmp_path / "a"), model_factory=model)
+    first = train(run_config(data, tmp_path / "b"), model_factory=model, stop_after_steps=5)  # last ckpt: step 4
+    rest = train(run_config(data, tmp_path / "b"), model_factory=model)
+    assert len(full["losses"]) == 6 and first["step"] == 5 and len(rest["losses"]) == 2
+    assert first["losses"][:4] + rest["losses"] == full["losses"]  # bit for bit
+    a, b = ckpt.load(last_ckpt(tmp_path / "a")), ckpt.load(last_ckpt(tmp_path / "b"))
+    for k, v in a["state_dict"].items():
+        assert torch.equal(v, b["state_dict"][k]), k
+
+
+def test_resume_across_epochs(data, tmp_path):
+    """16 files / batch 4 = 4 batches per epoch: the kill lands in epoch 1 and resume continues there."""
+    model = factory(dropout=0.1)
+    full = train(run_config(data, tmp_path / "a", max_steps=10, val_every=3), model_factory=model)
+    first = train(run_config(data, tmp_path / "b", max_steps=10, val_every=3), model_factory=model,
+                  stop_after_steps=8)
+    rest = train(run_config(data, tmp_path / "b", max_steps=10, val_every=3), model_factory=model)
+    assert len(full["losses"]) == 10 and first["step"] == 8
+    resumed_at = 10 - len(rest["losses"])
+    assert first["losses"][:resumed_at] + rest["losses"] == full["losses"]
+
+
+def test_grad_accumulation_equals_big_batch(data, tmp_path):
+    small = train(run_config(data, tmp_path / "a", batch_size=4, accum=2, shuffle=False, max_steps=2, val_every=4),
+                  model_factory=factory())
+    big = train(run_config(data, tmp_path / "b", batch_size=8, shuffle=False, max_steps=2, val_every=2),
+                model_factory=factory())
+    torch.testing.assert_close(torch.tensor(small["losses"]), torch.tensor(big["losses"]), rtol=1e-5, atol=1e-6)
+    a, b = ckpt.load(last_ckpt(tmp_path / "a")), ckpt.load(last_ckpt(tmp_path / "b"))
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(v, b["state_dict"][k], rtol=1e-5, atol=1e-6)
+
+
+def test_preemption_signal_checkpoints_and_returns_requeue_code(data, tmp_path):
+    res = train(run_config(data, tmp_path, val_every=100), model_factory=factory(signal_at=3))
+    assert res["exit_code"] == REQUEUE_EXIT_CODE and res["step"] == 3
+    state = torch.load(last_ckpt(tmp_path), weights_only=True)
+    assert state["global_step"] == 3 and state["loader"]["start"] == 3
+    assert signal.getsignal(signal.SIGUSR1) is not None  # handler restored
+
+
+def test_config_error_stops_before_any_work(data, tmp_path):
+    cfg = run_config(data, tmp_path)
+    cfg["trainer"]["max_stepz"] = 3
+    with pytest.raises(ConfigError, match="max_stepz"):
+        train(cfg, model_factory=factory())
+    cfg = run_config(data, tmp_path)
+    cfg["trainer"]["precision"] = "fp8"
+    with pytest.raises(ValueError, match="precision"):
+        train(cfg, model_factory=factory())
+    assert not any(tmp_path.iterdir())
+
+
+def test_nonfinite_steps_are_skipped_then_stop(data, tmp_path):
+    cfg = run_config(data, tmp_path, max_nonfinite_steps=3, val_every=100)
+    with pytest.raises(NonFiniteError, match="3 optimizer steps in a row"):
+        train(cfg, model_factory=factory(nan_after=2))
+    saved = torch.load(tmp_path / "tiny" / "nonfinite_batch_rank0.pt", weights_only=True)
+    assert saved["audio"].ndim == 2
+
+
+def test_truncated_latest_checkpoint_falls_back(data, tmp_path):
+    cfg = run_config(data, tmp_path, max_steps=4, val_every=2)
+    cfg["exp_manager"]["checkpoint_callback_params"]["mode"] = "max"  # keep the step-2 top-k file around
+    cfg["exp_manager"]["checkpoint_callback_params"]["save_top_k"] = 2
+    train(cfg, model_factory=factory())
+    last = last_ckpt(tmp_path)
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    os.utime(last)  # newest file, but broken
+    with pytest.warns(UserWarning, match="unreadable"):
+        path, state = ckpt.load_latest(last.parent)
+    assert path != last and state["global_step"] in (2, 4)
+
+
+def test_tensorboard_and_checkpoint_layout(data, tmp_path):
+    res = train(run_config(data, tmp_path, max_steps=2, val_every=2), model_factory=factory())
+    run = tmp_path / "tiny"
+    assert (run / "config.yaml").is_file() and list((run / "version_0").glob("events.out.tfevents.*"))
+    names = sorted(p.name for p in (run / "checkpoints").iterdir())
+    stem = f"tiny--val_loss={res['val_loss']:.3f}-step=2"
+    assert names == [f"{stem}-last.ckpt", f"{stem}.ckpt"]
+    assert math.isfinite(res["val_loss"])
+
+
+def test_preempt_file_requests_checkpoint_and_is_removed(data, tmp_path, monkeypatch):
+    flag = tmp_path / "preempt"
+    flag.touch()
+    monkeypatch.setenv("NEST_PREEMPT_FILE", str(flag))
+    res = train(run_config(data, tmp_path / "exp", val_every=100), model_factory=factory())
+    assert res["exit_code"] == REQUEUE_EXIT_CODE and res["step"] == 1 and not flag.exists()
+    assert ckpt.load(last_ckpt(tmp_path / "exp"))["global_step"] == 1
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "bf16"])
+def test_mixed_precision_runs_and_checkpoints_scaler(data, tmp_path, precision):
+    res = train(run_config(data, tmp_path, max_steps=2, val_every=2, precision=precision), model_factory=factory())
+    assert len(res["losses"]) == 2 and all(math.isfinite(v) for v in res["losses"])
+    state = ckpt.load(last_ckpt(tmp_path))
+    assert (state["scaler"] is not None) == (precision == "16-mixed")
+
+
+def test_float_val_check_interval_and_max_epochs(data, tmp_path):
+    """4 batches per epoch, val every half epoch, 2 epochs -> validations at steps 2, 4, 6, 8."""
+    cfg = run_config(data, tmp_path, max_steps=-1, val_every=0.5, max_epochs=2)
+    cfg["exp_manager"]["checkpoint_callback_params"]["save_top_k"] = -1
+    res = train(cfg, model_factory=factory())
+    assert res["step"] == 8 and res["epoch"] == 2
+    steps = sorted(int(p.stem.split("step=")[1]) for p in (tmp_path / "tiny" / "checkpoints").glob("*[0-9].ckpt"))
+    assert steps == [2, 4, 6, 8]

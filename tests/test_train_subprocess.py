@@ -1,0 +1,82 @@
+"""Real signals on a real process: SIGUSR1 -> checkpoint + requeue exit code; kill -9 -> exact resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nest_ssl import checkpoint as ckpt
+from nest_ssl.train import REQUEUE_EXIT_CODE, train
+from tests.train_support import factory, make_data, run_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("demo"))
+
+
+def start(cfg: dict, tmp_path: Path, sleep: float) -> subprocess.Popen:
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "train_support.py"), str(tmp_path / "cfg.json"),
+                             str(sleep)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def wait_for(pred, proc, timeout=60.0):
+    t0 = time.time()
+    while not pred():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stdout.read().decode()}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+def lasts(exp):
+    d = Path(exp, "tiny", "checkpoints")
+    return list(d.glob("*-last.ckpt")) if d.is_dir() else []
+
+
+@pytest.mark.slow
+def test_sigusr1_checkpoints_and_exits_with_requeue_code(data, tmp_path):
+    proc = start(run_config(data, tmp_path / "exp", max_steps=10_000, val_every=10_000), tmp_path, sleep=0.02)
+    wait_for(lambda: (tmp_path / "exp" / "tiny" / "config.yaml").exists(), proc)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(60) == REQUEUE_EXIT_CODE, proc.stdout.read().decode()
+    (path,) = lasts(tmp_path / "exp")
+    state = torch.load(path, weights_only=True)
+    assert 0 < state["global_step"] < 10_000
+
+
+@pytest.mark.slow
+def test_kill9_then_resume_is_bit_exact(data, tmp_path):
+    full = train(run_config(data, tmp_path / "a", max_steps=12, val_every=2), model_factory=factory())
+    proc = start(run_config(data, tmp_path / "b", max_steps=12, val_every=2), tmp_path, sleep=0.15)
+    wait_for(lambda: any("step=6" in p.name or "step=8" in p.name for p in lasts(tmp_path / "b")), proc)
+    proc.kill()  # SIGKILL: no handler runs; the atomic writes must leave a loadable checkpoint
+    proc.wait()
+    rest = train(run_config(data, tmp_path / "b", max_steps=12, val_every=2), model_factory=factory())
+    assert 0 < len(rest["losses"]) < 12
+    assert rest["losses"] == full["losses"][12 - len(rest["losses"]):]
+    a = ckpt.load(lasts(tmp_path / "a")[0])["state_dict"]
+    b = ckpt.load(lasts(tmp_path / "b")[0])["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretrain_script_config_error_exits_1_before_any_work(tmp_path):
+    proc = subprocess.run([sys.executable, "scripts/pretrain.py", "--config-path", "configs", "--config-name",
+                           "nest_tiny_cpu", "model.train_ds.manifest_filepath=x.json",
+                           "model.validation_ds.manifest_filepath=x.json", f"exp_manager.exp_dir={tmp_path}",
+                           "trainer.max_stepz=3"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "max_stepz" in proc.stderr
+    assert not any(tmp_path.iterdir())

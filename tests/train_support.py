@@ -1,0 +1,124 @@
+"""Shared helpers for tests/test_train*.py: a tiny stand-in model, demo data and a run config.
+
+The stand-in has the model interface the loop uses (training_step / validation_step(batch, generator)) and a
+loss that is a per-utterance mean, independent of padding, so accumulation and DDP equalities are exact maths.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+
+import torch
+from torch import nn
+
+
+class TinyModel(nn.Module):
+    def __init__(self, dropout: float = 0.0, use_generator: bool = False, nan_after: int | None = None,
+                 signal_at: int | None = None, sleep: float = 0.0):
+        super().__init__()
+        self.proj, self.norm, self.out = nn.Linear(4, 16), nn.LayerNorm(16), nn.Linear(16, 1)
+        self.frozen = nn.Parameter(torch.ones(3), requires_grad=False)  # like the quantizer's codebooks
+        self.drop, self.use_generator = nn.Dropout(dropout), use_generator
+        self.nan_after, self.signal_at, self.calls, self.sleep = nan_after, signal_at, 0, sleep
+
+    def _loss(self, batch, generator):
+        audio, lens = batch.noisy_audio if batch.noisy_audio is not None else batch.audio, batch.audio_len
+        valid = (torch.arange(audio.shape[1])[None, :] < lens[:, None]).float()  # (B, L)
+        n = lens.float()
+        a = audio * valid
+        feats = torch.stack([a.sum(1) / n, (a * a).sum(1) / n, a.abs().sum(1) / n, n / 16000.0], dim=1)  # (B, 4)
+        if self.use_generator:
+            feats = feats * (1 + 0.1 * torch.rand(feats.shape, generator=generator))
+        pred = self.out(self.drop(torch.tanh(self.norm(self.proj(feats))))).squeeze(1)  # (B,)
+        target = 10 * (batch.audio * batch.audio).sum(1) / n
+        return ((pred - target) ** 2).mean()
+
+    def training_step(self, batch, generator=None):
+        self.calls += 1
+        if self.sleep:
+            import time
+            time.sleep(self.sleep)  # subprocess tests need time to deliver a signal mid-run
+        if self.signal_at is not None and self.calls == self.signal_at:
+            import signal
+            os.kill(os.getpid(), signal.SIGUSR1)
+        loss = self._loss(batch, generator)
+        if self.nan_after is not None and self.calls > self.nan_after:
+            loss = loss * float("nan")
+        return {"loss": loss, "masked_tokens": 0}
+
+    def validation_step(self, batch, generator=None):
+        with torch.no_grad():
+            loss = self._loss(batch, generator)
+        return {"loss": loss, "val_loss": loss}
+
+
+def factory(**kw):
+    return functools.partial(_build, kw)
+
+
+def _build(kw, model_cfg):
+    torch.manual_seed(0)
+    return TinyModel(**kw)
+
+
+def run_config(data: dict, exp_dir, *, batch_size=4, shuffle=True, max_steps=6, val_every=2, accum=1,
+               optim="adamw", **trainer) -> dict:
+    ds = {"sample_rate": 16000, "batch_size": batch_size, "num_workers": 0, "min_duration": 0.5,
+          "max_duration": 4.0, "batch_augmentor": None}
+    cfg = {
+        "name": "tiny", "seed": 3,
+        "model": {
+            "sample_rate": 16000,
+            "train_ds": {**ds, "manifest_filepath": data["train"], "noise_manifest": data["noise"],
+                         "shuffle": shuffle},
+            "validation_ds": {**ds, "manifest_filepath": data["val"], "shuffle": False},
+            "optim": {"name": optim, "lr": 0.5 if optim != "sgd" else 0.05, "weight_decay": 1e-3,
+                      "sched": {"name": "NoamAnnealing", "d_model": 16, "warmup_steps": 3, "min_lr": 1e-6}},
+        },
+        "trainer": {"max_steps": max_steps, "val_check_interval": val_every, "log_every_n_steps": 1,
+                    "enable_progress_bar": False, "num_sanity_val_steps": 0, "accelerator": "cpu",
+                    "accumulate_grad_batches": accum, **trainer},
+        "exp_manager": {"exp_dir": str(exp_dir), "name": "tiny", "resume_if_exists": True,
+                        "resume_ignore_no_checkpoint": True,
+                        "checkpoint_callback_params": {"monitor": "val_loss", "mode": "min", "save_top_k": 1,
+                                                       "always_save_nemo": False,
+                                                       "filename": "tiny--{val_loss:.3f}-{step}"}},
+    }
+    if optim == "sgd":
+        cfg["model"]["optim"].pop("betas", None)
+    return copy.deepcopy(cfg)
+
+
+def make_data(root) -> dict:
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "make_demo_data.py"
+    spec = importlib.util.spec_from_file_location("make_demo_data", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--out", str(root), "--num-files", "16", "--num-val", "4", "--num-noise", "2", "--seed", "1"])
+    return {k: str(root / f"{k}_manifest.json") for k in ("train", "val", "noise")}
+
+
+def ddp_worker(rank: int, world: int, port: int, cfg: dict, out: str):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from nest_ssl.train import train
+
+    res = train(cfg, model_factory=factory())
+    torch.save(res["losses"], f"{out}/losses_rank{rank}.pt")
+
+
+if __name__ == "__main__":  # subprocess driver: python tests/train_support.py CFG.json SLEEP_SECONDS
+    import json
+    import sys
+
+    from nest_ssl.train import train
+
+    torch.set_num_threads(1)
+    result = train(json.loads(open(sys.argv[1]).read()), model_factory=factory(sleep=float(sys.argv[2])))
+    sys.exit(result["exit_code"])
