@@ -6,7 +6,8 @@ setup(
     description="Plain-PyTorch NEST self-supervised speech pretraining (NeMo-compatible), with Triton kernels",
     python_requires=">=3.10",
     # kernels/ ships as nest_ssl.kernels: the top-level name `kernels` is taken on the package registry.
-    packages=["nest_ssl", "nest_ssl.conformer", "nest_ssl.contrastive", "nest_ssl.data", "nest_ssl.testing", "nest_ssl.kernels"],
+    packages=["nest_ssl", "nest_ssl.conformer", "nest_ssl.contrastive", "nest_ssl.data", "nest_ssl.testing",
+              "nest_ssl.kernels"],
     package_dir={"nest_ssl.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
@@ -19,6 +20,6 @@ setup(
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-xdist>=3", "ruff>=0.5"],
-        "onnx": ["onnx>=1.16", "onnxruntime>=1.18"],
+        "onnx": ["onnx>=1.16", "onnxscript>=0.1", "onnxruntime>=1.18"],
     },
 )

@@ -408,9 +408,9 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     trainer: Any = None      # -> nest_ssl.train.TrainerConfig
     exp_manager: Any = None  # -> nest_ssl.exp_manager.ExpManagerConfig
-    init_from_nemo_model: Optional[str] = None
-    init_from_pretrained_model: Optional[str] = None
-    init_from_ptl_ckpt: Optional[str] = None
+    init_from_nemo_model: Optional[Any] = None  # a path, or NeMo's {name: {path, include, exclude}}
+    init_from_pretrained_model: Optional[Any] = None  # NGC model name: needs a download, refused at train()
+    init_from_ptl_ckpt: Optional[Any] = None
     seed: int = 0
 
 

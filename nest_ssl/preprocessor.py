@@ -163,7 +163,8 @@ class FilterbankFeatures(nn.Module):
         highfreq = cfg.highfreq or cfg.sample_rate / 2
         fb = mel_filterbank(cfg.sample_rate, self.n_fft, cfg.features, cfg.lowfreq, highfreq, cfg.mel_norm)
         self.register_buffer("fb", torch.from_numpy(fb).unsqueeze(0))  # (1, F, K)
-        self.max_length = int(self.get_seq_len(torch.tensor(int(cfg.max_duration * cfg.sample_rate))))
+        # On the host even when the module is built under torch.device("meta") (model summaries).
+        self.max_length = int(self.get_seq_len(torch.tensor(int(cfg.max_duration * cfg.sample_rate), device="cpu")))
         self.nb_prob = cfg.nb_augmentation_prob if cfg.nb_max_freq < cfg.sample_rate / 2 else 0.0
         self.nb_max_fft_bin = int((cfg.nb_max_freq / cfg.sample_rate) * self.n_fft)
         self._rng = cfg.rng if cfg.rng is not None else random.Random()

@@ -33,6 +33,7 @@ from nest_ssl import checkpoint as ckpt
 from nest_ssl import distributed as dist_utils
 from nest_ssl import exp_manager as em
 from nest_ssl.config import build_run_config, to_yaml
+from nest_ssl.export import init_from_pretrained
 from nest_ssl.metrics import make_logger
 from nest_ssl.optim import OptimConfig, build_optimizer, build_scheduler
 
@@ -92,8 +93,8 @@ class TrainStep(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch, generator):
-        return self.model.training_step(batch, generator=generator)
+    def forward(self, batch, generator, global_step: int):
+        return self.model.training_step(batch, generator=generator, global_step=global_step)
 
 
 def step_seed(seed: int, step: int, rank: int, stream: int = 0) -> int:
@@ -111,13 +112,10 @@ def precision_setup(precision, device: torch.device):
 
 
 def build_model(model_cfg: dict) -> nn.Module:
-    from nest_ssl import models
+    """NEST (default) or the contrastive model, chosen by `model.target` / `loss_list` through the allow-list."""
+    from nest_ssl.nemo_compat import model_class
 
-    target = (model_cfg.get("target") or "EncDecDenoiseMaskedTokenPredModel").rsplit(".", 1)[-1]
-    allowed = ("EncDecDenoiseMaskedTokenPredModel", "EncDecMaskedTokenPredModel")
-    if target not in allowed:
-        raise ValueError(f"model.target={model_cfg.get('target')!r}; allowed: {allowed}")
-    return getattr(models, target).from_config({k: v for k, v in model_cfg.items() if k not in ("optim",)})
+    return model_class(model_cfg).from_config({k: v for k, v in model_cfg.items() if k not in ("optim",)})
 
 
 def build_loader(plain_ds: dict, ds_cfg, dist, seed: int, is_train: bool):
@@ -219,6 +217,7 @@ def train(plain: dict, *, model_factory=None, stop_after_steps: Optional[int] = 
     random.seed(run.seed), np.random.seed(run.seed), torch.manual_seed(run.seed)
     torch.backends.cudnn.benchmark = bool(tc.benchmark)
     model = (model_factory or build_model)(plain["model"]).to(dist.device)
+    init_lines = init_from_pretrained(model, plain)  # NeMo's init_from_*: strict=False; a resume below overrides it
     optimizer = build_optimizer(model, run.model.optim)
     scheduler = build_scheduler(optimizer, run.model.optim, tc.max_steps)
     amp_dtype, scaler = precision_setup(tc.precision, dist.device)
@@ -253,6 +252,8 @@ def train(plain: dict, *, model_factory=None, stop_after_steps: Optional[int] = 
         (logdir / "config.yaml").write_text(to_yaml(plain))
         tb_dir = logdir / f"version_{len(list(logdir.glob('version_*')))}" if em_cfg.create_tensorboard_logger else None
     log = make_logger(dist.is_main, tb_dir, tc.enable_progress_bar)
+    for line in init_lines:
+        log.info(line)
     n_params = sum(p.numel() for p in model.parameters())
     if isinstance(tc.devices, int) and tc.devices > 0 and tc.devices * tc.num_nodes != dist.world_size:
         log.info(f"note: trainer.devices={tc.devices} x num_nodes={tc.num_nodes} != world size {dist.world_size}; "
@@ -306,7 +307,7 @@ def train(plain: dict, *, model_factory=None, stop_after_steps: Optional[int] = 
             gen = torch.Generator(dist.device).manual_seed(step_seed(run.seed, step, dist.rank, stream=1000 + micro))
             with dist_utils.maybe_no_sync(step_model, last_micro):
                 with torch.autocast(dist.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    out = step_model(batch, gen)
+                    out = step_model(batch, gen, step)
                 loss = out["loss"].float() / accum
                 (loss if scaler is None else scaler.scale(loss)).backward()
             window_loss, tokens = window_loss + loss.detach(), tokens + float(out.get("masked_tokens", 0))

@@ -40,7 +40,6 @@ class ConvSubsampling(nn.Module):
         for _ in range(stages):
             freq = (freq + 2 - 3) // 2 + 1
         c = conv_channels
-        self.out = nn.Linear(c * freq, d_model)
         if subsampling == "dw_striding":
             layers: list[nn.Module] = [nn.Conv2d(1, c, 3, 2, 1), nn.ReLU(True)]
             for _ in range(stages - 1):
@@ -50,6 +49,8 @@ class ConvSubsampling(nn.Module):
             for _ in range(stages):
                 layers += [nn.Conv2d(c_in, c, 3, 2, 1), relu]
                 c_in = c
+        # NeMo creates the convs first (init RNG order) but registers `out` first (state_dict order).
+        self.out = nn.Linear(c * freq, d_model)
         self.conv = MaskedConvSequential(*layers)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor):

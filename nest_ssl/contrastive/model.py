@@ -134,9 +134,15 @@ class SpeechEncDecSelfSupervisedModel(nn.Module):
                 head["loss"].set_num_updates(global_step)
 
     def step(self, audio, audio_len, global_step: int | None = None, rng=None, generator=None):
-        """One training (global_step given) or validation forward: -> (total loss scalar, {name: value})."""
+        """One training (global_step given) or validation forward: -> (total loss scalar, {name: value}).
+
+        Patch positions use Python's `random` like NeMo; with a torch `generator` and no `rng`, that Random is seeded
+        from the generator, so one seed makes the whole step reproducible (NeMo's global RNG is unseeded)."""
         if global_step is not None and self.training:
             self.set_num_updates(global_step)
+        if rng is None and generator is not None:
+            seed = torch.randint(2**62, (1,), generator=generator, device=generator.device)
+            rng = random.Random(int(seed))
         hooks = self._capture_hooks()
         try:
             spec, masks, enc, enc_len = self(input_signal=audio, input_signal_length=audio_len, rng=rng,
@@ -147,10 +153,11 @@ class SpeechEncDecSelfSupervisedModel(nn.Module):
         total, values = self.decoder_loss_step(spec, masks, enc, enc_len, global_step)
         return total.squeeze(0), values
 
-    def training_step(self, batch, global_step: int = 0, rng=None, generator=None) -> dict:
+    def training_step(self, batch, generator=None, global_step: int = 0, rng=None) -> dict:
+        """Logs NeMo's `train_<name>` (unweighted); the quantizer temperature follows `global_step`."""
         loss, values = self.step(batch.audio, batch.audio_len, global_step, rng, generator)
         return {"loss": loss, **{f"train_{k}": v.detach() for k, v in values.items()}}
 
-    def validation_step(self, batch, rng=None, generator=None) -> dict:
+    def validation_step(self, batch, generator=None, rng=None) -> dict:
         loss, values = self.step(batch.audio, batch.audio_len, None, rng, generator)
-        return {"val_loss": loss.detach(), **{f"val_{k}": v.detach() for k, v in values.items()}}
+        return {"loss": loss.detach(), "val_loss": loss.detach(), **{f"val_{k}": v.detach() for k, v in values.items()}}

@@ -52,9 +52,10 @@ class MaskedPatchAugmentation(nn.Module):
         m = self.num_patches(min(lens))
         patches = [rng.sample(range(n // self.cfg.patch_size), m) for n in lens]
         B, F = len(lens), self.cfg.freq_masks
-        width = (torch.rand(B, F, generator=generator) * self.cfg.freq_width).long()
-        start = (torch.rand(B, F, generator=generator) * (n_mels - width)).long()
-        return patches, width, start
+        device = generator.device if generator is not None else None  # draw where the generator lives
+        width = (torch.rand(B, F, generator=generator, device=device) * self.cfg.freq_width).long()
+        start = (torch.rand(B, F, generator=generator, device=device) * (n_mels - width)).long()
+        return patches, width.cpu(), start.cpu()
 
     def masks(self, shape, patches, width, start, device) -> tuple[torch.Tensor, torch.Tensor]:
         """-> time_mask (B, T) bool, freq_mask (B, F) bool."""

@@ -1,0 +1,132 @@
+"""Per-utterance encoder features for downstream tasks (what NeMo's `scripts/ssl/extract_features.py` gives).
+
+Audio from a NeMo manifest -> preprocessor -> encoder, in padded batches on the model's device, with forward hooks on
+`encoder.layers[i]` (their output is (B, T', d)) and the encoder output itself ("final", (B, d, T') transposed).
+Each utterance's valid frames, (T', d) float32, are written as `<out>/<stem>.npz` (keys `layer_<i>`, `final`) or as
+`<out>/<layer>/<stem>.npy`, and an output manifest repeats each input line with the feature path(s) added.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+FEATURE_FORMATS = ("npz", "npy")
+
+
+def parse_layers(spec, n_layers: int) -> list:
+    """"0,5,-1" / [0, "final"] -> [0, 5, "final"]: -1 and "final" mean the encoder output; i in [0, n_layers)."""
+    items = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else list(spec)
+    out = []
+    for item in items:
+        if str(item).lower() in ("final", "-1"):
+            key = "final"
+        else:
+            try:
+                key = int(item)
+            except ValueError:
+                raise ValueError(f"layers: {item!r} is not an integer or 'final'") from None
+            if not 0 <= key < n_layers:
+                raise ValueError(f"layers: {key} is out of range; allowed: 0..{n_layers - 1}, -1 or 'final'")
+        if key not in out:
+            out.append(key)
+    if not out:
+        raise ValueError(f"layers={spec!r}: give at least one layer")
+    return out
+
+
+def layer_name(key) -> str:
+    return "final" if key == "final" else f"layer_{key}"
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """Manifest lines as dicts (the data package's reader resolves relative audio paths against the manifest)."""
+    from nest_ssl.data.manifest import read_manifests
+
+    entries = read_manifests(str(path))
+    return [{"audio_filepath": e.audio_filepath, "duration": e.duration, "offset": e.offset} for e in entries]
+
+
+def _stems(entries: list[dict]) -> list[str]:
+    """File stems, made unique (same name in two folders) with the line index."""
+    seen, out = set(), []
+    for i, e in enumerate(entries):
+        stem = Path(e["audio_filepath"]).stem
+        if stem in seen:
+            stem = f"{stem}_{i}"
+        seen.add(stem)
+        out.append(stem)
+    return out
+
+
+@torch.no_grad()
+def encode_batch(model: nn.Module, audio: torch.Tensor, lengths: torch.Tensor, layers: list) -> dict:
+    """{key: (B, T', d) tensor} for the requested layers, plus "_len" (B,) valid frame counts."""
+    captured, handles = {}, []
+    for key in layers:
+        if key != "final":
+            hook = (lambda k: lambda mod, args, out: captured.__setitem__(k, out[0] if isinstance(out, tuple) else out))
+            handles.append(model.encoder.layers[key].register_forward_hook(hook(key)))
+    try:
+        feats, feat_len = model.preprocessor(audio, lengths)  # (B, F, T)
+        encoded, encoded_len = model.encoder(feats, feat_len)  # (B, d, T')
+    finally:
+        for h in handles:
+            h.remove()
+    if "final" in layers:
+        captured["final"] = encoded.transpose(1, 2)  # (B, T', d)
+    captured["_len"] = encoded_len
+    return captured
+
+
+def _write(out_dir: Path, stem: str, feats: dict, fmt: str) -> dict:
+    if fmt == "npz":
+        path = out_dir / f"{stem}.npz"
+        np.savez(path, **{layer_name(k): v for k, v in feats.items()})
+        return {"feature_filepath": str(path)}
+    paths = {}
+    for k, v in feats.items():
+        path = out_dir / layer_name(k) / f"{stem}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, v)
+        paths[f"feature_filepath_{layer_name(k)}"] = str(path)
+    return paths
+
+
+def extract_features(model: nn.Module, manifest: str | Path, out_dir: str | Path, layers="-1", batch_size: int = 8,
+                     fmt: str = "npz", device: str | torch.device | None = None, progress: bool = True) -> Path:
+    """Write features for every manifest entry; returns the output manifest (`<out_dir>/features_manifest.json`)."""
+    from nest_ssl.data.audio import AudioLoader
+
+    if fmt not in FEATURE_FORMATS:
+        raise ValueError(f"fmt={fmt!r}; allowed: {list(FEATURE_FORMATS)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size}; must be >= 1")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(device).eval()
+    keys = parse_layers(layers, len(model.encoder.layers))
+    entries, out_dir = read_manifest(manifest), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stems, loader = _stems(entries), AudioLoader(int(model.preprocessor.cfg.sample_rate))
+    out_manifest, t0 = out_dir / "features_manifest.json", time.time()
+    with open(out_manifest, "w") as mf:
+        for start in range(0, len(entries), batch_size):
+            chunk = entries[start:start + batch_size]
+            wavs = [loader.load(e["audio_filepath"], e["offset"], e["duration"]) for e in chunk]
+            lengths = torch.tensor([len(w) for w in wavs], dtype=torch.int64)
+            audio = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True)  # (B, L), zero-padded
+            out = encode_batch(model, audio.to(device), lengths.to(device), keys)
+            lens = out.pop("_len").cpu()
+            for b, entry in enumerate(chunk):
+                feats = {k: out[k][b, : int(lens[b])].float().cpu().numpy() for k in keys}  # (T', d)
+                mf.write(json.dumps({**entry, **_write(out_dir, stems[start + b], feats, fmt)}) + "\n")
+            if progress:
+                done = min(start + batch_size, len(entries))
+                print(f"\rextract_features: {done}/{len(entries)} utterances, {time.time() - t0:.1f} s",
+                      end="" if done < len(entries) else "\n", file=sys.stderr, flush=True)
+    return out_manifest

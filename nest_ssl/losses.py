@@ -1,0 +1,94 @@
+"""Masked-token-prediction losses `MLMLoss` / `MultiMLMLoss` (spec 4.5) with a finite no-token case (spec 10.1).
+
+A token is a target when the mean of its `combine_time_steps` mask frames is > mask_threshold (7/8 counts at 0.8,
+6/8 does not). The NLL is averaged over all selected tokens of the batch, then over codebooks. NeMo returns NaN when
+no token is selected; we return `0 * sum(log_probs)` (finite, still back-propagates zeros) and record the event in
+`last_num_selected` / `last_no_token` so training can report it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class MLMLossConfig:
+    combine_time_steps: int = 1
+    mask_threshold: float = 0.8
+
+
+@dataclass
+class MultiMLMLossConfig:
+    combine_time_steps: int = 1
+    mask_threshold: float = 0.8
+    num_decoders: int = 1
+    squeeze_single: bool = False
+
+
+def token_mask(masks: torch.Tensor, combine_time_steps: int, mask_threshold: float) -> torch.Tensor:
+    """(B, F, T) frame masks -> (B, T // combine) bool: tokens whose mean mask is > mask_threshold."""
+    if masks.dim() != 3:
+        raise ValueError(f"masks must be (B, F, T); got shape {tuple(masks.shape)}")
+    B, Fd, T = masks.shape
+    c = combine_time_steps
+    if T % c != 0:
+        raise ValueError(f"mask frames T={T} not divisible by combine_time_steps={c}")
+    m = masks.transpose(1, 2).reshape(B, T // c, c * Fd)  # (B, T', c*F), time-major as NeMo
+    return m.mean(-1) > mask_threshold
+
+
+class MLMLoss(nn.Module):
+    config_class = MLMLossConfig
+
+    def __init__(self, cfg: MLMLossConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.last_num_selected = 0
+
+    def forward(self, masks, decoder_outputs, targets, decoder_lengths=None) -> torch.Tensor:
+        """masks (B, F, T); decoder_outputs (B, T', C) log-probs; targets (B, T'') int; decoder_lengths unused."""
+        sel = token_mask(masks, self.cfg.combine_time_steps, self.cfg.mask_threshold)  # (B, T')
+        if decoder_outputs.dim() != 3 or decoder_outputs.shape[:2] != sel.shape:
+            raise ValueError(f"decoder_outputs shape {tuple(decoder_outputs.shape)} does not match the token mask "
+                             f"{tuple(sel.shape)} from masks {tuple(masks.shape)} / combine_time_steps="
+                             f"{self.cfg.combine_time_steps}")
+        if targets.shape[0] != sel.shape[0] or targets.shape[1] > sel.shape[1]:
+            raise ValueError(f"targets shape {tuple(targets.shape)} does not fit the token mask {tuple(sel.shape)}")
+        if targets.shape[1] < sel.shape[1]:  # NeMo right-pads targets with 0 to the mask length
+            targets = F.pad(targets, (0, sel.shape[1] - targets.shape[1]))
+        n = int(sel.sum())  # the one host sync: the count is reported anyway
+        self.last_num_selected = n
+        if n == 0:
+            return decoder_outputs.sum() * 0.0
+        return F.nll_loss(decoder_outputs[sel], targets[sel].long())
+
+
+class MultiMLMLoss(nn.Module):
+    """Mean over the H codebooks of MLMLoss(masks, log_probs[..., h], targets[..., h])."""
+
+    config_class = MultiMLMLossConfig
+
+    def __init__(self, cfg: MultiMLMLossConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.mlm_loss = MLMLoss(MLMLossConfig(cfg.combine_time_steps, cfg.mask_threshold))
+        self.last_num_selected = 0
+        self.last_no_token = False
+
+    def forward(self, masks, decoder_outputs, targets, decoder_lengths=None) -> torch.Tensor:
+        H = self.cfg.num_decoders
+        if H == 1 and self.cfg.squeeze_single:
+            decoder_outputs, targets = decoder_outputs.unsqueeze(-1), targets.unsqueeze(-1)
+        if decoder_outputs.dim() != 4 or decoder_outputs.shape[-1] != H:
+            raise ValueError(f"decoder_outputs shape {tuple(decoder_outputs.shape)}: expected (B, T', C, H={H}) "
+                             f"(num_decoders={H}, squeeze_single={self.cfg.squeeze_single})")
+        if targets.dim() != 3 or targets.shape[-1] != H:
+            raise ValueError(f"targets shape {tuple(targets.shape)}: expected (B, T', H={H}); num_books of the "
+                             f"quantizer must equal num_decoders={H}")
+        loss = sum(self.mlm_loss(masks, decoder_outputs[..., h], targets[..., h]) for h in range(H)) / H
+        self.last_num_selected = self.mlm_loss.last_num_selected
+        self.last_no_token = self.last_num_selected == 0
+        return loss

@@ -1,0 +1,214 @@
+"""NEST models: `EncDecMaskedTokenPredModel` and `EncDecDenoiseMaskedTokenPredModel` (spec 1).
+
+    clean audio -> preprocessor -> quantizer -> tokens (targets, fp32/fp64, outside autocast)
+    noisy audio -> preprocessor -> mask -> encoder -> decoder -> log_probs
+    loss = MultiMLMLoss(masks, log_probs, tokens)
+
+Built from the `model` section of a NeMo YAML. Attributes are registered in NeMo's order (preprocessor, encoder,
+quantizer, mask_processor, decoder, loss), so the state_dict keys and their order equal NeMo's. Unlike NeMo there is
+no throw-away encoder/decoder; `burn_rng=True` builds and drops them anyway so a `torch.manual_seed(s)` init equals
+NeMo's bit for bit. `spec_augment` is accepted and unused (NeMo's NEST forward never applies it).
+
+`mask_position: post_conv` implements NeMo's evident intent (its own path crashes, spec 1.3): tokens come from the
+pre-encoded clean frames with `combine_time_steps = 1`, masks are drawn on and applied to the pre-encoded noisy frames
+(through a forward hook on `encoder.pre_encode`, so no key changes), and pre_encode keeps its gradient.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+
+from nest_ssl.decoder import MultiSoftmaxDecoder
+from nest_ssl.losses import MultiMLMLoss
+from nest_ssl.masking import RandomBlockMasking
+from nest_ssl.quantizer import RandomProjectionVectorQuantizer
+
+MASK_POSITIONS = ("pre_conv", "post_conv")
+
+
+def _default_class(key: str):
+    if key == "preprocessor":
+        from nest_ssl.preprocessor import AudioToMelSpectrogramPreprocessor
+        return AudioToMelSpectrogramPreprocessor
+    if key == "encoder":
+        from nest_ssl.conformer.encoder import ConformerEncoder
+        return ConformerEncoder
+    return {"quantizer": RandomProjectionVectorQuantizer, "masking": RandomBlockMasking,
+            "decoder": MultiSoftmaxDecoder, "loss": MultiMLMLoss}[key]
+
+
+def build_section(model_cfg: dict, key: str) -> nn.Module:
+    """One `model.<key>` section -> module, through nemo_compat's `_target_` table when it is available."""
+    section = model_cfg.get(key)
+    if not isinstance(section, dict):
+        raise ValueError(f"model.{key} must be a mapping with _target_; got {section!r}")
+    try:
+        from nest_ssl.nemo_compat import instantiate
+    except ImportError:
+        instantiate = None
+    if instantiate is not None:
+        return instantiate(section, f"model.{key}")
+    cls = _default_class(key)
+    fields = {k: v for k, v in section.items() if k != "_target_"}
+    try:
+        from nest_ssl.config import from_dict
+    except ImportError:
+        return cls(cls.config_class(**fields))
+    return cls(from_dict(cls.config_class, fields, path=f"model.{key}"))
+
+
+def resolve_model_config(model_cfg: dict) -> dict:
+    """A copy with post_conv's derived settings (idempotent: they are derived from the encoder, not divided twice)."""
+    cfg = copy.deepcopy(model_cfg)
+    pos = cfg.get("mask_position", "pre_conv")
+    if pos not in MASK_POSITIONS:
+        raise ValueError(f"model.mask_position={pos!r}; allowed: {list(MASK_POSITIONS)}")
+    if pos == "post_conv":
+        d_model, factor = cfg["encoder"]["d_model"], cfg["encoder"].get("subsampling_factor", 4)
+        cfg["quantizer"].update(feat_in=d_model, combine_time_steps=1)
+        cfg["masking"]["feat_in"] = d_model
+        cfg["masking"]["block_size"] = max(1, cfg["masking"]["block_size"] // factor)
+        cfg["loss"]["combine_time_steps"] = 1
+    return cfg
+
+
+class EncDecMaskedTokenPredModel(nn.Module):
+    """BEST-RQ style masked token prediction on one input (the clean audio is quantized, masked and encoded)."""
+
+    def __init__(self, model_cfg: dict, burn_rng: bool = False, device: str | torch.device | None = None):
+        """device="meta" builds every learnable part without memory (summaries); the preprocessor, which has only
+        small numpy-built buffers, is always built on the host."""
+        super().__init__()
+        cfg = resolve_model_config(model_cfg)
+        self.mask_position = cfg.get("mask_position", "pre_conv")
+        preprocessor = build_section(cfg, "preprocessor")
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            if burn_rng:  # NeMo's parent constructor builds (and later drops) an encoder and a decoder first
+                build_section(cfg, "encoder"), build_section(cfg, "decoder")
+            quantizer, mask_processor = build_section(cfg, "quantizer"), build_section(cfg, "masking")
+            encoder, decoder = build_section(cfg, "encoder"), build_section(cfg, "decoder")
+            loss = build_section(cfg, "loss")
+        self.preprocessor, self.encoder, self.quantizer = preprocessor, encoder, quantizer  # NeMo's key order
+        self.mask_processor, self.decoder, self.loss = mask_processor, decoder, loss
+        books, heads = quantizer.cfg.num_books, decoder.cfg.num_decoders
+        if books != heads or loss.cfg.num_decoders != heads:
+            raise ValueError(f"quantizer num_books={books}, decoder num_decoders={heads} and loss num_decoders="
+                             f"{loss.cfg.num_decoders} must be equal")
+        self.last_stats: dict = {}
+
+    @classmethod
+    def from_config(cls, model_cfg: dict, burn_rng: bool = False, device: str | torch.device | None = None):
+        return cls(model_cfg, burn_rng=burn_rng, device=device)
+
+    # ---- pieces ---------------------------------------------------------------------------------------
+    def _features(self, signal, length, processed, processed_length, name, generator):
+        if (signal is None) == (processed is None):
+            raise ValueError(f"give exactly one of {name}_signal and processed_{name}_signal")
+        if processed is not None:
+            return processed, processed_length
+        with torch.autocast(device_type=signal.device.type, enabled=False):  # features in fp32
+            return self.preprocessor(signal, length, generator=generator)
+
+    def _tokens(self, feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # targets: no graph, fp32 projection + fp64 distances inside the quantizer
+            if self.mask_position == "post_conv":
+                x, _ = self.encoder.pre_encode(feats.transpose(1, 2), lengths)  # (B, T', d_model)
+                feats = x.transpose(1, 2)  # (B, d_model, T')
+            _, tokens = self.quantizer(feats.float())
+        return tokens
+
+    def _mask(self, feats, lengths, apply_mask, masks, generator):
+        if masks is not None:
+            return self.mask_processor.apply_masks(feats, masks.to(feats.dtype)), masks.to(feats.dtype)
+        if apply_mask:
+            return self.mask_processor(feats, lengths, generator=generator)
+        return feats, torch.zeros_like(feats)
+
+    def _encode(self, feats, lengths, apply_mask, masks, generator):
+        """(encoded (B, D, T'), encoded_len, masks): masks on the features (pre_conv) or pre-encoded frames."""
+        if self.mask_position == "pre_conv":
+            masked, masks = self._mask(feats, lengths, apply_mask, masks, generator)
+            encoded, encoded_len = self.encoder(masked, lengths)
+            return encoded, encoded_len, masks
+        out = {}
+
+        def hook(module, args, output):
+            x, x_len = output  # (B, T', d_model)
+            masked, out["masks"] = self._mask(x.transpose(1, 2), x_len, apply_mask, masks, generator)
+            return masked.transpose(1, 2), x_len
+
+        handle = self.encoder.pre_encode.register_forward_hook(hook)
+        try:
+            encoded, encoded_len = self.encoder(feats, lengths)
+        finally:
+            handle.remove()
+        return encoded, encoded_len, out["masks"]
+
+    def _check_masks(self, masks, feats):
+        if masks is None or self.mask_position == "post_conv":
+            return
+        if masks.shape != feats.shape:
+            raise ValueError(f"masks shape {tuple(masks.shape)} != masked input shape {tuple(feats.shape)}")
+
+    # ---- forward / steps ------------------------------------------------------------------------------
+    def forward(self, input_signal=None, input_signal_length=None, processed_signal=None,
+                processed_signal_length=None, apply_mask=False, masks=None, generator=None):
+        feats, lens = self._features(input_signal, input_signal_length, processed_signal, processed_signal_length,
+                                     "input", generator)
+        tokens = self._tokens(feats, lens)
+        self._check_masks(masks, feats)
+        encoded, encoded_len, masks = self._encode(feats, lens, apply_mask, masks, generator)
+        return self.decoder(encoded), encoded_len, masks, tokens
+
+    def compute_loss(self, log_probs, encoded_len, masks, tokens) -> tuple[torch.Tensor, dict]:
+        loss = self.loss(masks, log_probs, tokens, encoded_len)
+        n = self.loss.last_num_selected
+        self.last_stats = {"masked_tokens": n, "no_token": int(n == 0)}
+        return loss, dict(self.last_stats)
+
+    def _step_inputs(self, batch) -> dict:
+        return {"input_signal": batch.audio, "input_signal_length": batch.audio_len}
+
+    def training_step(self, batch, generator: torch.Generator | None = None, global_step: int | None = None) -> dict:
+        """`global_step` is accepted for the shared train loop; NEST has no step-dependent behaviour."""
+        out = self(**self._step_inputs(batch), apply_mask=True, generator=generator)
+        loss, stats = self.compute_loss(*out)
+        return {"loss": loss, **stats}
+
+    def validation_step(self, batch, generator: torch.Generator | None = None) -> dict:
+        with torch.no_grad():
+            out = self(**self._step_inputs(batch), apply_mask=True, generator=generator)
+            loss, stats = self.compute_loss(*out)
+        return {"loss": loss, "val_loss": loss, **stats}
+
+
+class EncDecDenoiseMaskedTokenPredModel(EncDecMaskedTokenPredModel):
+    """NEST: tokens from the CLEAN features; masking, encoder and decoder see the NOISY ones (spec 1.2)."""
+
+    def forward(self, input_signal=None, input_signal_length=None, processed_signal=None,
+                processed_signal_length=None, noise_signal=None, noise_signal_length=None,
+                processed_noise_signal=None, processed_noise_signal_length=None, noisy_input_signal=None,
+                noisy_input_signal_length=None, processed_noisy_input_signal=None,
+                processed_noisy_input_signal_length=None, apply_mask=False, masks=None, generator=None):
+        # noise_signal / processed_noise_signal: accepted and unused, as in NeMo 2.6.2
+        for a, b, name in ((input_signal, noisy_input_signal, "signal"),
+                           (processed_signal, processed_noisy_input_signal, "processed signal")):
+            if a is not None and b is not None and a.shape != b.shape:
+                raise ValueError(f"clean {name} shape {tuple(a.shape)} != noisy {name} shape {tuple(b.shape)}")
+        feats, lens = self._features(input_signal, input_signal_length, processed_signal, processed_signal_length,
+                                     "input", generator)
+        noisy, noisy_lens = self._features(noisy_input_signal, noisy_input_signal_length,
+                                           processed_noisy_input_signal, processed_noisy_input_signal_length,
+                                           "noisy_input", generator)
+        tokens = self._tokens(feats, lens)
+        self._check_masks(masks, noisy)
+        encoded, encoded_len, masks = self._encode(noisy, noisy_lens, apply_mask, masks, generator)
+        return self.decoder(encoded), encoded_len, masks, tokens
+
+    def _step_inputs(self, batch) -> dict:
+        return {"input_signal": batch.audio, "input_signal_length": batch.audio_len,
+                "noise_signal": batch.noise, "noise_signal_length": batch.noise_len,
+                "noisy_input_signal": batch.noisy_audio, "noisy_input_signal_length": batch.noisy_audio_len}

@@ -1,0 +1,52 @@
+"""Export a pretrained encoder (optionally with its preprocessor) to torch.export (.pt2) or ONNX, and verify it.
+
+    python scripts/export.py run/checkpoints/SSL-NEST-FastConformer.nemo --out encoder.pt2 --verify 5
+    python scripts/export.py model.nemo --out encoder_with_frontend.pt2 --with-preprocessor --device cuda
+    python scripts/export.py model.nemo --out encoder.onnx --format onnx      # needs: pip install 'nest_ssl[onnx]'
+    python scripts/export.py model.nemo --out model_copy.nemo --format nemo   # re-save as a NeMo-loadable .nemo
+
+The checkpoint may be a `.nemo`, a NeMo Lightning `.ckpt` or one of our training checkpoints. Inputs of the exported
+program: (x, lengths) with x = features (B, feat_in, T) or, with --with-preprocessor, audio (B, samples); outputs
+(encoded (B, d_model, T'), encoded_len (B,)). Batch and time are dynamic.
+"""
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("checkpoint", help=".nemo, NeMo .ckpt or our training checkpoint")
+    p.add_argument("--out", required=True, help="output file (.pt2, .onnx or .nemo)")
+    p.add_argument("--format", choices=("pt2", "onnx", "nemo"), default="pt2")
+    p.add_argument("--with-preprocessor", action="store_true", help="take audio instead of features")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]; the program is exported for this device")
+    p.add_argument("--verify", type=int, default=3, metavar="N", help="compare with eager on N random batches (0: off)")
+    p.add_argument("--max-time", type=int, default=None, help="largest T (features) or samples (audio) to export for")
+    args = p.parse_args(argv)
+
+    import torch  # after argument parsing: --help is instant
+
+    from nest_ssl import export
+
+    model = export.load_pretrained(args.checkpoint, map_location=args.device)
+    if args.format == "nemo":
+        print(f"wrote {export.save_nemo(model, model.model_cfg, args.out)}")
+        return 0
+    try:
+        info = export.export_encoder(model, args.out, args.with_preprocessor, args.format, args.device,
+                                     max_time=args.max_time)
+    except RuntimeError as e:
+        print(f"export failed: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {info['path']} ({args.format}) in {info['seconds']:.1f} s; torch {torch.__version__}")
+    if args.verify > 0:
+        rep = export.verify_export(model, info["program"], args.with_preprocessor, n=args.verify, device=args.device)
+        print(f"verify on {rep['device']}: {rep['batches']} random batches, max rel err {rep['max_rel_err']:.3e}, "
+              f"lengths {'equal' if rep['lengths_equal'] else 'DIFFER'}")
+        if not rep["lengths_equal"] or rep["max_rel_err"] > 1e-4:
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
