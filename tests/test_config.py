@@ -224,7 +224,9 @@ def test_every_config_loads_and_validates(path, monkeypatch):
     plain, run = load_config(path, MANIFESTS)
     assert run.model.encoder["_target_"] == "nemo.collections.asr.modules.ConformerEncoder"
     assert run.model.train_ds.manifest_filepath == "/tmp/train.json"
-    assert plain["model"]["decoder"]["feat_in"] == plain["model"]["encoder"]["d_model"]
+    heads = [e["decoder"] for e in plain["model"]["loss_list"].values()] if "loss_list" in plain["model"] \
+        else [plain["model"]["decoder"]]  # contrastive recipes / NEST
+    assert all(h["feat_in"] == plain["model"]["encoder"]["d_model"] for h in heads)
 
 
 def test_configs_match_nemo_header_table():

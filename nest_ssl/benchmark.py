@@ -1,0 +1,123 @@
+"""End-to-end training-step benchmark (issue 10): eager (NeMo math) vs Triton kernels in one run.
+
+Synthetic in-memory batches of one utterance duration (the data pipeline is measured by scripts/benchmark_data.py;
+`manifest=` switches to real data and records the data-wait fraction). One row per mode with step time, audio-seconds
+per second, MFU (FLOP convention in nest_ssl/flops.py), peak memory.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import resource
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from nest_ssl.config import load_config
+from nest_ssl.data.batch import AudioNoiseBatch
+from nest_ssl.flops import mfu, nest_train_flops_per_audio_second
+from nest_ssl.nemo_compat import model_class
+from nest_ssl.optim import build_optimizer
+
+COLUMNS = ["config", "mode", "utt_seconds", "batch", "dtype", "step_ms", "audio_s_per_s", "mfu", "peak_mem_gb",
+           "data_wait", "gpu_name", "torch", "triton", "git_sha", "timestamp"]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def synthetic_batch(batch: int, seconds: float, device, seed: int = 0, sample_rate: int = 16000) -> AudioNoiseBatch:
+    """Noise-like audio and noise of one length; the mixing is pre-applied (as collate does)."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(seconds * sample_rate)
+    audio = 0.1 * torch.randn(batch, n, generator=g)
+    noise = 0.05 * torch.randn(batch, n, generator=g)
+    lengths = torch.full((batch,), n, dtype=torch.long)
+    return AudioNoiseBatch(audio=audio, audio_len=lengths, noise=noise, noise_len=lengths.clone(),
+                           noisy_audio=audio + noise, noisy_audio_len=lengths.clone()).to(device)
+
+
+def _git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return "none"
+
+
+def build(config: str, overrides, mode: str, device):
+    impl = {"eager": "torch", "triton": "triton"}[mode]
+    plain, run = load_config(config, [*overrides, f"++model.encoder.attention_impl={impl}",
+                                      f"++model.encoder.conv_impl={impl}"])
+    model_cfg = {k: v for k, v in plain["model"].items() if k != "optim"}
+    model = model_class(model_cfg).from_config(model_cfg).to(device).train()
+    return plain, model, build_optimizer(model, run.model.optim)
+
+
+def run_mode(config, overrides, mode, batch, seconds, dtype, steps, warmup, device, loader=None) -> dict:
+    plain, model, opt = build(config, overrides, mode, device)
+    synthetic = synthetic_batch(batch, seconds, device)
+    amp = DTYPES[dtype]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, waits, it = [], [], iter(loader) if loader is not None else None
+    gen = torch.Generator(device).manual_seed(0)
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        data = synthetic if it is None else next(it).to(device, non_blocking=True)
+        t_data = time.perf_counter() - t0
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss = model.training_step(data, generator=gen, global_step=i)["loss"]
+        loss.float().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            waits.append(t_data)
+    step_s = statistics.median(times)
+    audio_s = batch * seconds / step_s
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    flops = nest_train_flops_per_audio_second(trainable, plain["model"]["encoder"], seconds)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else \
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # CPU: process peak RSS
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak_flops = 989e12 if "H100" in gpu else 790e12 if "H200" in gpu else float("nan")
+    return {"config": Path(config).stem + ("" if not overrides else "+" + ",".join(overrides)), "mode": mode,
+            "utt_seconds": seconds, "batch": batch, "dtype": dtype, "step_ms": round(step_s * 1e3, 2),
+            "audio_s_per_s": round(audio_s, 1), "mfu": round(mfu(audio_s, flops, peak_flops), 4),
+            "peak_mem_gb": round(peak, 3), "data_wait": round(sum(waits) / sum(times), 4), "gpu_name": gpu,
+            "torch": torch.__version__, "triton": _triton_version(), "git_sha": _git_sha(),
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def append_rows(path: str | os.PathLike, rows: list[dict]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+def fit_scan(config, overrides, batch, seconds, dtype, device) -> str:
+    """Run the longest utterance forward+backward once; name the setting to lower if it does not fit."""
+    try:
+        run_mode(config, overrides, "eager", batch, seconds, dtype, steps=1, warmup=0, device=device)
+    except torch.OutOfMemoryError:
+        return (f"batch {batch} x {seconds} s does not fit: lower model.train_ds.batch_size (or batch_duration) "
+                "or model.train_ds.max_duration")
+    return f"batch {batch} x {seconds} s fits"

@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Benchmark the whole NEST training step (eager vs Triton kernels): `make bench-train`.
+
+    python scripts/benchmark_train.py                                   # NEST-L, 20 s utterances, bf16, GPU
+    python scripts/benchmark_train.py --config configs/nest_tiny_cpu.yaml --device cpu --dtype fp32 --batch 2 \\
+        --seconds 4 --modes eager
+Rows go to kernels/results/train.csv. --profile prints the top kernels by time.
+"""
+import argparse
+import sys
+
+import torch
+
+from nest_ssl.benchmark import append_rows, fit_scan, run_mode
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/nest_fast-conformer.yaml")
+    ap.add_argument("overrides", nargs="*", help="Hydra-style overrides, e.g. model.encoder.n_layers=4")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--seconds", type=float, default=20.0)
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--modes", default="eager,triton")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--csv", default="kernels/results/train.csv")
+    ap.add_argument("--scan", action="store_true", help="check that the batch fits, then exit")
+    ap.add_argument("--profile", action="store_true", help="print the top 15 kernels of one step per mode")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if args.scan:
+        print(fit_scan(args.config, args.overrides, args.batch, args.seconds, args.dtype, device))
+        return 0
+    rows = []
+    for mode in args.modes.split(","):
+        if mode == "triton" and device.type != "cuda":
+            print("triton mode needs a CUDA GPU; skipped", file=sys.stderr)
+            continue
+        row = run_mode(args.config, args.overrides, mode, args.batch, args.seconds, args.dtype, args.steps,
+                       args.warmup, device)
+        rows.append(row)
+        print(" ".join(f"{k}={row[k]}" for k in ("mode", "step_ms", "audio_s_per_s", "mfu", "peak_mem_gb")))
+        if args.profile:
+            with torch.profiler.profile() as prof:
+                run_mode(args.config, args.overrides, mode, args.batch, args.seconds, args.dtype, 1, 0, device)
+            key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=15))
+    if len(rows) == 2:
+        e, t = rows
+        print(f"triton / eager: {t['audio_s_per_s'] / e['audio_s_per_s']:.2f}x throughput, "
+              f"{t['peak_mem_gb'] / e['peak_mem_gb']:.2f}x peak memory")
+    append_rows(args.csv, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
