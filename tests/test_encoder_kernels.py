@@ -1,4 +1,4 @@
-"""The encoder with `attention_impl: triton` equals the torch path (same weights), forward and every gradient.
+"""The encoder with `attention_impl` and `conv_impl` set to triton equals the torch path (same weights).
 
 Runs on CPU under TRITON_INTERPRET=1 at tiny sizes, on a padded batch with an odd length."""
 import pytest
@@ -13,7 +13,7 @@ TINY = dict(feat_in=80, n_layers=2, d_model=32, n_heads=2, subsampling="dw_strid
 
 def _run(impl, x, lengths, train, state=None):
     torch.manual_seed(0)
-    enc = ConformerEncoder(ConformerEncoderConfig(**TINY, attention_impl=impl)).train(train)
+    enc = ConformerEncoder(ConformerEncoderConfig(**TINY, attention_impl=impl, conv_impl=impl)).train(train)
     if state is not None:
         enc.load_state_dict(state)
     out, out_len = enc(x, lengths)
@@ -22,7 +22,7 @@ def _run(impl, x, lengths, train, state=None):
 
 
 @pytest.mark.parametrize("train", [False, True])
-def test_triton_attention_in_the_encoder_matches_torch(triton_interpret, train):
+def test_triton_kernels_in_the_encoder_match_torch(triton_interpret, train):
     x = torch.randn(2, 80, 136)
     lengths = torch.tensor([136, 77])
     state = ConformerEncoder(ConformerEncoderConfig(**TINY)).state_dict()
@@ -34,3 +34,8 @@ def test_triton_attention_in_the_encoder_matches_torch(triton_interpret, train):
     grads = dict(ref_enc.named_parameters())
     for name, p in enc.named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_triton_conv_with_a_non_batchnorm_norm_is_a_clear_error():
+    with pytest.raises(ValueError, match="conv_impl='triton' supports conv_norm_type='batch_norm' only"):
+        ConformerEncoder(ConformerEncoderConfig(**TINY, conv_norm_type="layer_norm", conv_impl="triton"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 def glu_dwconv_norm_silu_torch(h: torch.Tensor, pad_mask: torch.Tensor, depthwise: nn.Conv1d, norm: nn.Module,
@@ -21,6 +22,21 @@ def glu_dwconv_norm_silu_torch(h: torch.Tensor, pad_mask: torch.Tensor, depthwis
     else:  # BatchNorm1d / GroupNorm take (B, C, T); BN counts padded frames, as NeMo does
         x = norm(x)
     return F.silu(x).transpose(1, 2)  # (B, T, C)
+
+
+def _triton_conv():
+    try:
+        from nest_ssl.kernels.conv_module import conv_glu_dw_bn_silu
+    except Exception:  # no triton: the torch path serves
+        return None
+    return conv_glu_dw_bn_silu
+
+
+def _sync_group(bn: nn.Module):
+    """The process group whose BN statistics are shared (SyncBatchNorm under torch.distributed), else None."""
+    if isinstance(bn, nn.SyncBatchNorm) and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return bn.process_group or torch.distributed.group.WORLD
+    return None
 
 
 def _conv_context(kernel_size: int, conv_context_size) -> tuple[int, int]:
@@ -60,11 +76,20 @@ class ConformerConvolution(nn.Module):
         self.batch_norm = _norm(norm_type, d_model)  # NeMo names it batch_norm whatever the norm type
         self.activation = nn.SiLU()
         self.pointwise_conv2 = nn.Conv1d(d_model, d_model, 1, bias=use_bias)
-        self.conv_impl = conv_impl
+        if conv_impl == "triton" and norm_type != "batch_norm":
+            raise ValueError(f"conv_impl='triton' supports conv_norm_type='batch_norm' only (got {norm_type!r}); "
+                             "use conv_impl: torch or auto")
+        self.conv_impl = conv_impl  # "torch" | "triton" (the encoder resolves "auto" per forward)
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         """x (B, T, C), pad_mask (B, T) True = padded -> (B, T, C)."""
         h = F.linear(x, self.pointwise_conv1.weight.squeeze(-1), self.pointwise_conv1.bias)  # (B, T, 2C)
-        y = glu_dwconv_norm_silu_torch(h, pad_mask, self.depthwise_conv, self.batch_norm,
-                                       self.context)
+        kernel = _triton_conv() if self.conv_impl == "triton" else None
+        # The eval-mode kernel folds BN and has no backward: gradients through eval-mode BN take the torch path.
+        grads = torch.is_grad_enabled() and (h.requires_grad or self.depthwise_conv.weight.requires_grad)
+        if kernel is not None and isinstance(self.batch_norm, _BatchNorm) and (self.batch_norm.training or not grads):
+            y = kernel(h, (~pad_mask).sum(1), self.depthwise_conv.weight, self.depthwise_conv.bias, self.batch_norm,
+                       self.context, _sync_group(self.batch_norm))
+        else:
+            y = glu_dwconv_norm_silu_torch(h, pad_mask, self.depthwise_conv, self.batch_norm, self.context)
         return F.linear(y, self.pointwise_conv2.weight.squeeze(-1), self.pointwise_conv2.bias)

@@ -96,6 +96,9 @@ def _check(cfg: ConformerEncoderConfig) -> None:
     ctx = list(cfg.att_context_size)
     if len(ctx) != 2 or isinstance(ctx[0], list):
         raise ValueError(f"model.encoder.att_context_size={cfg.att_context_size!r}; expected [left, right]")
+    if cfg.conv_impl == "triton" and cfg.conv_norm_type != "batch_norm":
+        raise ValueError(f"model.encoder.conv_impl='triton' supports conv_norm_type='batch_norm' only "
+                         f"(got {cfg.conv_norm_type!r}); allowed: conv_impl torch or auto")
     if cfg.d_model % cfg.n_heads:
         raise ValueError(f"model.encoder.d_model={cfg.d_model} must be divisible by n_heads={cfg.n_heads}")
 
@@ -139,15 +142,21 @@ class ConformerEncoder(nn.Module):
         if bool((length > audio_signal.size(2)).any()) or bool((length < 0).any()):
             raise ValueError(f"length {length.tolist()} must lie in [0, T={audio_signal.size(2)}]")
 
-    def _impl(self, x: torch.Tensor) -> str:
-        impl = self.cfg.attention_impl
-        if impl == "auto":
-            from .attention import _triton_attention
-            impl = "triton" if x.is_cuda and _triton_attention() is not None else "torch"
+    def _impl(self, x: torch.Tensor) -> tuple[str, str]:
+        """(attention, conv) implementation: "auto" = Triton on CUDA when it imports (conv: BatchNorm only)."""
+        from .attention import _triton_attention
+        from .conv_module import _triton_conv
+
+        att, conv = self.cfg.attention_impl, self.cfg.conv_impl
+        if att == "auto":
+            att = "triton" if x.is_cuda and _triton_attention() is not None else "torch"
+        if conv == "auto":
+            bn = self.cfg.conv_norm_type == "batch_norm"
+            conv = "triton" if x.is_cuda and bn and _triton_conv() is not None else "torch"
         if not self._logged_impl:
-            log.info("encoder attention implementation: %s", impl)
+            log.info("encoder kernels: attention=%s conv=%s", att, conv)
             self._logged_impl = True
-        return impl
+        return att, conv
 
     def att_masks(self, length: torch.Tensor, t: int):
         """-> pad_mask (B, T'), att_mask (B, T', T'), both True = masked; limited context as NeMo's 'regular'."""
@@ -170,9 +179,9 @@ class ConformerEncoder(nn.Module):
         x, length = self.pre_encode(audio_signal.transpose(1, 2), length.long())  # (B, T', d)
         x, pos_emb = self.pos_enc(x)
         pad_mask, att_mask = self.att_masks(length, x.size(1))
-        impl = self._impl(x)
+        att_impl, conv_impl = self._impl(x)
         for layer, p_drop in zip(self.layers, self.layer_drop_probs):
-            layer.self_attn.attention_impl = impl
+            layer.self_attn.attention_impl, layer.conv.conv_impl = att_impl, conv_impl
             out = layer(x, att_mask, pos_emb, pad_mask, length, tuple(self.cfg.att_context_size))
             if self.training and p_drop > 0:  # stochastic depth, NeMo's formula
                 out = 0 * out + x if torch.rand(1) < p_drop else (out - x) / (1 - p_drop) + x
