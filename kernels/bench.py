@@ -30,6 +30,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 KERNELS = {
     "rel_pos_attention": dict(dims=dict(H=8, d=64, dropout=0.0), T=(125, 250, 375, 750, 1500, 3000), tokens=24000,
                               quick=dict(dims=dict(H=2, d=16, dropout=0.0), T=(25, 50), tokens=100)),
+    # The whole Conformer conv module (pointwise GEMMs included); C=1024 is NEST-XL: --kernel conv_module --C 1024.
+    "conv_module": dict(dims=dict(C=512, K=9), T=(125, 375, 750, 1500), tokens=48000,
+                        quick=dict(dims=dict(C=16, K=9), T=(25, 50), tokens=100)),
 }
 REGISTRY = {}  # kernel -> {provider: (builder, needs_gpu)}
 
@@ -130,6 +133,38 @@ def attn_triton(T, batch, dtype, device, dims):
 
 
 # ---- harness ---------------------------------------------------------------------------------------------------
+# ---- conv_module providers (NeMo's ConformerConvolution, (B, T, C) in and out) -----------------------------------
+def _conv_setup(T, batch, dtype, device, dims, impl):
+    from nest_ssl.conformer.conv_module import ConformerConvolution
+
+    torch.manual_seed(0)
+    mod = ConformerConvolution(dims["C"], dims["K"], conv_impl=impl).to(device=device, dtype=dtype).train()
+    x = (torch.randn(batch, T, dims["C"], device=device) * 0.5).to(dtype).requires_grad_()
+    lengths = torch.full((batch,), T, device=device)
+    lengths[batch // 4:] = max(1, int(T * 0.9))
+    pad = torch.arange(T, device=device)[None] >= lengths[:, None]
+    return mod, x, pad
+
+
+@register("conv_module", "torch")
+def conv_torch(T, batch, dtype, device, dims):
+    mod, x, pad = _conv_setup(T, batch, dtype, device, dims, "torch")
+    return (lambda: mod(x, pad)), [x, *mod.parameters()]
+
+
+@register("conv_module", "torch.compile")
+def conv_compile(T, batch, dtype, device, dims):
+    mod, x, pad = _conv_setup(T, batch, dtype, device, dims, "torch")
+    fn = torch.compile(mod)
+    return (lambda: fn(x, pad)), [x, *mod.parameters()]
+
+
+@register("conv_module", "triton", needs_gpu=True)
+def conv_triton(T, batch, dtype, device, dims):
+    mod, x, pad = _conv_setup(T, batch, dtype, device, dims, "triton")
+    return (lambda: mod(x, pad)), [x, *mod.parameters()]
+
+
 def _mode_fn(fn, inputs, mode):
     if mode == "fwd":
         return lambda: fn()
