@@ -16,6 +16,7 @@ exits with and scripts/slurm/*.sbatch turn into `scontrol requeue`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import random
@@ -119,17 +120,31 @@ def build_model(model_cfg: dict) -> nn.Module:
 
 
 def build_loader(plain_ds: dict, ds_cfg, dist, seed: int, is_train: bool):
+    """-> (loader, device_mix): with `augment_on_device` the collate hands over clean audio + noise and
+    `device_mix` mixes them on the accelerator (TorchMultiSpeakerNoiseAugmentation); otherwise device_mix is None."""
+    from nest_ssl.augmentation import TorchMultiSpeakerNoiseAugmentation
     from nest_ssl.data import build_dataloader
-    from nest_ssl.nemo_compat import instantiate
+    from nest_ssl.nemo_compat import instantiate, target_config
 
     aug = plain_ds.get("batch_augmentor")
-    where = "model.train_ds" if is_train else "model.validation_ds"
-    augmentor = instantiate(aug, f"{where}.batch_augmentor") if aug else None
-    return build_dataloader(ds_cfg, rank=dist.rank, world_size=dist.world_size, seed=seed, augmentor=augmentor,
-                            is_train=is_train)
+    where = f"{'model.train_ds' if is_train else 'model.validation_ds'}.batch_augmentor"
+    augmentor = instantiate(aug, where) if aug else None
+    loader = build_dataloader(ds_cfg, rank=dist.rank, world_size=dist.world_size, seed=seed, augmentor=augmentor,
+                              is_train=is_train)
+    if not getattr(ds_cfg, "augment_on_device", False):
+        return loader, None
+    device_aug = TorchMultiSpeakerNoiseAugmentation(target_config(aug, where)) if aug else None
+    return loader, functools.partial(mix_on_device, augmentor=device_aug)
 
 
-def validate(step_model, loader, dist, seed: int, amp_dtype, limit: Optional[int] = None) -> float:
+def mix_on_device(batch, generator, augmentor=None):
+    """The noise mixing the collate left to the accelerator: the batch augmentor, or plain audio + noise."""
+    if augmentor is not None:
+        return augmentor(batch, generator=generator)
+    return dataclasses.replace(batch, noisy_audio=batch.audio + batch.noise, noisy_audio_len=batch.audio_len.clone())
+
+
+def validate(step_model, loader, dist, seed: int, amp_dtype, limit: Optional[int] = None, device_mix=None) -> float:
     """Mean validation loss over every rank's batches (NeMo's is rank-local; ours drives top-k on all ranks)."""
     model = dist_utils.unwrap(step_model).model
     model.eval()
@@ -141,7 +156,9 @@ def validate(step_model, loader, dist, seed: int, amp_dtype, limit: Optional[int
         for i, batch in enumerate(loader):
             if limit is not None and i >= limit:
                 break
-            total += float(model.validation_step(batch.to(dist.device), generator=gen)["loss"])
+            batch = batch.to(dist.device)
+            batch = device_mix(batch, gen) if device_mix is not None else batch
+            total += float(model.validation_step(batch, generator=gen)["loss"])
             count += 1
     model.train()
     total, count = dist_utils.all_reduce_sum([total, count], dist.device)
@@ -221,10 +238,11 @@ def train(plain: dict, *, model_factory=None, stop_after_steps: Optional[int] = 
     optimizer = build_optimizer(model, run.model.optim)
     scheduler = build_scheduler(optimizer, run.model.optim, tc.max_steps)
     amp_dtype, scaler = precision_setup(tc.precision, dist.device)
-    train_loader = build_loader(plain["model"]["train_ds"], run.model.train_ds, dist, run.seed, True)
-    val_loader = None
+    train_loader, train_mix = build_loader(plain["model"]["train_ds"], run.model.train_ds, dist, run.seed, True)
+    val_loader, val_mix = None, None
     if run.model.validation_ds is not None:
-        val_loader = build_loader(plain["model"]["validation_ds"], run.model.validation_ds, dist, run.seed, False)
+        val_loader, val_mix = build_loader(plain["model"]["validation_ds"], run.model.validation_ds, dist, run.seed,
+                                           False)
     logdir = Path(dist_utils.broadcast_object(str(em.log_dir(em_cfg, run.name))))  # same datetime version
     ckpt_dir = em.checkpoint_dir(em_cfg, logdir)
 
@@ -287,7 +305,7 @@ def train(plain: dict, *, model_factory=None, stop_after_steps: Optional[int] = 
 
     preempt = Preemption()
     if val_loader is not None and tc.num_sanity_val_steps and state is None:
-        validate(step_model, val_loader, dist, run.seed, amp_dtype, limit=tc.num_sanity_val_steps)
+        validate(step_model, val_loader, dist, run.seed, amp_dtype, limit=tc.num_sanity_val_steps, device_mix=val_mix)
 
     # ---- the loop -------------------------------------------------------------------------------------
     max_steps = tc.max_steps if tc.max_steps > 0 else math.inf
@@ -305,6 +323,7 @@ def train(plain: dict, *, model_factory=None, stop_after_steps: Optional[int] = 
             last_micro = micro == accum or train_loader.start == len(train_loader)
             torch.manual_seed(step_seed(run.seed, step, dist.rank, stream=10 + micro))  # dropout
             gen = torch.Generator(dist.device).manual_seed(step_seed(run.seed, step, dist.rank, stream=1000 + micro))
+            batch = train_mix(batch, gen) if train_mix is not None else batch
             with dist_utils.maybe_no_sync(step_model, last_micro):
                 with torch.autocast(dist.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     out = step_model(batch, gen, step)
@@ -357,7 +376,7 @@ def train(plain: dict, *, model_factory=None, stop_after_steps: Optional[int] = 
                 log.progress(step, tc.max_steps, {"loss": loss_mean, "lr": lr, "audio_s/s": rate})
                 audio_sec, tokens, t_log = 0.0, 0.0, time.time()
             if val_loader is not None and val_due(tc, train_loader.start, epoch, len(train_loader)):
-                last_val = validate(step_model, val_loader, dist, run.seed, amp_dtype)
+                last_val = validate(step_model, val_loader, dist, run.seed, amp_dtype, device_mix=val_mix)
                 log.scalars(step, {"val_loss": last_val})
                 log.info(f"step {step}: val_loss {last_val:.4f}")
                 save(last_val)
