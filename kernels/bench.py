@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = ["kernel", "provider", "mode", "T", "batch", "dtype", "ms_p50", "ms_p20", "ms_p80", "peak_mem_mb",
-           "gpu_name", "torch", "triton", "git_sha", "timestamp"]
+           "gbps", "copy_gbps", "gpu_name", "torch", "triton", "git_sha", "timestamp"]
 MODES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -165,6 +165,25 @@ def conv_triton(T, batch, dtype, device, dims):
     return (lambda: mod(x, pad)), [x, *mod.parameters()]
 
 
+def _conv_min_bytes(T, batch, dtype, dims, mode):
+    """Least HBM traffic of the path between the two GEMMs: fwd reads h (2C) and writes the output (C); bwd reads h,
+    the output gradient and y (C), writes dh (2C). Weights and per-channel statistics are negligible."""
+    item = torch.tensor([], dtype=dtype).element_size()
+    per_frame = {"fwd": 3, "bwd": 7, "fwd+bwd": 10}[mode] * dims["C"] * item
+    return per_frame * T * batch
+
+
+def _copy_bandwidth(device, nbytes=1 << 28):
+    """Measured device copy bandwidth (read + write) in GB/s: the roofline the conv path is compared with."""
+    if device != "cuda":
+        return float("nan")
+    import triton.testing
+    x = torch.empty(nbytes // 4, device=device)
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x))
+    return 2 * nbytes / ms / 1e6
+
+
 def _mode_fn(fn, inputs, mode):
     if mode == "fwd":
         return lambda: fn()
@@ -217,6 +236,7 @@ def _env(device):
 
 def run_bench(kernel, providers, modes, Ts, tokens, dtype, device, dims, reps):
     env, rows = _env(device), []
+    copy_gbps = _copy_bandwidth(device) if kernel == "conv_module" else float("nan")
     for T in Ts:
         batch = max(1, tokens // T)
         for name in providers:
@@ -235,10 +255,12 @@ def run_bench(kernel, providers, modes, Ts, tokens, dtype, device, dims, reps):
                     if device == "cuda":
                         torch.cuda.empty_cache()
                 prov = name if not dims.get("dropout") else f"{name}+drop{dims['dropout']}"
+                gbps = _conv_min_bytes(T, batch, DTYPES[dtype], dims, mode) / p50 / 1e6 \
+                    if kernel == "conv_module" else float("nan")
                 rows.append(dict(kernel=kernel, provider=prov, mode=mode, T=T, batch=batch, dtype=dtype,
                                  ms_p50=f"{p50:.4f}", ms_p20=f"{p20:.4f}", ms_p80=f"{p80:.4f}",
-                                 peak_mem_mb=f"{peak:.1f}", timestamp=datetime.now(timezone.utc).isoformat(
-                                     timespec="seconds"), **env))
+                                 peak_mem_mb=f"{peak:.1f}", gbps=f"{gbps:.3f}", copy_gbps=f"{copy_gbps:.1f}",
+                                 timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"), **env))
                 print(f"{kernel:18s} {prov:16s} {mode:8s} T={T:5d} B={batch:4d} {p50:9.3f} ms  peak {peak:9.1f} MiB")
     return rows
 
