@@ -151,3 +151,29 @@ def test_sync_batchnorm_on_two_gloo_ranks_equals_the_union_batch(triton_interpre
     # DDP sums/averages parameter gradients across ranks: their sum equals the union batch's gradient
     close(results[0][3] + results[1][3], bn.weight.grad)
     close(results[0][4] + results[1][4], dw.weight.grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("C", [512, 1024])
+def test_real_sizes_on_gpu(dtype, tol, C):
+    """NEST-L / XL channel counts at T=750 (60 s after 8x subsampling), padded batch, on CUDA."""
+    from nest_ssl.kernels.conv_module import conv_glu_dw_bn_silu
+
+    torch.manual_seed(0)
+    dw, bn = nn.Conv1d(C, C, 9, groups=C).cuda(), nn.BatchNorm1d(C).cuda()
+    dw2, bn2 = copy.deepcopy(dw), copy.deepcopy(bn)
+    lengths = torch.tensor([750, 700, 512, 33], device="cuda")
+    h = torch.randn(4, 750, 2 * C, device="cuda")
+    pad = torch.arange(750, device="cuda")[None] >= lengths[:, None]
+    h_ref = h.clone().requires_grad_()
+    ref = glu_dwconv_norm_silu_torch(h_ref, pad, dw, bn, (4, 4))
+    ref.square().mean().backward()
+    h_k = h.to(dtype).requires_grad_()
+    out = conv_glu_dw_bn_silu(h_k, lengths, dw2.weight, dw2.bias, bn2, (4, 4))
+    out.float().square().mean().backward()
+    close(out, ref, tol)
+    close(h_k.grad, h_ref.grad, tol)
+    close(dw2.weight.grad, dw.weight.grad, tol)
+    close(bn2.weight.grad, bn.weight.grad, tol)
+    close(bn2.running_var, bn.running_var, 1e-4)
