@@ -259,7 +259,7 @@ def run_bench(kernel, providers, modes, Ts, tokens, dtype, device, dims, reps):
                     if kernel == "conv_module" else float("nan")
                 rows.append(dict(kernel=kernel, provider=prov, mode=mode, T=T, batch=batch, dtype=dtype,
                                  ms_p50=f"{p50:.4f}", ms_p20=f"{p20:.4f}", ms_p80=f"{p80:.4f}",
-                                 peak_mem_mb=f"{peak:.1f}", gbps=f"{gbps:.3f}", copy_gbps=f"{copy_gbps:.1f}",
+                                 peak_mem_mb=f"{peak:.1f}", gbps=f"{gbps:.4g}", copy_gbps=f"{copy_gbps:.4g}",
                                  timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"), **env))
                 print(f"{kernel:18s} {prov:16s} {mode:8s} T={T:5d} B={batch:4d} {p50:9.3f} ms  peak {peak:9.1f} MiB")
     return rows
