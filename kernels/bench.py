@@ -30,9 +30,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 KERNELS = {
     "rel_pos_attention": dict(dims=dict(H=8, d=64, dropout=0.0), T=(125, 250, 375, 750, 1500, 3000), tokens=24000,
                               quick=dict(dims=dict(H=2, d=16, dropout=0.0), T=(25, 50), tokens=100)),
-    # The whole Conformer conv module (pointwise GEMMs included); C=1024 is NEST-XL: --kernel conv_module --C 1024.
+    # The whole Conformer conv module (pointwise GEMMs included) at NEST-L (C=512) and NEST-XL (C=1024) widths.
     "conv_module": dict(dims=dict(C=512, K=9), T=(125, 375, 750, 1500), tokens=48000,
                         quick=dict(dims=dict(C=16, K=9), T=(25, 50), tokens=100)),
+    "conv_module_xl": dict(dims=dict(C=1024, K=9), T=(125, 375, 750, 1500), tokens=48000,
+                           quick=dict(dims=dict(C=32, K=9), T=(25,), tokens=50)),
 }
 REGISTRY = {}  # kernel -> {provider: (builder, needs_gpu)}
 
@@ -165,6 +167,9 @@ def conv_triton(T, batch, dtype, device, dims):
     return (lambda: mod(x, pad)), [x, *mod.parameters()]
 
 
+REGISTRY["conv_module_xl"] = REGISTRY["conv_module"]  # same providers, XL width
+
+
 def _conv_min_bytes(T, batch, dtype, dims, mode):
     """Least HBM traffic of the path between the two GEMMs: fwd reads h (2C) and writes the output (C); bwd reads h,
     the output gradient and y (C), writes dh (2C). Weights and per-channel statistics are negligible."""
@@ -236,7 +241,7 @@ def _env(device):
 
 def run_bench(kernel, providers, modes, Ts, tokens, dtype, device, dims, reps):
     env, rows = _env(device), []
-    copy_gbps = _copy_bandwidth(device) if kernel == "conv_module" else float("nan")
+    copy_gbps = _copy_bandwidth(device) if kernel.startswith("conv_module") else float("nan")
     for T in Ts:
         batch = max(1, tokens // T)
         for name in providers:
@@ -256,7 +261,7 @@ def run_bench(kernel, providers, modes, Ts, tokens, dtype, device, dims, reps):
                         torch.cuda.empty_cache()
                 prov = name if not dims.get("dropout") else f"{name}+drop{dims['dropout']}"
                 gbps = _conv_min_bytes(T, batch, DTYPES[dtype], dims, mode) / p50 / 1e6 \
-                    if kernel == "conv_module" else float("nan")
+                    if kernel.startswith("conv_module") else float("nan")
                 rows.append(dict(kernel=kernel, provider=prov, mode=mode, T=T, batch=batch, dtype=dtype,
                                  ms_p50=f"{p50:.4f}", ms_p20=f"{p20:.4f}", ms_p80=f"{p80:.4f}",
                                  peak_mem_mb=f"{peak:.1f}", gbps=f"{gbps:.4g}", copy_gbps=f"{copy_gbps:.4g}",
