@@ -1,9 +1,4 @@
-"""nest_ssl.export: pretrained models in (.nemo, NeMo .ckpt, ours) and out (.nemo, torch.export, ONNX).
-
-Until nest_ssl/conformer/encoder.py lands, `encoder_impl` swaps in a tiny stand-in encoder (same interface:
-(B, F, T), lengths -> (B, d, T'), lengths; `layers` ModuleList) so the I/O and export plumbing is tested; the tests
-that need NeMo's encoder keys (the parity state_dict) are skipped until then.
-"""
+"""nest_ssl.export: pretrained models in (.nemo, NeMo .ckpt, ours) and out (.nemo, torch.export, ONNX)."""
 import copy
 import json
 import sys
@@ -13,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from torch import nn
 
 from conftest import PARITY
 from nest_ssl import export
@@ -23,56 +17,10 @@ from nest_ssl.nemo_io import read_nemo, write_nemo
 NEST_TINY = PARITY / "nest_tiny"
 
 
-class _StandInLayer(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.linear = nn.Linear(d, d)
-
-    def forward(self, x):  # (B, T, d), as a Conformer layer
-        return x + torch.tanh(self.linear(x))
-
-
-class StandInEncoder(nn.Module):
-    """ConformerEncoder's interface at toy cost: stride-`subsampling_factor` frames, linear layers."""
-
-    config_class = None  # nemo_compat.instantiate then calls from_config(section)
-
-    def __init__(self, feat_in, d_model, n_layers, factor):
-        super().__init__()
-        self.cfg = types.SimpleNamespace(feat_in=feat_in, d_model=d_model)
-        self.factor = factor
-        self.pre_encode = nn.Conv1d(feat_in, d_model, kernel_size=factor, stride=factor)
-        self.layers = nn.ModuleList(_StandInLayer(d_model) for _ in range(n_layers))
-
-    @classmethod
-    def from_config(cls, section):
-        return cls(section["feat_in"], section["d_model"], section["n_layers"], section.get("subsampling_factor", 4))
-
-    def forward(self, audio_signal, length):
-        x = self.pre_encode(audio_signal).transpose(1, 2).contiguous()  # (B, T', d)
-        lens = torch.div(length, self.factor, rounding_mode="floor")
-        valid = (torch.arange(x.shape[1], device=x.device)[None, :] < lens[:, None])[:, :, None]
-        for layer in self.layers:
-            x = layer(x) * valid
-        return x.transpose(1, 2), lens  # (B, d, T')
-
-
-def real_encoder_available() -> bool:
-    try:
-        from nest_ssl.conformer.encoder import ConformerEncoder  # noqa: F401
-    except Exception:  # missing or half-written while the encoder is being built
-        return False
-    return True
-
-
 @pytest.fixture
-def encoder_impl(monkeypatch):
-    if real_encoder_available():
-        return "real"
-    mod = types.ModuleType("nest_ssl.conformer.encoder")
-    mod.ConformerEncoder = StandInEncoder
-    monkeypatch.setitem(sys.modules, "nest_ssl.conformer.encoder", mod)
-    return "stand-in"
+def encoder_impl():
+    """Which encoder the tiny model uses: always the real ConformerEncoder (kept as a fixture for the test ids)."""
+    return "real"
 
 
 def tiny_model_cfg() -> dict:
