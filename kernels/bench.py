@@ -157,6 +157,10 @@ def conv_torch(T, batch, dtype, device, dims):
 @register("conv_module", "torch.compile")
 def conv_compile(T, batch, dtype, device, dims):
     mod, x, pad = _conv_setup(T, batch, dtype, device, dims, "torch")
+    # bwd mode replays one graph's backward (retain_graph=True), which donated buffers forbid; the attention
+    # provider sets this too, but `--kernel conv_module` alone never runs it.
+    import torch._functorch.config as functorch_config
+    functorch_config.donated_buffer = False
     fn = torch.compile(mod)
     return (lambda: fn(x, pad)), [x, *mod.parameters()]
 
