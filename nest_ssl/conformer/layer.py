@@ -1,23 +1,13 @@
-"""`ConformerFeedForward` and the macaron `ConformerLayer` (spec 3.4)."""
+"""The macaron `ConformerLayer` (spec 3.4): FF/2 -> self-attention -> conv module -> FF/2 -> LayerNorm."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .attention import MultiHeadAttention, RelPositionMultiHeadAttention
 from .conv_module import ConformerConvolution
+from .feed_forward import ConformerFeedForward
 
-
-class ConformerFeedForward(nn.Module):
-    def __init__(self, d_model: int, d_ff: int, dropout: float, use_bias: bool = True):
-        super().__init__()
-        self.linear1 = nn.Linear(d_model, d_ff, bias=use_bias)
-        self.activation = nn.SiLU()
-        self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(d_ff, d_model, bias=use_bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear2(self.dropout(self.activation(self.linear1(x))))
+__all__ = ["ConformerFeedForward", "ConformerLayer"]  # ConformerFeedForward stays importable from here
 
 
 class ConformerLayer(nn.Module):
