@@ -20,7 +20,7 @@ import torch
 from nest_ssl.config import load_config
 from nest_ssl.data.batch import AudioNoiseBatch
 from nest_ssl.flops import mfu, nest_train_flops_per_audio_second
-from nest_ssl.nemo_compat import model_class
+from nest_ssl.nemo_compat import build_model
 from nest_ssl.optim import build_optimizer
 
 COLUMNS = ["config", "mode", "utt_seconds", "batch", "dtype", "step_ms", "audio_s_per_s", "mfu", "peak_mem_gb",
@@ -59,8 +59,7 @@ def build(config: str, overrides, mode: str, device):
     impl = {"eager": "torch", "triton": "triton"}[mode]
     plain, run = load_config(config, [*overrides, f"++model.encoder.attention_impl={impl}",
                                       f"++model.encoder.conv_impl={impl}"])
-    model_cfg = {k: v for k, v in plain["model"].items() if k != "optim"}
-    model = model_class(model_cfg).from_config(model_cfg).to(device).train()
+    model = build_model(plain["model"]).to(device).train()
     return plain, model, build_optimizer(model, run.model.optim)
 
 

@@ -20,21 +20,13 @@ import torch
 from torch import nn
 
 from nest_ssl import nemo_io
+from nest_ssl.nemo_compat import build_model  # noqa: F401 - also part of this module's API
 
 NEMO_VERSION = "2.6.2"  # the NeMo release whose numbers we match; written into saved configs like NeMo does
 EXPORT_FORMATS = ("pt2", "onnx")
-_NOT_MODEL_KEYS = ("optim",)  # sections the model constructor does not need (the trainer builds them)
 
 
 # ---- loading -----------------------------------------------------------------------------------------------
-
-
-def build_model(model_cfg: dict) -> nn.Module:
-    """Our model for a NeMo-schema `model` section, class chosen by `model.target` through the allow-list."""
-    from nest_ssl.nemo_compat import model_class
-
-    cls = model_class(model_cfg)
-    return cls.from_config({k: v for k, v in model_cfg.items() if k not in _NOT_MODEL_KEYS})
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -122,3 +122,8 @@ def model_class(model_section: dict, path: str = "model") -> type:
             return target_class({"_target_": "nest_ssl.contrastive.model.SpeechEncDecSelfSupervisedModel"}, path)
         return target_class({"_target_": ".".join(DEFAULT_MODEL)}, path)
     return target_class({"_target_": target}, f"{path}.target")
+
+
+def build_model(model_cfg: dict, **kwargs):
+    """Our model for a NeMo `model` section; the trainer-only `optim` section is left out. kwargs go to from_config."""
+    return model_class(model_cfg).from_config({k: v for k, v in model_cfg.items() if k != "optim"}, **kwargs)

@@ -36,6 +36,7 @@ from nest_ssl import exp_manager as em
 from nest_ssl.config import build_run_config, to_yaml
 from nest_ssl.export import init_from_pretrained
 from nest_ssl.metrics import make_logger
+from nest_ssl.nemo_compat import build_model
 from nest_ssl.optim import OptimConfig, build_optimizer, build_scheduler
 
 PRECISIONS = ("32", "32-true", "16", "16-mixed", "bf16", "bf16-mixed")
@@ -110,13 +111,6 @@ def precision_setup(precision, device: torch.device):
     if p in ("bf16", "bf16-mixed"):
         return torch.bfloat16, None
     return None, None
-
-
-def build_model(model_cfg: dict) -> nn.Module:
-    """NEST (default) or the contrastive model, chosen by `model.target` / `loss_list` through the allow-list."""
-    from nest_ssl.nemo_compat import model_class
-
-    return model_class(model_cfg).from_config({k: v for k, v in model_cfg.items() if k not in ("optim",)})
 
 
 def build_loader(plain_ds: dict, ds_cfg, dist, seed: int, is_train: bool):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from nest_ssl import nemo_compat
+
 
 def _t(x, dtype=None):
     t = torch.from_numpy(np.ascontiguousarray(x))
@@ -147,14 +149,6 @@ def augment_with_decisions(audio, audio_lengths, noise, noise_lengths, decisions
     return _augment_out(*aug.augment(_t(audio), _t(audio_lengths), _t(noise), _t(noise_lengths), decisions))
 
 
-def _model_class(model_cfg: dict):
-    from nest_ssl.models import EncDecDenoiseMaskedTokenPredModel, EncDecMaskedTokenPredModel
-
-    target = model_cfg.get("target") or "EncDecDenoiseMaskedTokenPredModel"
-    return EncDecDenoiseMaskedTokenPredModel if target.endswith("DenoiseMaskedTokenPredModel") \
-        else EncDecMaskedTokenPredModel
-
-
 def build_model(cfg: dict, state_dict: dict | None = None, train: bool = False):
     """The whole NEST model, NeMo state_dict loaded strictly. train=True: train mode, dropout 0, dither 0."""
     import copy
@@ -165,7 +159,7 @@ def build_model(cfg: dict, state_dict: dict | None = None, train: bool = False):
         for key in ("dropout", "dropout_pre_encoder", "dropout_emb", "dropout_att"):
             if key in model_cfg["encoder"]:
                 model_cfg["encoder"][key] = 0.0
-    model = _model_class(model_cfg).from_config(model_cfg)
+    model = nemo_compat.build_model(model_cfg)
     if state_dict is not None:
         model.load_state_dict({k: _t(v) for k, v in state_dict.items()}, strict=True)
     for m in model.modules():
@@ -216,7 +210,7 @@ def train_grads(wave, wave_lengths, noisy_wave, noisy_wave_lengths, masks, state
 def model_summary(model_cfg: dict) -> dict:
     """The whole model built on the meta device (no memory, no init cost): state_dict rows in NeMo's
     `nest_large_state_dict.txt` form (key, shape, dtype, numel, kind) plus total / trainable / frozen counts."""
-    model = _model_class(model_cfg).from_config(model_cfg, device="meta")
+    model = nemo_compat.build_model(model_cfg, device="meta")
     params = dict(model.named_parameters())
     rows = []
     for key, v in model.state_dict(keep_vars=True).items():
