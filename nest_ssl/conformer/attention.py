@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -38,6 +39,7 @@ def rel_pos_attention_torch(q, k, v, p, pos_bias_u, pos_bias_v, att_mask, dropou
     return torch.matmul(attn, v)
 
 
+@functools.cache  # a missing Triton is looked up once, not on every layer call
 def _triton_attention():
     try:
         from nest_ssl.kernels.rel_pos_attention import rel_pos_attention

@@ -6,6 +6,8 @@ shapes and names, so state_dicts are unchanged.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +26,7 @@ def glu_dwconv_norm_silu_torch(h: torch.Tensor, pad_mask: torch.Tensor, depthwis
     return F.silu(x).transpose(1, 2)  # (B, T, C)
 
 
+@functools.cache  # a missing Triton is looked up once, not on every layer call
 def _triton_conv():
     try:
         from nest_ssl.kernels.conv_module import conv_glu_dw_bn_silu
