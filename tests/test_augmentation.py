@@ -152,3 +152,15 @@ def test_torch_variant_distributions():
     assert torch.equal(out_len[~applied], nlens[~applied])
     again, _ = aug.augment_torch(audio, lens, noise, nlens, torch.Generator().manual_seed(1))
     assert torch.equal(out, again)
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (1, 64000), (2, 7), (3, 1000), (5, 12345), (7, 3)])
+@pytest.mark.parametrize("seed", [0, 1234])
+def test_fast_segment_lengths_equal_python_choices(n, k, seed):
+    from nest_ssl.augmentation import _segment_lengths
+    fast, slow = random.Random(seed), random.Random(seed)
+    fast.random(), slow.random()  # not at the start of the stream
+    want = list(Counter(slow.choices(range(n), k=k)).values())
+    assert _segment_lengths(fast, n, k) == want
+    assert fast.getstate() == slow.getstate()  # every later draw (starts, ratios, speakers) stays NeMo's
+    assert fast.random() == slow.random()
