@@ -2,7 +2,7 @@
 
 A checkpoint is one `torch.save`d dict of tensors and plain Python types only (it loads with
 `weights_only=True`): model, optimizer, scheduler, grad scaler, step, epoch, data-loader position, every RNG
-state (as uint8 tensors / plain tuples) and the resolved run config. Writes go to `<file>.tmp` and are
+state (as uint8 tensors / plain tuples) and the resolved run config. Writes go to `<file>.<pid>.tmp` and are
 renamed into place, so a kill -9 leaves either the old file or the new one, never half of one. A file that is
 still truncated (a copied or damaged one) is skipped in favour of the previous checkpoint, with a warning.
 """
@@ -51,7 +51,7 @@ def set_rng_state(state: dict) -> None:
 def atomic_save(obj, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two ranks may save the same file
     torch.save(obj, tmp)
     with open(tmp, "rb+") as f:  # the bytes are on disk before the rename makes them visible
         os.fsync(f.fileno())

@@ -93,9 +93,11 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when it is true on one (e.g. a preemption signal that reached only some ranks)."""
-    return all_reduce_sum([1.0 if flag else 0.0], device)[0] > 0
+def all_reduce_max_(t: torch.Tensor) -> torch.Tensor:
+    """Elementwise max over ranks, in place, on the device (no host sync): "any rank" for 0/1 flags."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
 
 
 def barrier() -> None:

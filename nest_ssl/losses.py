@@ -2,8 +2,8 @@
 
 A token is a target when the mean of its `combine_time_steps` mask frames is > mask_threshold (7/8 counts at 0.8,
 6/8 does not). The NLL is averaged over all selected tokens of the batch, then over codebooks. NeMo returns NaN when
-no token is selected; we return `0 * sum(log_probs)` (finite, still back-propagates zeros) and record the event in
-`last_num_selected` / `last_no_token` so training can report it.
+no token is selected; we return 0 (finite, back-propagates zeros) and record the event in `last_num_selected` /
+`last_no_token` (0-dim tensors on the outputs' device: no host sync in the step) so training can report it.
 """
 from __future__ import annotations
 
@@ -59,11 +59,12 @@ class MLMLoss(nn.Module):
             raise ValueError(f"targets shape {tuple(targets.shape)} does not fit the token mask {tuple(sel.shape)}")
         if targets.shape[1] < sel.shape[1]:  # NeMo right-pads targets with 0 to the mask length
             targets = F.pad(targets, (0, sel.shape[1] - targets.shape[1]))
-        n = int(sel.sum())  # the one host sync: the count is reported anyway
-        self.last_num_selected = n
-        if n == 0:
-            return decoder_outputs.sum() * 0.0
-        return F.nll_loss(decoder_outputs[sel], targets[sel].long())
+        # F.nll_loss(outputs[sel], targets[sel]) with the mean taken by hand: boolean indexing and a count check
+        # would each wait for the GPU. With no selected token this is 0 (gradient 0), where NeMo gives NaN.
+        n = sel.sum()
+        self.last_num_selected = n  # 0-dim device tensor; the trainer reads it once per optimizer step
+        nll = -decoder_outputs.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)  # (B, T')
+        return torch.where(sel, nll, 0.0).sum() / n.clamp_min(1)
 
 
 class MultiMLMLoss(nn.Module):
@@ -90,5 +91,5 @@ class MultiMLMLoss(nn.Module):
                              f"quantizer must equal num_decoders={H}")
         loss = sum(self.mlm_loss(masks, decoder_outputs[..., h], targets[..., h]) for h in range(H)) / H
         self.last_num_selected = self.mlm_loss.last_num_selected
-        self.last_no_token = self.last_num_selected == 0
+        self.last_no_token = self.last_num_selected == 0  # tensor, like last_num_selected
         return loss

@@ -166,7 +166,7 @@ class EncDecMaskedTokenPredModel(nn.Module):
     def compute_loss(self, log_probs, encoded_len, masks, tokens) -> tuple[torch.Tensor, dict]:
         loss = self.loss(masks, log_probs, tokens, encoded_len)
         n = self.loss.last_num_selected
-        self.last_stats = {"masked_tokens": n, "no_token": int(n == 0)}
+        self.last_stats = {"masked_tokens": n, "no_token": (n == 0).long()}  # device tensors: no host sync
         return loss, dict(self.last_stats)
 
     def _step_inputs(self, batch) -> dict:

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from nest_ssl.checks import check_lengths
+
 STD_EPS = 1e-5  # NeMo's CONSTANT: added to the std (not the variance) and used as the sqrt guard with use_grads
 WINDOWS = {"hann": torch.hann_window, "hamming": torch.hamming_window, "blackman": torch.blackman_window,
            "bartlett": torch.bartlett_window, "none": None}
@@ -272,9 +274,7 @@ def _check_inputs(input_signal: torch.Tensor, length: torch.Tensor) -> None:
         raise ValueError(f"length must be a ({B},) tensor matching input_signal {(B, L)}, got {shape}")
     if length.is_floating_point() or length.is_complex() or length.dtype == torch.bool:
         raise ValueError(f"length must be an integer tensor (samples), got dtype {length.dtype}")
-    bad = (length < 0) | (length > L)
-    if bool(bad.any()):  # one host sync; a wrong length silently corrupts features otherwise
-        raise ValueError(f"length={length.tolist()} must lie in [0, {L}] (input_signal has {L} samples)")
+    check_lengths(length, L, detail=f" (input_signal has {L} samples)")
 
 
 class AudioToMelSpectrogramPreprocessor(nn.Module):

@@ -90,11 +90,10 @@ class RandomProjectionVectorQuantizer(nn.Module):
         tokens = (c2 - 2.0 * dots).argmin(dim=-1)  # (B, T', H)
         # An all-zero group (padding) makes every distance ||c||: NeMo's argmin then picks the codeword with the
         # smallest rounded norm. Reproduce that choice exactly by taking the norms in NeMo's own layout.
+        # (Applied unconditionally: testing zero.any() first would be a host sync; the norms are only (H, C).)
         zero = x.abs().amax(dim=-1) == 0  # (B, T', H)
-        if bool(zero.any()):
-            nemo_norms = (-cb.transpose(1, 2)).unsqueeze(0).unsqueeze(0).norm(dim=-2)  # (1, 1, H, C)
-            tokens = torch.where(zero, nemo_norms.argmin(dim=-1).expand_as(tokens), tokens)
-        return tokens
+        nemo_norms = (-cb.transpose(1, 2)).unsqueeze(0).unsqueeze(0).norm(dim=-2)  # (1, 1, H, C)
+        return torch.where(zero, nemo_norms.argmin(dim=-1).expand_as(tokens), tokens)
 
     def forward(self, input_signal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Targets in fp32 projection + fp64 distances, outside autocast, so bf16 training never changes a token.

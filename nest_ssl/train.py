@@ -199,6 +199,20 @@ class Preemption:
             signal.signal(sig, handler)
 
 
+def fetch(loader, on_error):
+    """The loader's batches; an exception while fetching one goes to on_error (which checkpoints) and is re-raised."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except Exception as err:
+            on_error(err)
+            raise
+        yield batch
+
+
 def save_offending_batch(batch, logdir: Path, rank: int) -> Path:
     path = logdir / f"nonfinite_batch_rank{rank}.pt"
     torch.save({f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}, path)
@@ -275,16 +289,18 @@ def train(plain: dict, *, model_factory=None, stop_after_steps: Optional[int] = 
 
     saved_step = [-1]
 
-    def save(val_loss: float) -> None:
-        saved_step[0] = step
-        if em_cfg.create_checkpoint_callback and dist.is_main:
+    def save(val_loss: float, sync: bool = True, loader_state: Optional[dict] = None) -> Optional[Path]:
+        """Write the -last (and maybe a top-k) checkpoint; rank 0 writes, the others wait. sync=False: a rank
+        that failed alone writes it itself (the model and optimizer are replicated) without the barrier."""
+        saved_step[0], last = step, None
+        if em_cfg.create_checkpoint_callback and (dist.is_main or not sync):
             stem = em.format_name(ccp.filename, name, {"val_loss": val_loss, "step": step, "epoch": epoch})
             top_path, dropped = ckpt_dir / f"{stem}.ckpt", []
-            is_top = math.isfinite(val_loss) and topk.better(val_loss)
+            is_top = sync and math.isfinite(val_loss) and topk.better(val_loss)
             if is_top:
                 dropped = topk.add(val_loss, top_path)
             st = ckpt.state(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, step=step,
-                            epoch=epoch, loader_state=train_loader.state_dict(), config=plain,
+                            epoch=epoch, loader_state=loader_state or train_loader.state_dict(), config=plain,
                             extra={"topk": topk.state_dict()})
             if is_top:
                 ckpt.atomic_save(st, top_path)
@@ -295,7 +311,19 @@ def train(plain: dict, *, model_factory=None, stop_after_steps: Optional[int] = 
             ckpt.atomic_save(st, last)
             for old in dropped + [p for p in ckpt_dir.glob("*-last.ckpt") if p != last]:
                 Path(old).unlink(missing_ok=True)
-        dist_utils.barrier()
+        if sync:
+            dist_utils.barrier()
+        return last
+
+    def on_data_error(err: Exception) -> None:
+        """A batch could not be fetched (bad-sample limit, skip_bad_samples=false, a dead worker): keep the run.
+        The checkpoint holds the last optimizer step and a loader position just after it (the micro-batches
+        of an unfinished accumulation are read again on resume)."""
+        path = save(last_val, sync=False, loader_state={**train_loader.state_dict(),
+                                                        "start": train_loader.start - micro})
+        if path is not None:
+            err.add_note(f"nest_ssl: training state at step {step} saved to {path}; fix the data (scripts/"
+                         "check_data.py lists every bad item) or raise model.train_ds.max_bad_samples, then resume")
 
     preempt = Preemption()
     if val_loader is not None and tc.num_sanity_val_steps and state is None:
@@ -307,12 +335,13 @@ def train(plain: dict, *, model_factory=None, stop_after_steps: Optional[int] = 
     max_epochs = math.inf if max_epochs < 0 else max_epochs
     accum, sample_rate = tc.accumulate_grad_batches, run.model.sample_rate
     history, bad_streak, skipped_steps, micro, last_val, exit_code = [], 0, 0, 0, math.nan, 0
-    window_loss, audio_sec, tokens, t_log = 0.0, 0.0, 0.0, time.time()
+    audio_sec, tokens_logged, t_log = 0.0, 0.0, time.time()
+    window_loss = tokens = torch.zeros((), device=dist.device)  # summed on the device: no sync per micro-batch
     optimizer.zero_grad(set_to_none=True)
     while step < max_steps and epoch < max_epochs and exit_code == 0:
         train_loader.set_epoch(epoch)
-        for batch in train_loader:
-            audio_sec += float(batch.audio_len.sum()) / sample_rate
+        for batch in fetch(train_loader, on_data_error):
+            audio_sec += float(batch.audio_len.sum()) / sample_rate  # CPU tensor: no device sync
             batch, micro = batch.to(dist.device, non_blocking=True), micro + 1
             last_micro = micro == accum or train_loader.start == len(train_loader)
             torch.manual_seed(step_seed(run.seed, step, dist.rank, stream=10 + micro))  # dropout
@@ -323,7 +352,7 @@ def train(plain: dict, *, model_factory=None, stop_after_steps: Optional[int] = 
                     out = step_model(batch, gen, step)
                 loss = out["loss"].float() / accum
                 (loss if scaler is None else scaler.scale(loss)).backward()
-            window_loss, tokens = window_loss + loss.detach(), tokens + float(out.get("masked_tokens", 0))
+            window_loss, tokens = window_loss + loss.detach(), tokens + out.get("masked_tokens", 0)
             if not last_micro:
                 continue
 
@@ -332,9 +361,11 @@ def train(plain: dict, *, model_factory=None, stop_after_steps: Optional[int] = 
             if scaler is not None:
                 scaler.unscale_(optimizer)
             grad_norm = clip_gradients(model, tc)
-            loss_val, window_loss = float(window_loss), 0.0
-            bad = not math.isfinite(loss_val) or (scaler is None and not math.isfinite(grad_norm))
-            if dist_utils.any_rank(bad, dist.device):
+            loss_val, grad_norm, tok, bad, preempted = step_stats(window_loss, grad_norm, tokens, scaler is None,
+                                                                   preempt.requested(), dist.device)
+            window_loss = tokens = torch.zeros((), device=dist.device)
+            tokens_logged += tok
+            if bad:
                 bad_streak, skipped_steps = bad_streak + 1, skipped_steps + 1
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
@@ -359,7 +390,7 @@ def train(plain: dict, *, model_factory=None, stop_after_steps: Optional[int] = 
 
             # ---- log, validate, checkpoint, preemption ----
             if step % tc.log_every_n_steps == 0:
-                loss_mean, tok = dist_utils.all_reduce_mean([loss_val, tokens], dist.device)
+                loss_mean, tok = dist_utils.all_reduce_mean([loss_val, tokens_logged], dist.device)
                 audio_all = dist_utils.all_reduce_sum([audio_sec], dist.device)[0]
                 rate = audio_all / max(time.time() - t_log, 1e-9)
                 gpu_gib = torch.cuda.max_memory_allocated() / 2**30 if dist.device.type == "cuda" else None
@@ -368,13 +399,13 @@ def train(plain: dict, *, model_factory=None, stop_after_steps: Optional[int] = 
                           "skipped_samples": len(train_loader.bad_samples), "skipped_steps": skipped_steps}
                 log.scalars(step, {**values, "global_step": step, "epoch": epoch})
                 log.progress(step, tc.max_steps, {"loss": loss_mean, "lr": lr, "audio_s/s": rate})
-                audio_sec, tokens, t_log = 0.0, 0.0, time.time()
+                audio_sec, tokens_logged, t_log = 0.0, 0.0, time.time()
             if val_loader is not None and val_due(tc, train_loader.start, epoch, len(train_loader)):
                 last_val = validate(step_model, val_loader, dist, run.seed, amp_dtype, device_mix=val_mix)
                 log.scalars(step, {"val_loss": last_val})
                 log.info(f"step {step}: val_loss {last_val:.4f}")
                 save(last_val)
-            if dist_utils.any_rank(preempt.requested(), dist.device):
+            if preempted:
                 log.info(f"step {step}: preemption signal; checkpointing and exiting with {REQUEUE_EXIT_CODE}")
                 save(last_val)
                 if dist.is_main and preempt.file:
@@ -397,16 +428,29 @@ def train(plain: dict, *, model_factory=None, stop_after_steps: Optional[int] = 
             "val_loss": last_val, "skipped_steps": skipped_steps}
 
 
-def clip_gradients(model: nn.Module, tc: TrainerConfig) -> float:
-    """Total gradient norm (before clipping); clips by norm or value when gradient_clip_val > 0."""
+def clip_gradients(model: nn.Module, tc: TrainerConfig) -> torch.Tensor:
+    """Total gradient norm before clipping, as a device tensor (reading it is left to step_stats); clips by norm or
+    value when gradient_clip_val > 0."""
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
-        return 0.0
+        return torch.zeros(())
     clip = tc.gradient_clip_val or 0.0
     if clip > 0 and tc.gradient_clip_algorithm == "value":
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         torch.nn.utils.clip_grad_value_(params, clip)
-        return float(norm)
+        return norm
     if clip > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, clip))
-    return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
+        return torch.nn.utils.clip_grad_norm_(params, clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in params])
+
+
+def step_stats(loss, grad_norm, tokens, check_grad: bool, preempt: bool, device) -> tuple[float, float, float, bool,
+                                                                                        bool]:
+    """The one host sync of an optimizer step: this rank's (loss, grad norm, masked tokens) and, over all ranks,
+    (any non-finite loss [or grad norm], any preemption signal), from one all-reduce and one device-to-host copy.
+    The grad norm is not checked under a GradScaler, which skips non-finite steps itself."""
+    local = torch.stack([torch.as_tensor(v, device=device).float() for v in (loss, grad_norm, tokens)])
+    nonfinite = (~torch.isfinite(local[:2] if check_grad else local[:1])).any().float()
+    flags = dist_utils.all_reduce_max_(torch.stack([nonfinite, torch.full_like(nonfinite, float(preempt))]))
+    loss_val, norm, tok, bad, pre = torch.cat([local, flags]).tolist()
+    return loss_val, norm, tok, bad > 0, pre > 0

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from nest_ssl.checks import check_lengths
+
 from .layer import ConformerLayer
 from .pos_enc import PositionalEncoding, RelPositionalEncoding
 from .subsampling import ConvSubsampling
@@ -139,8 +141,7 @@ class ConformerEncoder(nn.Module):
         if audio_signal.size(2) < self.cfg.subsampling_factor:
             raise ValueError(f"audio_signal has T={audio_signal.size(2)} frames; subsampling_factor="
                              f"{self.cfg.subsampling_factor} needs at least that many")
-        if bool((length > audio_signal.size(2)).any()) or bool((length < 0).any()):
-            raise ValueError(f"length {length.tolist()} must lie in [0, T={audio_signal.size(2)}]")
+        check_lengths(length, audio_signal.size(2), detail=" (T, the frames of audio_signal)")
 
     def _impl(self, x: torch.Tensor) -> tuple[str, str]:
         """(attention, conv) implementation: "auto" = Triton on CUDA when it imports (conv: BatchNorm only)."""
