@@ -41,8 +41,9 @@ bench: install
 	$(BIN)/python kernels/bench.py
 
 # Whole NEST training step, eager vs Triton kernels (needs a GPU for the headline figures).
+BENCH_TRAIN_ARGS ?= --modes eager,triton,triton+compile
 bench-train: install
-	$(BIN)/python scripts/benchmark_train.py
+	$(BIN)/python scripts/benchmark_train.py $(BENCH_TRAIN_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

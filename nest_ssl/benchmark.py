@@ -55,11 +55,19 @@ def _triton_version() -> str:
         return "none"
 
 
+MODES = ("eager", "triton", "eager+compile", "triton+compile")
+
+
 def build(config: str, overrides, mode: str, device):
-    impl = {"eager": "torch", "triton": "triton"}[mode]
+    """mode: eager (NeMo math) | triton (our kernels), optionally +compile (trainer.compile: compiled layers)."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; allowed: {', '.join(MODES)}")
+    impl = "triton" if mode.startswith("triton") else "torch"
     plain, run = load_config(config, [*overrides, f"++model.encoder.attention_impl={impl}",
                                       f"++model.encoder.conv_impl={impl}"])
     model = build_model(plain["model"]).to(device).train()
+    if mode.endswith("+compile"):
+        model.encoder.compile_layers()
     return plain, model, build_optimizer(model, run.model.optim)
 
 

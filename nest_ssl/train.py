@@ -35,6 +35,7 @@ from nest_ssl import distributed as dist_utils
 from nest_ssl import exp_manager as em
 from nest_ssl.config import build_run_config, to_yaml
 from nest_ssl.export import init_from_pretrained
+from nest_ssl.fit_scan import fit_scan, largest_batch
 from nest_ssl.metrics import make_logger
 from nest_ssl.nemo_compat import build_model
 from nest_ssl.optim import OptimConfig, build_optimizer, build_scheduler
@@ -71,7 +72,9 @@ class TrainerConfig:
     enable_model_summary: bool = True   # prints the parameter count
     # ---- ours ----
     max_nonfinite_steps: int = 10     # consecutive skipped (non-finite) steps before the run stops
-    compile: bool = False             # torch.compile the model
+    compile: bool = False             # torch.compile each encoder layer (ConformerEncoder.compile_layers)
+    compile_backend: str = "inductor"  # torch.compile backend (tests use aot_eager: no C++ compiler needed)
+    fit_scan: bool = False            # run the largest batch once at start-up (nest_ssl/fit_scan.py)
 
     def __post_init__(self):
         if str(self.precision) not in PRECISIONS:
@@ -199,6 +202,13 @@ class Preemption:
             signal.signal(sig, handler)
 
 
+def compile_encoder(model: nn.Module, backend: str) -> None:
+    encoder = getattr(model, "encoder", None)
+    if not hasattr(encoder, "compile_layers"):
+        raise ValueError(f"trainer.compile=true: {type(model).__name__} has no Conformer encoder to compile")
+    encoder.compile_layers(backend)
+
+
 def fetch(loader, on_error):
     """The loader's batches; an exception while fetching one goes to on_error (which checkpoints) and is re-raised."""
     it = iter(loader)
@@ -242,6 +252,8 @@ def train(plain: dict, *, model_factory=None, stop_after_steps: Optional[int] = 
     random.seed(run.seed), np.random.seed(run.seed), torch.manual_seed(run.seed)
     torch.backends.cudnn.benchmark = bool(tc.benchmark)
     model = (model_factory or build_model)(plain["model"]).to(dist.device)
+    if tc.compile:
+        compile_encoder(model, tc.compile_backend)
     init_lines = init_from_pretrained(model, plain)  # NeMo's init_from_*: strict=False; a resume below overrides it
     optimizer = build_optimizer(model, run.model.optim)
     scheduler = build_scheduler(optimizer, run.model.optim, tc.max_steps)
@@ -268,6 +280,9 @@ def train(plain: dict, *, model_factory=None, stop_after_steps: Optional[int] = 
         step, epoch = state["global_step"], state["epoch"]
         train_loader.load_state_dict(state["loader"])
         topk.load_state_dict(state.get("topk", {}))
+    if tc.fit_scan:  # before DDP: the scan must not all-reduce gradients
+        shape = largest_batch(train_loader, run.model.train_ds)
+        scan_report = fit_scan(model, shape, run.model.sample_rate, amp_dtype, dist.device)
     step_model = dist_utils.wrap_model(TrainStep(model), dist, tc.sync_batchnorm)
     step_model.train()
 
@@ -278,7 +293,7 @@ def train(plain: dict, *, model_factory=None, stop_after_steps: Optional[int] = 
         (logdir / "config.yaml").write_text(to_yaml(plain))
         tb_dir = logdir / f"version_{len(list(logdir.glob('version_*')))}" if em_cfg.create_tensorboard_logger else None
     log = make_logger(dist.is_main, tb_dir, tc.enable_progress_bar)
-    for line in init_lines:
+    for line in init_lines + ([scan_report] if tc.fit_scan else []):
         log.info(line)
     n_params = sum(p.numel() for p in model.parameters())
     if isinstance(tc.devices, int) and tc.devices > 0 and tc.devices * tc.num_nodes != dist.world_size:

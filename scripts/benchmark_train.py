@@ -21,7 +21,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    ap.add_argument("--modes", default="eager,triton")
+    ap.add_argument("--modes", default="eager,triton", help="comma list of eager, triton, eager+compile, "
+                    "triton+compile (+compile = trainer.compile: every encoder layer torch.compiled)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -35,7 +36,7 @@ def main(argv=None) -> int:
         return 0
     rows = []
     for mode in args.modes.split(","):
-        if mode == "triton" and device.type != "cuda":
+        if mode.startswith("triton") and device.type != "cuda":
             print("triton mode needs a CUDA GPU; skipped", file=sys.stderr)
             continue
         row = run_mode(args.config, args.overrides, mode, args.batch, args.seconds, args.dtype, args.steps,
@@ -47,10 +48,11 @@ def main(argv=None) -> int:
                 run_mode(args.config, args.overrides, mode, args.batch, args.seconds, args.dtype, 1, 0, device)
             key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
             print(prof.key_averages().table(sort_by=key, row_limit=15))
-    if len(rows) == 2:
-        e, t = rows
-        print(f"triton / eager: {t['audio_s_per_s'] / e['audio_s_per_s']:.2f}x throughput, "
-              f"{t['peak_mem_gb'] / e['peak_mem_gb']:.2f}x peak memory")
+    base = next((r for r in rows if r["mode"] == "eager"), None)
+    for r in rows:
+        if base is not None and r is not base:
+            print(f"{r['mode']} / eager: {r['audio_s_per_s'] / base['audio_s_per_s']:.2f}x throughput, "
+                  f"{r['peak_mem_gb'] / base['peak_mem_gb']:.2f}x peak memory")
     append_rows(args.csv, rows)
     return 0
 

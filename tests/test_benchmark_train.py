@@ -15,3 +15,11 @@ def test_one_cpu_step_gives_a_full_row(tmp_path):
     with open(tmp_path / "train.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and list(rows[0]) == COLUMNS
+
+
+def test_unknown_mode_is_rejected_with_the_allowed_list():
+    import pytest
+
+    from nest_ssl.benchmark import build
+    with pytest.raises(ValueError, match="allowed: eager, triton, eager\\+compile, triton\\+compile"):
+        build("configs/nest_tiny_cpu.yaml", [], "fast", torch.device("cpu"))

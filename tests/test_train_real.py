@@ -39,3 +39,58 @@ def test_real_model_resume_is_bit_exact(tmp_path):
     a = ckpt.load(next((run / "checkpoints").glob("*-last.ckpt")))
     b = ckpt.load(next((tmp_path / "b" / "SSL-NEST-tiny-cpu" / "checkpoints").glob("*-last.ckpt")))
     assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
+
+
+@pytest.mark.slow
+def test_trainer_compile_trains_like_eager(tmp_path):
+    data = make_data(tmp_path / "demo")
+    eager = train(tiny_config(data, tmp_path / "a", max_steps=2))
+    cfg = tiny_config(data, tmp_path / "b", max_steps=2)
+    cfg["trainer"].update(compile=True, compile_backend="aot_eager")
+    compiled = train(cfg)
+    assert len(compiled["losses"]) == 2
+    torch.testing.assert_close(torch.tensor(compiled["losses"]), torch.tensor(eager["losses"]), rtol=1e-4, atol=0)
+    a = ckpt.load(next((tmp_path / "a" / "SSL-NEST-tiny-cpu" / "checkpoints").glob("*-last.ckpt")))
+    b = ckpt.load(next((tmp_path / "b" / "SSL-NEST-tiny-cpu" / "checkpoints").glob("*-last.ckpt")))
+    assert list(a["state_dict"]) == list(b["state_dict"])  # compiling never renames a key
+
+
+def test_trainer_compile_without_encoder_is_a_config_error():
+    from nest_ssl.train import compile_encoder
+    with pytest.raises(ValueError, match="trainer.compile=true: Linear has no Conformer encoder"):
+        compile_encoder(torch.nn.Linear(2, 2), "aot_eager")
+
+
+def test_fit_scan_leaves_the_run_unchanged_and_names_the_setting_on_oom(tmp_path, monkeypatch):
+    data = make_data(tmp_path / "demo")
+    plain = train(tiny_config(data, tmp_path / "a", max_steps=2))
+    cfg = tiny_config(data, tmp_path / "b", max_steps=2)
+    cfg["trainer"]["fit_scan"] = True
+    scanned = train(cfg)
+    assert scanned["losses"] == plain["losses"]  # BatchNorm statistics restored, gradients cleared
+    a = ckpt.load(next((tmp_path / "a" / "SSL-NEST-tiny-cpu" / "checkpoints").glob("*-last.ckpt")))
+    b = ckpt.load(next((tmp_path / "b" / "SSL-NEST-tiny-cpu" / "checkpoints").glob("*-last.ckpt")))
+    assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
+
+    from nest_ssl import models
+
+    def oom(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(models.EncDecDenoiseMaskedTokenPredModel, "training_step", oom)
+    cfg = tiny_config(data, tmp_path / "c", max_steps=2)
+    cfg["trainer"]["fit_scan"] = True
+    with pytest.raises(MemoryError, match=r"largest batch \(2 x .* lower model.train_ds.batch_size"):
+        train(cfg)
+
+
+def test_largest_batch_from_batch_size_or_duration_budget():
+    from types import SimpleNamespace
+
+    from nest_ssl.fit_scan import largest_batch
+    loader = SimpleNamespace(dataset=SimpleNamespace(durations=lambda: [3.0, None, 12.5, 7.0]))
+    assert largest_batch(loader, SimpleNamespace(batch_size=8, batch_duration=None, max_duration=20.0)) == (8, 12.5)
+    assert largest_batch(loader, SimpleNamespace(batch_size=1, batch_duration=100.0, max_duration=None)) == (8, 12.5)
+    empty = SimpleNamespace(dataset=SimpleNamespace(durations=lambda: [None]))
+    with pytest.raises(ValueError, match="max_duration"):
+        largest_batch(empty, SimpleNamespace(batch_size=8, batch_duration=None, max_duration=None))

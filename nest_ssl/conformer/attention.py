@@ -45,7 +45,7 @@ def _triton_attention():
         from nest_ssl.kernels.rel_pos_attention import rel_pos_attention
     except Exception:  # no triton / kernel not importable: the torch path serves
         return None
-    return rel_pos_attention
+    return torch.compiler.disable(rel_pos_attention)  # under trainer.compile: runs as is, the graph breaks around it
 
 
 class RelPositionMultiHeadAttention(nn.Module):

@@ -32,7 +32,7 @@ def _triton_conv():
         from nest_ssl.kernels.conv_module import conv_glu_dw_bn_silu
     except Exception:  # no triton: the torch path serves
         return None
-    return conv_glu_dw_bn_silu
+    return torch.compiler.disable(conv_glu_dw_bn_silu)  # under trainer.compile: runs as is, the graph breaks around it
 
 
 def _sync_group(bn: nn.Module):

@@ -143,6 +143,14 @@ class ConformerEncoder(nn.Module):
                              f"{self.cfg.subsampling_factor} needs at least that many")
         check_lengths(length, audio_signal.size(2), detail=" (T, the frames of audio_signal)")
 
+    def compile_layers(self, backend: str = "inductor") -> None:
+        """torch.compile every ConformerLayer in place (`trainer.compile`; state_dict keys unchanged). It fuses the
+        elementwise work between the matmuls: LayerNorms, SiLU + dropout, residual scale-and-add, and on the torch
+        path the attention scores and GLU/BN. The Triton kernels are compiler-disabled and run as they are.
+        dynamic=True: utterance lengths change every batch, one graph serves them all."""
+        for layer in self.layers:
+            layer.compile(backend=backend, dynamic=True)
+
     def _impl(self, x: torch.Tensor) -> tuple[str, str]:
         """(attention, conv) implementation: "auto" = Triton on CUDA when it imports (conv: BatchNorm only)."""
         from .attention import _triton_attention
