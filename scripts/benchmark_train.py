@@ -4,6 +4,8 @@
     python scripts/benchmark_train.py                                   # NEST-L, 20 s utterances, bf16, GPU
     python scripts/benchmark_train.py --config configs/nest_tiny_cpu.yaml --device cpu --dtype fp32 --batch 2 \\
         --seconds 4 --modes eager
+    python scripts/benchmark_train.py --real model.train_ds.manifest_filepath=train.json \\
+        model.train_ds.noise_manifest=noise.json                       # the config's own loader: data wait
 Rows go to kernels/results/train.csv. --profile prints the top kernels by time.
 """
 import argparse
@@ -27,6 +29,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--csv", default="kernels/results/train.csv")
+    ap.add_argument("--real", action="store_true", help="batches from the config's model.train_ds loader "
+                    "(--batch/--seconds are then ignored; the row reports the mean batch and utterance length)")
     ap.add_argument("--scan", action="store_true", help="check that the batch fits, then exit")
     ap.add_argument("--profile", action="store_true", help="print the top 15 kernels of one step per mode")
     args = ap.parse_args(argv)
@@ -40,7 +44,7 @@ def main(argv=None) -> int:
             print("triton mode needs a CUDA GPU; skipped", file=sys.stderr)
             continue
         row = run_mode(args.config, args.overrides, mode, args.batch, args.seconds, args.dtype, args.steps,
-                       args.warmup, device)
+                       args.warmup, device, real=args.real)
         rows.append(row)
         print(" ".join(f"{k}={row[k]}" for k in ("mode", "step_ms", "audio_s_per_s", "mfu", "peak_mem_gb")))
         if args.profile:
