@@ -331,9 +331,9 @@ def train(plain: dict, *, model_factory=None, stop_after_steps: Optional[int] = 
         return last
 
     def on_data_error(err: Exception) -> None:
-        """A batch could not be fetched (bad-sample limit, skip_bad_samples=false, a dead worker): keep the run.
-        The checkpoint holds the last optimizer step and a loader position just after it (the micro-batches
-        of an unfinished accumulation are read again on resume)."""
+        """A train or validation batch could not be fetched or validated (bad-sample limit, skip_bad_samples=false,
+        a dead worker): keep the run. The checkpoint holds the last optimizer step and a loader position just after
+        it (the micro-batches of an unfinished accumulation are read again on resume)."""
         path = save(last_val, sync=False, loader_state={**train_loader.state_dict(),
                                                         "start": train_loader.start - micro})
         if path is not None:
@@ -416,7 +416,11 @@ def train(plain: dict, *, model_factory=None, stop_after_steps: Optional[int] = 
                 log.progress(step, tc.max_steps, {"loss": loss_mean, "lr": lr, "audio_s/s": rate})
                 audio_sec, tokens_logged, t_log = 0.0, 0.0, time.time()
             if val_loader is not None and val_due(tc, train_loader.start, epoch, len(train_loader)):
-                last_val = validate(step_model, val_loader, dist, run.seed, amp_dtype, device_mix=val_mix)
+                try:
+                    last_val = validate(step_model, val_loader, dist, run.seed, amp_dtype, device_mix=val_mix)
+                except Exception as err:
+                    on_data_error(err)
+                    raise
                 log.scalars(step, {"val_loss": last_val})
                 log.info(f"step {step}: val_loss {last_val:.4f}")
                 save(last_val)

@@ -175,3 +175,13 @@ def test_bad_sample_limit_checkpoints_then_resume_matches_uninterrupted_run(data
 
     rest = train(_bad_run(bad_data, tmp_path / "b"), model_factory=model)  # limit back to 100: it goes on
     assert rest["losses"] == full["losses"][done:]  # bit for bit, even after a half-accumulated step
+
+
+def test_validation_data_error_checkpoints_the_steps_done(data, tmp_path):
+    bad_val = _with_bad_files({**data, "train": data["val"]}, tmp_path / "data")["train"]  # val + 2 bad files
+    cfg = run_config({**data, "val": bad_val}, tmp_path / "a", max_steps=6, val_every=2)
+    cfg["model"]["validation_ds"]["skip_bad_samples"] = False
+    with pytest.raises(ValueError, match="skip_bad_samples=false") as info:
+        train(cfg, model_factory=factory())
+    assert "saved to" in "\n".join(getattr(info.value, "__notes__", []))
+    assert ckpt.load(last_ckpt(tmp_path / "a"))["global_step"] == 2  # the first validation came after step 2
