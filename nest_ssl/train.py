@@ -145,7 +145,7 @@ def validate(step_model, loader, dist, seed: int, amp_dtype, limit: Optional[int
     """Mean validation loss over every rank's batches (NeMo's is rank-local; ours drives top-k on all ranks)."""
     model = dist_utils.unwrap(step_model).model
     model.eval()
-    total, count = 0.0, 0.0
+    total, count = torch.zeros((), dtype=torch.float64, device=dist.device), 0.0  # summed on the device: no sync
     loader.set_epoch(0)
     gen = torch.Generator(dist.device).manual_seed(step_seed(seed, 0, dist.rank, stream=2))
     with torch.no_grad(), torch.autocast(dist.device.type, dtype=amp_dtype or torch.float32,
@@ -153,12 +153,12 @@ def validate(step_model, loader, dist, seed: int, amp_dtype, limit: Optional[int
         for i, batch in enumerate(loader):
             if limit is not None and i >= limit:
                 break
-            batch = batch.to(dist.device)
+            batch = batch.to(dist.device, non_blocking=True)
             batch = device_mix(batch, gen) if device_mix is not None else batch
-            total += float(model.validation_step(batch, generator=gen)["loss"])
+            total = total + model.validation_step(batch, generator=gen)["loss"].double()
             count += 1
     model.train()
-    total, count = dist_utils.all_reduce_sum([total, count], dist.device)
+    total, count = dist_utils.all_reduce_sum([float(total), count], dist.device)
     return total / max(count, 1.0)
 
 
