@@ -39,3 +39,20 @@ def test_triton_kernels_in_the_encoder_match_torch(triton_interpret, train):
 def test_triton_conv_with_a_non_batchnorm_norm_is_a_clear_error():
     with pytest.raises(ValueError, match="conv_impl='triton' supports conv_norm_type='batch_norm' only"):
         ConformerEncoder(ConformerEncoderConfig(**TINY, conv_norm_type="layer_norm", conv_impl="triton"))
+
+
+def test_compiled_layers_run_the_triton_kernels_as_they_are(triton_interpret):
+    """trainer.compile with Triton kernels: the compiler-disabled kernel calls break the graph and run unchanged."""
+    x, lengths = torch.randn(2, 80, 136), torch.tensor([136, 77])
+    state = ConformerEncoder(ConformerEncoderConfig(**TINY)).state_dict()
+    ref_enc, ref, _ = _run("triton", x, lengths, True, state)
+    torch.manual_seed(0)
+    enc = ConformerEncoder(ConformerEncoderConfig(**TINY, attention_impl="triton", conv_impl="triton")).train()
+    enc.load_state_dict(state)
+    enc.compile_layers(backend="aot_eager")
+    out, _ = enc(x, lengths)
+    out.square().mean().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    grads = dict(ref_enc.named_parameters())
+    for name, p in enc.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
