@@ -69,6 +69,16 @@ class RelPositionMultiHeadAttention(nn.Module):
         self.linear_pos = nn.Linear(n_feat, n_feat, bias=False)
         self.attention_impl = attention_impl  # "torch" | "triton", resolved by the encoder
 
+    @property
+    def attention_impl(self) -> str:
+        return self._impl
+
+    @attention_impl.setter
+    def attention_impl(self, value: str) -> None:
+        # The kernel is looked up when the encoder sets the implementation (outside any compiled region), not in
+        # forward, where torch.compile would trace the cached lookup.
+        self._impl, self._kernel = value, (_triton_attention() if value == "triton" else None)
+
     def forward(self, x, att_mask, pos_emb, lengths=None, att_context_size=(-1, -1)):
         """x (B, T, d), att_mask (B, T, T) bool, pos_emb (1, 2T-1, d) -> (B, T, d)."""
         b, t, _ = x.shape
@@ -76,7 +86,7 @@ class RelPositionMultiHeadAttention(nn.Module):
         k = self.linear_k(x).view(b, t, self.h, self.d_k).transpose(1, 2)
         v = self.linear_v(x).view(b, t, self.h, self.d_k).transpose(1, 2)
         p = self.linear_pos(pos_emb).view(pos_emb.size(0), -1, self.h, self.d_k).transpose(1, 2)  # (1, H, 2T-1, d_k)
-        kernel = _triton_attention() if self.attention_impl == "triton" and lengths is not None else None
+        kernel = self._kernel if lengths is not None else None
         if kernel is not None:
             ctx = kernel(q, k, v, p, self.pos_bias_u, self.pos_bias_v, lengths, tuple(att_context_size),
                          dropout_p=self.dropout.p, training=self.training)

@@ -84,10 +84,19 @@ class ConformerConvolution(nn.Module):
                              "use conv_impl: torch or auto")
         self.conv_impl = conv_impl  # "torch" | "triton" (the encoder resolves "auto" per forward)
 
+    @property
+    def conv_impl(self) -> str:
+        return self._impl
+
+    @conv_impl.setter
+    def conv_impl(self, value: str) -> None:
+        # Looked up here, outside any compiled region (see RelPositionMultiHeadAttention.attention_impl).
+        self._impl, self._kernel = value, (_triton_conv() if value == "triton" else None)
+
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         """x (B, T, C), pad_mask (B, T) True = padded -> (B, T, C)."""
         h = F.linear(x, self.pointwise_conv1.weight.squeeze(-1), self.pointwise_conv1.bias)  # (B, T, 2C)
-        kernel = _triton_conv() if self.conv_impl == "triton" else None
+        kernel = self._kernel
         # The eval-mode kernel folds BN and has no backward: gradients through eval-mode BN take the torch path.
         grads = torch.is_grad_enabled() and (h.requires_grad or self.depthwise_conv.weight.requires_grad)
         if kernel is not None and isinstance(self.batch_norm, _BatchNorm) and (self.batch_norm.training or not grads):
