@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 from nest_ssl import checkpoint as ckpt
-from nest_ssl.train import train
+from nest_ssl.train import REQUEUE_EXIT_CODE, train
 from tests.train_support import ddp_worker, factory, make_data, run_config
 
 
@@ -38,3 +38,21 @@ def test_two_process_ddp_equals_single_process_union_batch(tmp_path, batch, accu
         torch.testing.assert_close(a["state_dict"][k], v, rtol=1e-5, atol=1e-6)
     # validation loss is all-reduced: the DDP run's val over both ranks' halves equals the single run's
     assert a["topk"]["best"][0][0] == pytest.approx(b["topk"]["best"][0][0], rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("event", ["nan", "preempt"])
+def test_an_event_on_one_rank_reaches_every_rank(tmp_path, event):
+    """step_stats' one all-reduce: a non-finite loss or a preemption signal on rank 1 only acts on both ranks."""
+    data = make_data(tmp_path / "demo")
+    cfg = run_config(data, tmp_path / "ddp", batch_size=2, shuffle=False, max_steps=4, val_every=100)
+    kw = {"nan": {"nan_at": (2,)}, "preempt": {"signal_at": 2}}[event]
+    mp.spawn(ddp_worker, args=(2, free_port(), cfg, str(tmp_path), {1: kw}), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"result_rank{r}.pt") for r in range(2)]
+    assert results[0] == results[1]  # same decision on both ranks
+    if event == "nan":  # the 2nd step is skipped everywhere; the run still makes its 4 steps
+        assert results[0] == {"exit_code": 0, "step": 4, "skipped_steps": 1}
+    else:  # both ranks checkpoint after step 2 and ask to be requeued
+        assert results[0] == {"exit_code": REQUEUE_EXIT_CODE, "step": 2, "skipped_steps": 0}
+        state = ckpt.load(next(Path(tmp_path, "ddp", "tiny", "checkpoints").glob("*-last.ckpt")))
+        assert state["global_step"] == 2

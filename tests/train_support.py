@@ -16,12 +16,13 @@ from torch import nn
 
 class TinyModel(nn.Module):
     def __init__(self, dropout: float = 0.0, use_generator: bool = False, nan_after: int | None = None,
-                 signal_at: int | None = None, sleep: float = 0.0):
+                 signal_at: int | None = None, sleep: float = 0.0, nan_at: tuple = ()):
         super().__init__()
         self.proj, self.norm, self.out = nn.Linear(4, 16), nn.LayerNorm(16), nn.Linear(16, 1)
         self.frozen = nn.Parameter(torch.ones(3), requires_grad=False)  # like the quantizer's codebooks
         self.drop, self.use_generator = nn.Dropout(dropout), use_generator
         self.nan_after, self.signal_at, self.calls, self.sleep = nan_after, signal_at, 0, sleep
+        self.nan_at = tuple(nan_at)  # training_step call numbers (1-based) whose loss is NaN
 
     def _loss(self, batch, generator):
         audio, lens = batch.noisy_audio if batch.noisy_audio is not None else batch.audio, batch.audio_len
@@ -44,7 +45,7 @@ class TinyModel(nn.Module):
             import signal
             os.kill(os.getpid(), signal.SIGUSR1)
         loss = self._loss(batch, generator)
-        if self.nan_after is not None and self.calls > self.nan_after:
+        if (self.nan_after is not None and self.calls > self.nan_after) or self.calls in self.nan_at:
             loss = loss * float("nan")
         return {"loss": loss, "masked_tokens": 0}
 
@@ -103,14 +104,15 @@ def make_data(root) -> dict:
     return {k: str(root / f"{k}_manifest.json") for k in ("train", "val", "noise")}
 
 
-def ddp_worker(rank: int, world: int, port: int, cfg: dict, out: str):
+def ddp_worker(rank: int, world: int, port: int, cfg: dict, out: str, kw_by_rank: dict | None = None):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     from nest_ssl.train import train
 
-    res = train(cfg, model_factory=factory())
+    res = train(cfg, model_factory=factory(**(kw_by_rank or {}).get(rank, {})))
     torch.save(res["losses"], f"{out}/losses_rank{rank}.pt")
+    torch.save({k: res[k] for k in ("exit_code", "step", "skipped_steps")}, f"{out}/result_rank{rank}.pt")
 
 
 if __name__ == "__main__":  # subprocess driver: python tests/train_support.py CFG.json SLEEP_SECONDS
