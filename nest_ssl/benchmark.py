@@ -70,7 +70,7 @@ def build(config: str, overrides, mode: str, device):
     model = build_model(plain["model"]).to(device).train()
     if mode.endswith("+compile"):
         model.encoder.compile_layers()
-    return plain, model, build_optimizer(model, run.model.optim)
+    return plain, run, model, build_optimizer(model, run.model.optim)
 
 
 def real_batches(plain: dict, run, device):
@@ -89,10 +89,9 @@ def real_batches(plain: dict, run, device):
 
 
 def run_mode(config, overrides, mode, batch, seconds, dtype, steps, warmup, device, real=False) -> dict:
-    plain, model, opt = build(config, overrides, mode, device)
+    plain, run, model, opt = build(config, overrides, mode, device)
     amp = DTYPES[dtype]
     if real:
-        _, run = load_config(config, overrides)
         source = real_batches(plain, run, device)
     else:
         source = itertools.repeat((synthetic_batch(batch, seconds, device), batch * seconds))

@@ -31,7 +31,8 @@ def largest_batch(loader, ds_cfg) -> tuple[int, float]:
 def fit_scan(model: nn.Module, shape: tuple[int, float], sample_rate: int, amp_dtype, device: torch.device) -> str:
     """Forward + backward of the worst-case batch; a one-line report, or MemoryError naming what to lower."""
     n, seconds = shape
-    buffers = {k: v.clone() for k, v in model.state_dict().items() if k in dict(model.named_buffers())}
+    names = {k for k, _ in model.named_buffers()}
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if k in names}  # persistent buffers only
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     try:

@@ -282,7 +282,7 @@ def train(plain: dict, *, model_factory=None, stop_after_steps: Optional[int] = 
         topk.load_state_dict(state.get("topk", {}))
     if tc.fit_scan:  # before DDP: the scan must not all-reduce gradients
         shape = largest_batch(train_loader, run.model.train_ds)
-        scan_report = fit_scan(model, shape, run.model.sample_rate, amp_dtype, dist.device)
+        init_lines.append(fit_scan(model, shape, run.model.sample_rate, amp_dtype, dist.device))
     step_model = dist_utils.wrap_model(TrainStep(model), dist, tc.sync_batchnorm)
     step_model.train()
 
@@ -293,7 +293,7 @@ def train(plain: dict, *, model_factory=None, stop_after_steps: Optional[int] = 
         (logdir / "config.yaml").write_text(to_yaml(plain))
         tb_dir = logdir / f"version_{len(list(logdir.glob('version_*')))}" if em_cfg.create_tensorboard_logger else None
     log = make_logger(dist.is_main, tb_dir, tc.enable_progress_bar)
-    for line in init_lines + ([scan_report] if tc.fit_scan else []):
+    for line in init_lines:
         log.info(line)
     n_params = sum(p.numel() for p in model.parameters())
     if isinstance(tc.devices, int) and tc.devices > 0 and tc.devices * tc.num_nodes != dist.world_size:
