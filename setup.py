@@ -5,10 +5,10 @@ setup(
     version="0.1.0",
     description="Plain-PyTorch NEST self-supervised speech pretraining (NeMo-compatible), with Triton kernels",
     python_requires=">=3.10",
-    # kernels/ ships as nest_ssl.kernels: the top-level name `kernels` is taken on the package registry.
+    # kernels/ ships as nest_ssl.kernels: the top-level name `kernels` is taken on the package registry. The symlink
+    # nest_ssl/kernels -> ../kernels makes the same import work from a plain checkout, with no install.
     packages=["nest_ssl", "nest_ssl.conformer", "nest_ssl.contrastive", "nest_ssl.data", "nest_ssl.testing",
               "nest_ssl.kernels"],
-    package_dir={"nest_ssl.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
         "torchaudio>=2.4",
