@@ -23,20 +23,20 @@ _CLASSES: dict[tuple[str, str], list[str]] = {
         f"{_ASR}.modules.SpectrogramAugmentation", f"{_ASR}.modules.audio_preprocessing.SpectrogramAugmentation"],
     ("nest_ssl.conformer.encoder", "ConformerEncoder"): [
         f"{_ASR}.modules.ConformerEncoder", f"{_ASR}.modules.conformer_encoder.ConformerEncoder"],
-    ("nest_ssl.masking", "RandomBlockMasking"): [
+    ("nest_ssl.nest.masking", "RandomBlockMasking"): [
         f"{_ASR}.modules.RandomBlockMasking", f"{_SSL}.RandomBlockMasking", f"{_SSL}.masking.RandomBlockMasking"],
-    ("nest_ssl.quantizer", "RandomProjectionVectorQuantizer"): [
+    ("nest_ssl.nest.quantizer", "RandomProjectionVectorQuantizer"): [
         f"{_ASR}.modules.RandomProjectionVectorQuantizer", f"{_SSL}.RandomProjectionVectorQuantizer",
         f"{_SSL}.quantizers.RandomProjectionVectorQuantizer"],
-    ("nest_ssl.decoder", "MultiSoftmaxDecoder"): [
+    ("nest_ssl.nest.decoder", "MultiSoftmaxDecoder"): [
         f"{_ASR}.modules.MultiSoftmaxDecoder", f"{_SSL}.MultiSoftmaxDecoder",
         f"{_SSL}.multi_softmax_decoder.MultiSoftmaxDecoder"],
-    ("nest_ssl.losses", "MultiMLMLoss"): [
+    ("nest_ssl.nest.losses", "MultiMLMLoss"): [
         f"{_ASR}.losses.MultiMLMLoss", f"{_ASR}.losses.ssl_losses.MultiMLMLoss",
         f"{_ASR}.losses.ssl_losses.mlm.MultiMLMLoss"],
-    ("nest_ssl.losses", "MLMLoss"): [
+    ("nest_ssl.nest.losses", "MLMLoss"): [
         f"{_ASR}.losses.MLMLoss", f"{_ASR}.losses.ssl_losses.MLMLoss", f"{_ASR}.losses.ssl_losses.mlm.MLMLoss"],
-    ("nest_ssl.augmentation", "MultiSpeakerNoiseAugmentation"): [
+    ("nest_ssl.data.augmentation", "MultiSpeakerNoiseAugmentation"): [
         f"{_SSL}.MultiSpeakerNoiseAugmentation", f"{_SSL}.augmentation.MultiSpeakerNoiseAugmentation"],
     ("nest_ssl.contrastive.patch_masking", "MaskedPatchAugmentation"): [
         f"{_ASR}.modules.MaskedPatchAugmentation", f"{_ASR}.modules.audio_preprocessing.MaskedPatchAugmentation"],
@@ -47,19 +47,26 @@ _CLASSES: dict[tuple[str, str], list[str]] = {
     ("nest_ssl.contrastive.loss", "ContrastiveLoss"): [
         f"{_ASR}.losses.ContrastiveLoss", f"{_ASR}.losses.ssl_losses.ContrastiveLoss",
         f"{_ASR}.losses.ssl_losses.contrastive.ContrastiveLoss"],
-    ("nest_ssl.models", "EncDecDenoiseMaskedTokenPredModel"): [
+    ("nest_ssl.nest.model", "EncDecDenoiseMaskedTokenPredModel"): [
         f"{_ASR}.models.ssl_models.EncDecDenoiseMaskedTokenPredModel",
         f"{_ASR}.models.EncDecDenoiseMaskedTokenPredModel"],
-    ("nest_ssl.models", "EncDecMaskedTokenPredModel"): [
+    ("nest_ssl.nest.model", "EncDecMaskedTokenPredModel"): [
         f"{_ASR}.models.ssl_models.EncDecMaskedTokenPredModel", f"{_ASR}.models.EncDecMaskedTokenPredModel"],
     ("nest_ssl.contrastive.model", "SpeechEncDecSelfSupervisedModel"): [
         f"{_ASR}.models.ssl_models.SpeechEncDecSelfSupervisedModel", f"{_ASR}.models.SpeechEncDecSelfSupervisedModel"],
 }
 
-# `_target_` string -> (our module, our class): every NeMo path plus our own "nest_ssl.module.Class" path.
+# Our modules' earlier paths: configs written with our own `_target_` strings before the NEST heads moved into
+# nest_ssl/nest/ and the augmentation into nest_ssl/data/ keep loading.
+_MOVED = {"nest_ssl.models": "nest_ssl.nest.model", "nest_ssl.quantizer": "nest_ssl.nest.quantizer",
+          "nest_ssl.masking": "nest_ssl.nest.masking", "nest_ssl.decoder": "nest_ssl.nest.decoder",
+          "nest_ssl.losses": "nest_ssl.nest.losses", "nest_ssl.augmentation": "nest_ssl.data.augmentation"}
+
+# `_target_` string -> (our module, our class): every NeMo path plus our own "nest_ssl.module.Class" paths.
 TARGETS: dict[str, tuple[str, str]] = {
     **{nemo: ours for ours, paths in _CLASSES.items() for nemo in paths},
     **{f"{mod}.{cls}": (mod, cls) for mod, cls in _CLASSES},
+    **{f"{old}.{cls}": (mod, cls) for old, new in _MOVED.items() for mod, cls in _CLASSES if mod == new},
 }
 # (our module, our class) -> NeMo's canonical `_target_`.
 NEMO_TARGET: dict[tuple[str, str], str] = {ours: paths[0] for ours, paths in _CLASSES.items()}
@@ -88,6 +95,18 @@ def target_config(section: dict, path: str) -> Any:
     return from_dict(config_class, {k: v for k, v in section.items() if k != "_target_"}, path)
 
 
+def validate_targets(node: Any, path: str = "") -> None:
+    """Check every `_target_` section in a plain config tree (known target, valid keys) without building it."""
+    if isinstance(node, dict):
+        if "_target_" in node:
+            target_config(node, path)
+        for key, value in node.items():
+            validate_targets(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            validate_targets(value, f"{path}.{i}")
+
+
 def instantiate(section: dict, path: str) -> Any:
     """Build our module for a targeted section: `Cls(Cls.config_class(...))`, or `Cls.from_config(section)`."""
     cls = target_class(section, path)
@@ -108,7 +127,7 @@ def nemo_target(obj_or_cls: Any) -> str:
     raise ConfigError(f"{cls.__module__}.{cls.__name__} has no NeMo target; known: {sorted(NEMO_TARGET)}")
 
 
-DEFAULT_MODEL = ("nest_ssl.models", "EncDecDenoiseMaskedTokenPredModel")
+DEFAULT_MODEL = ("nest_ssl.nest.model", "EncDecDenoiseMaskedTokenPredModel")
 
 
 def model_class(model_section: dict, path: str = "model") -> type:

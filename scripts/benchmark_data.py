@@ -21,7 +21,7 @@ import soundfile as sf
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nest_ssl.augmentation import (  # noqa: E402
+from nest_ssl.data.augmentation import (  # noqa: E402
     MultiSpeakerNoiseAugmentation,
     MultiSpeakerNoiseAugmentationConfig,
     TorchMultiSpeakerNoiseAugmentation,

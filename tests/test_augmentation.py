@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import PARITY
-from nest_ssl.augmentation import MultiSpeakerNoiseAugmentation, MultiSpeakerNoiseAugmentationConfig
+from nest_ssl.data.augmentation import MultiSpeakerNoiseAugmentation, MultiSpeakerNoiseAugmentationConfig
 
 SET = PARITY / "nest_tiny"
 META = json.loads((SET / "augmentation.json").read_text())
@@ -128,7 +128,7 @@ def test_shape_mismatch_and_bad_config_raise():
 
 
 def test_torch_variant_distributions():
-    from nest_ssl.augmentation import TorchMultiSpeakerNoiseAugmentation
+    from nest_ssl.data.augmentation import TorchMultiSpeakerNoiseAugmentation
 
     cfg = MultiSpeakerNoiseAugmentationConfig(prob=0.6, noise_ratio=0.5, min_mix_rate=0.3, max_mix_rate=0.6,
                                               max_num_segments=3, max_num_speakers=3)
@@ -157,7 +157,7 @@ def test_torch_variant_distributions():
 @pytest.mark.parametrize("n,k", [(1, 1), (1, 64000), (2, 7), (3, 1000), (5, 12345), (7, 3)])
 @pytest.mark.parametrize("seed", [0, 1234])
 def test_fast_segment_lengths_equal_python_choices(n, k, seed):
-    from nest_ssl.augmentation import _segment_lengths
+    from nest_ssl.data.augmentation import _segment_lengths
     fast, slow = random.Random(seed), random.Random(seed)
     fast.random(), slow.random()  # not at the start of the stream
     want = list(Counter(slow.choices(range(n), k=k)).values())

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import PARITY
-from nest_ssl.augmentation import MultiSpeakerNoiseAugmentation, MultiSpeakerNoiseAugmentationConfig
+from nest_ssl.data.augmentation import MultiSpeakerNoiseAugmentation, MultiSpeakerNoiseAugmentationConfig
 from nest_ssl.data.batch import AudioNoiseItem
 from nest_ssl.data.dataset import AudioNoiseCollate
 

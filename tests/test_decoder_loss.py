@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import PARITY
-from nest_ssl.decoder import MultiSoftmaxDecoder, MultiSoftmaxDecoderConfig
-from nest_ssl.losses import MultiMLMLoss, MultiMLMLossConfig
+from nest_ssl.nest.decoder import MultiSoftmaxDecoder, MultiSoftmaxDecoderConfig
+from nest_ssl.nest.losses import MultiMLMLoss, MultiMLMLossConfig
 
 SET = PARITY / "nest_tiny"
 

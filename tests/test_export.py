@@ -63,7 +63,7 @@ def test_ours_to_nemo_to_ours_is_bit_identical(tmp_path, encoder_impl):
 def test_saved_config_has_nemo_targets_target_and_version(tmp_path, encoder_impl):
     model = tiny_model(encoder_impl)
     cfg = tiny_model_cfg()
-    cfg["masking"]["_target_"] = "nest_ssl.masking.RandomBlockMasking"  # our own path goes out as NeMo's
+    cfg["masking"]["_target_"] = "nest_ssl.nest.masking.RandomBlockMasking"  # our own path goes out as NeMo's
     del cfg["target"], cfg["nemo_version"]
     saved, _ = read_nemo(export.save_nemo(model, cfg, tmp_path / "m.nemo"))
     assert saved == tiny_model_cfg()  # the NeMo-written fixture config, key for key

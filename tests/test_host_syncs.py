@@ -11,9 +11,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import PARITY
-from nest_ssl.augmentation import MultiSpeakerNoiseAugmentationConfig, TorchMultiSpeakerNoiseAugmentation
+from nest_ssl.data.augmentation import MultiSpeakerNoiseAugmentationConfig, TorchMultiSpeakerNoiseAugmentation
 from nest_ssl.data.batch import AudioNoiseBatch
-from nest_ssl.models import EncDecDenoiseMaskedTokenPredModel
+from nest_ssl.nest.model import EncDecDenoiseMaskedTokenPredModel
 
 aten = torch.ops.aten
 SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import PARITY
-from nest_ssl.masking import RandomBlockMasking, RandomBlockMaskingConfig
+from nest_ssl.nest.masking import RandomBlockMasking, RandomBlockMaskingConfig
 
 
 def _masker(**kw):

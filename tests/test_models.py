@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-import nest_ssl.models as models
+import nest_ssl.nest.model as models
 from conftest import PARITY, SPEC
-from nest_ssl.models import EncDecDenoiseMaskedTokenPredModel, EncDecMaskedTokenPredModel
+from nest_ssl.nest.model import EncDecDenoiseMaskedTokenPredModel, EncDecMaskedTokenPredModel
 
 TINY = json.loads((PARITY / "nest_tiny" / "config.json").read_text())["model"]
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import PARITY
-from nest_ssl.quantizer import RandomProjectionVectorQuantizer, RandomProjectionVectorQuantizerConfig
+from nest_ssl.nest.quantizer import RandomProjectionVectorQuantizer, RandomProjectionVectorQuantizerConfig
 
 SET = PARITY / "nest_tiny"
 

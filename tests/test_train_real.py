@@ -72,7 +72,7 @@ def test_fit_scan_leaves_the_run_unchanged_and_names_the_setting_on_oom(tmp_path
     b = ckpt.load(next((tmp_path / "b" / "SSL-NEST-tiny-cpu" / "checkpoints").glob("*-last.ckpt")))
     assert all(torch.equal(v, b["state_dict"][k]) for k, v in a["state_dict"].items())
 
-    from nest_ssl import models
+    from nest_ssl.nest import model as models
 
     def oom(self, *args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")

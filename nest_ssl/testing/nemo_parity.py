@@ -92,7 +92,7 @@ def _ssl_module(module_class, cfg: dict, key: str, state_dict: dict | None = Non
 
 
 def quantize(x, state_dict, cfg):
-    from nest_ssl.quantizer import RandomProjectionVectorQuantizer
+    from nest_ssl.nest.quantizer import RandomProjectionVectorQuantizer
 
     q = _ssl_module(RandomProjectionVectorQuantizer, cfg, "quantizer", state_dict)  # the module as configured
     with torch.no_grad():
@@ -101,7 +101,7 @@ def quantize(x, state_dict, cfg):
 
 
 def mask(x, lengths, masks, state_dict, cfg):
-    from nest_ssl.masking import RandomBlockMasking
+    from nest_ssl.nest.masking import RandomBlockMasking
 
     m = _ssl_module(RandomBlockMasking, cfg, "masking", state_dict, prefix="mask_processor")
     with torch.no_grad():
@@ -109,7 +109,7 @@ def mask(x, lengths, masks, state_dict, cfg):
 
 
 def decode(encoded, state_dict, cfg):
-    from nest_ssl.decoder import MultiSoftmaxDecoder
+    from nest_ssl.nest.decoder import MultiSoftmaxDecoder
 
     dec = _ssl_module(MultiSoftmaxDecoder, cfg, "decoder", state_dict)
     with torch.no_grad():
@@ -117,14 +117,14 @@ def decode(encoded, state_dict, cfg):
 
 
 def mlm_loss(masks, log_probs, tokens, cfg):
-    from nest_ssl.losses import MultiMLMLoss
+    from nest_ssl.nest.losses import MultiMLMLoss
 
     loss = _ssl_module(MultiMLMLoss, cfg, "loss")
     return float(loss(_t(masks, torch.float32), _t(log_probs, torch.float32), _t(tokens, torch.int64)))
 
 
 def _augmentor(aug_cfg):
-    from nest_ssl.augmentation import MultiSpeakerNoiseAugmentation
+    from nest_ssl.data.augmentation import MultiSpeakerNoiseAugmentation
 
     return MultiSpeakerNoiseAugmentation(_ssl_config(MultiSpeakerNoiseAugmentation.config_class, aug_cfg,
                                                      "model.train_ds.batch_augmentor"))

@@ -21,43 +21,17 @@ import copy
 import torch
 from torch import nn
 
-from nest_ssl.decoder import MultiSoftmaxDecoder
-from nest_ssl.losses import MultiMLMLoss
-from nest_ssl.masking import RandomBlockMasking
-from nest_ssl.quantizer import RandomProjectionVectorQuantizer
+from nest_ssl.nemo_compat import instantiate
 
 MASK_POSITIONS = ("pre_conv", "post_conv")
 
 
-def _default_class(key: str):
-    if key == "preprocessor":
-        from nest_ssl.preprocessor import AudioToMelSpectrogramPreprocessor
-        return AudioToMelSpectrogramPreprocessor
-    if key == "encoder":
-        from nest_ssl.conformer.encoder import ConformerEncoder
-        return ConformerEncoder
-    return {"quantizer": RandomProjectionVectorQuantizer, "masking": RandomBlockMasking,
-            "decoder": MultiSoftmaxDecoder, "loss": MultiMLMLoss}[key]
-
-
 def build_section(model_cfg: dict, key: str) -> nn.Module:
-    """One `model.<key>` section -> module, through nemo_compat's `_target_` table when it is available."""
+    """One `model.<key>` section -> module, through nemo_compat's `_target_` table."""
     section = model_cfg.get(key)
     if not isinstance(section, dict):
         raise ValueError(f"model.{key} must be a mapping with _target_; got {section!r}")
-    try:
-        from nest_ssl.nemo_compat import instantiate
-    except ImportError:
-        instantiate = None
-    if instantiate is not None:
-        return instantiate(section, f"model.{key}")
-    cls = _default_class(key)
-    fields = {k: v for k, v in section.items() if k != "_target_"}
-    try:
-        from nest_ssl.config import from_dict
-    except ImportError:
-        return cls(cls.config_class(**fields))
-    return cls(from_dict(cls.config_class, fields, path=f"model.{key}"))
+    return instantiate(section, f"model.{key}")
 
 
 def resolve_model_config(model_cfg: dict) -> dict:
