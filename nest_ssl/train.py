@@ -119,8 +119,8 @@ def precision_setup(precision, device: torch.device):
 def build_loader(plain_ds: dict, ds_cfg, dist, seed: int, is_train: bool):
     """-> (loader, device_mix): with `augment_on_device` the collate hands over clean audio + noise and
     `device_mix` mixes them on the accelerator (TorchMultiSpeakerNoiseAugmentation); otherwise device_mix is None."""
-    from nest_ssl.data.augmentation import TorchMultiSpeakerNoiseAugmentation
     from nest_ssl.data import build_dataloader
+    from nest_ssl.data.augmentation import TorchMultiSpeakerNoiseAugmentation
     from nest_ssl.nemo_compat import instantiate, target_config
 
     aug = plain_ds.get("batch_augmentor")
