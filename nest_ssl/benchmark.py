@@ -19,26 +19,16 @@ from pathlib import Path
 
 import torch
 
-from nest_ssl.config import load_config
-from nest_ssl.data.batch import AudioNoiseBatch
+from nest_ssl.data.batch import synthetic_batch
+from nest_ssl.data.loader import build_loader
 from nest_ssl.flops import mfu, nest_train_flops_per_audio_second
 from nest_ssl.nemo_compat import build_model
 from nest_ssl.optim import build_optimizer
+from nest_ssl.run_config import load_config
 
 COLUMNS = ["config", "mode", "utt_seconds", "batch", "dtype", "step_ms", "audio_s_per_s", "mfu", "peak_mem_gb",
            "data_wait", "gpu_name", "torch", "triton", "git_sha", "timestamp"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
-
-
-def synthetic_batch(batch: int, seconds: float, device, seed: int = 0, sample_rate: int = 16000) -> AudioNoiseBatch:
-    """Noise-like audio and noise of one length; the mixing is pre-applied (as collate does)."""
-    g = torch.Generator().manual_seed(seed)
-    n = int(seconds * sample_rate)
-    audio = 0.1 * torch.randn(batch, n, generator=g)
-    noise = 0.05 * torch.randn(batch, n, generator=g)
-    lengths = torch.full((batch,), n, dtype=torch.long)
-    return AudioNoiseBatch(audio=audio, audio_len=lengths, noise=noise, noise_len=lengths.clone(),
-                           noisy_audio=audio + noise, noisy_audio_len=lengths.clone()).to(device)
 
 
 def _git_sha() -> str:
@@ -75,10 +65,7 @@ def build(config: str, overrides, mode: str, device):
 
 def real_batches(plain: dict, run, device):
     """Endless (batch, seconds of audio) from the config's train_ds loader, mixed on the device when asked."""
-    from nest_ssl.distributed import DistInfo
-    from nest_ssl.train import build_loader
-
-    loader, mix = build_loader(plain["model"]["train_ds"], run.model.train_ds, DistInfo(device=device), run.seed, True)
+    loader, mix = build_loader(run.model.train_ds, seed=run.seed)
     gen, sr = torch.Generator(device).manual_seed(0), run.model.sample_rate
     for epoch in itertools.count():
         loader.set_epoch(epoch)

@@ -1,17 +1,20 @@
 """Self-describing training checkpoints: atomic writes, automatic discovery, exact resume.
 
 A checkpoint is one `torch.save`d dict of tensors and plain Python types only (it loads with
-`weights_only=True`): model, optimizer, scheduler, grad scaler, step, epoch, data-loader position, every RNG
-state (as uint8 tensors / plain tuples) and the resolved run config. Writes go to `<file>.<pid>.tmp` and are
+`weights_only=True`): model, optimizer, scheduler, grad scaler, the loop's `TrainState`, data-loader position, every
+RNG state (as uint8 tensors / plain tuples) and the resolved run config. Writes go to `<file>.<pid>.tmp` and are
 renamed into place, so a kill -9 leaves either the old file or the new one, never half of one. A file that is
 still truncated (a copied or damaged one) is skipped in favour of the previous checkpoint, with a warning.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import random
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +22,19 @@ import numpy as np
 import torch
 
 FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainState:
+    """The training loop's counters: saved in every checkpoint, restored on resume."""
+
+    step: int = 0                   # optimizer steps done
+    epoch: int = 0
+    micro: int = 0                  # micro-batches of the current accumulation window already run
+    last_val: float = math.nan      # the latest validation loss
+    bad_streak: int = 0             # consecutive skipped (non-finite) optimizer steps
+    skipped_steps: int = 0          # skipped optimizer steps in all
+    topk: list = field(default_factory=list)  # [[val_loss, path], ...] of the top-k checkpoint files, best first
 
 
 def rng_state() -> dict:
@@ -82,24 +98,25 @@ def load_latest(ckpt_dir: str | os.PathLike) -> tuple[Optional[Path], Optional[d
     return None, None
 
 
-def state(*, model, optimizer, scheduler, scaler, step: int, epoch: int, loader_state: dict, config: dict,
-          extra: Optional[dict] = None) -> dict:
+def state(*, model, optimizer, scheduler, scaler, train_state: TrainState, loader_state: dict, config: dict) -> dict:
+    """The checkpoint dict; `global_step` and `epoch` also sit at the top level, where Lightning puts them."""
     return {
         "format_version": FORMAT_VERSION,
         "state_dict": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": None if scheduler is None else scheduler.state_dict(),
         "scaler": None if scaler is None else scaler.state_dict(),
-        "global_step": int(step),
-        "epoch": int(epoch),
+        "global_step": int(train_state.step),
+        "epoch": int(train_state.epoch),
+        "train_state": dataclasses.asdict(train_state),
         "loader": loader_state,
         "rng": rng_state(),
         "config": config,
-        **(extra or {}),
     }
 
 
-def restore(ckpt: dict, *, model, optimizer, scheduler, scaler) -> None:
+def restore(ckpt: dict, *, model, optimizer, scheduler, scaler) -> TrainState:
+    """Load every part into the given objects and set the RNG states; returns the loop's TrainState."""
     model.load_state_dict(ckpt["state_dict"], strict=True)
     optimizer.load_state_dict(ckpt["optimizer"])
     if scheduler is not None and ckpt.get("scheduler") is not None:
@@ -107,3 +124,7 @@ def restore(ckpt: dict, *, model, optimizer, scheduler, scaler) -> None:
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     set_rng_state(ckpt["rng"])
+    if "train_state" in ckpt:
+        return TrainState(**ckpt["train_state"])
+    # files written before TrainState existed: the counters they held
+    return TrainState(step=ckpt["global_step"], epoch=ckpt["epoch"], topk=ckpt.get("topk", {}).get("best", []))

@@ -1,27 +1,22 @@
-"""NeMo-schema YAML config: load, Hydra-style overrides, `${a.b}` interpolation, `???`, typed validation, CLI.
+"""Generic YAML config machinery (no schema): load, Hydra-style overrides, `${a.b}` interpolation, `???`, typed
+conversion into dataclasses.
 
     raw = load_yaml(path)                      # PyYAML + YAML-1.1 floats (`1e-3` is a float, not a string)
     raw = apply_overrides(raw, ["a.b=1", "+a.new=2", "~a.c", "++a.d=[1,2]"])   # before resolution
     plain = resolve(raw)                       # every ${a.b.c} replaced; `???` stays the string "???"
-    run = from_dict(RunConfig, plain, "")      # typed dataclasses; `???` -> Missing(path), error when used
+    cfg = from_dict(SomeConfig, plain, "")     # typed dataclasses; `???` -> Missing(path), error when used
 
-`load_config(path, overrides)` does all four and returns `(plain, run)`. The plain dict is what gets written to run
-dirs and embedded in checkpoints; sections with `_target_` stay plain dicts there and are validated (not built)
-through `nest_ssl.nemo_compat`. CLI: `python -m nest_ssl.config FILE [overrides...]` or
-`python -m nest_ssl.config --config-path DIR --config-name NAME [overrides...]` prints the resolved YAML.
+The run schema (RunConfig and its sections) and `load_config` live in nest_ssl/run_config.py.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import re
-import sys
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import yaml
 
@@ -56,19 +51,11 @@ class Missing:
     __mul__ = __rmul__ = __truediv__ = __rtruediv__ = __floordiv__ = __mod__ = __neg__ = __abs__ = _fail
 
 
-MISSING = Missing()
 MISSING_STR = "???"
 
 
 def is_missing(value: Any) -> bool:
     return isinstance(value, Missing) or (isinstance(value, str) and value == MISSING_STR)
-
-
-def require(value: Any, path: str | None = None) -> Any:
-    """`value`, or a ConfigError naming `path` when it is `???`."""
-    if is_missing(value):
-        Missing(path or getattr(value, "path", "")).__str__()
-    return value
 
 
 # ----------------------------------------------------------------------------------------------------------- YAML
@@ -245,15 +232,6 @@ def resolve(tree: dict) -> dict:
     return _Resolver(tree).resolve(tree, "")
 
 
-def missing_keys(tree: Any, path: str = "") -> list[str]:
-    """Full key paths of every `???` left in a plain tree."""
-    if isinstance(tree, dict):
-        return [m for k, v in tree.items() for m in missing_keys(v, f"{path}.{k}" if path else str(k))]
-    if isinstance(tree, list):
-        return [m for i, v in enumerate(tree) for m in missing_keys(v, f"{path}.{i}")]
-    return [path] if is_missing(tree) else []
-
-
 # ------------------------------------------------------------------------------------------------ typed from_dict
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is None and hasattr(tp, "__name__"):
@@ -276,7 +254,10 @@ def _convert(tp: Any, value: Any, path: str) -> Any:  # noqa: C901 - one branch 
             return None
         if type(value) in args and type(value) in (bool, int, float, str):
             return value  # exact match first: `1.0` stays a float in Union[int, float] (1 and 1.0 differ there)
-        for arg in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own error names the key (an unknown key in a section, ...)
+            return _convert(options[0], value, path)
+        for arg in options:
             try:
                 return _convert(arg, value, path)
             except ConfigError:
@@ -353,10 +334,7 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "
                           f"{', '.join(repr(_join(path, k)) for k in unknown)} for {cls.__name__}; "
                           f"valid keys: {sorted(fields)}")
-    try:
-        hints = typing.get_type_hints(cls)
-    except (NameError, TypeError):  # an annotation only importable under TYPE_CHECKING: take such values as given
-        hints = {}
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, f in fields.items():
         if name in data:
@@ -373,98 +351,6 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
 
 def _join(path: str, key: Any) -> str:
     return f"{path}.{key}" if path else str(key)
-
-
-# --------------------------------------------------------------------------------------------------------- schema
-@dataclass
-class ModelConfig:
-    """NeMo's `model` section of the NEST YAML. Targeted sections stay plain dicts (built by nemo_compat)."""
-
-    sample_rate: int = 16000
-    num_classes: int = 8192
-    num_books: int = 1
-    code_dim: int = 16
-    squeeze_single: bool = False
-    mask_position: str = "pre_conv"
-    train_ds: Any = None       # -> nest_ssl.data.config.DatasetConfig
-    validation_ds: Any = None  # -> nest_ssl.data.config.DatasetConfig
-    preprocessor: Optional[dict] = None
-    spec_augment: Optional[dict] = None
-    masking: Optional[dict] = None
-    quantizer: Optional[dict] = None
-    encoder: Optional[dict] = None
-    decoder: Optional[dict] = None
-    loss: Optional[dict] = None
-    optim: Any = None          # -> nest_ssl.optim.OptimConfig
-    decoder_out: Optional[int] = None   # contrastive SSL (SpeechEncDecSelfSupervisedModel) only
-    loss_list: Optional[dict] = None    # contrastive SSL: {name: {decoder: {_target_...}, loss: {...}, ...}}
-    target: Optional[str] = None        # NeMo writes these two into saved configs
-    nemo_version: Optional[str] = None
-
-
-@dataclass
-class RunConfig:
-    name: str = "SSL-NEST-FastConformer"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    trainer: Any = None      # -> nest_ssl.train.TrainerConfig
-    exp_manager: Any = None  # -> nest_ssl.exp_manager.ExpManagerConfig
-    init_from_nemo_model: Optional[Any] = None  # a path, or NeMo's {name: {path, include, exclude}}
-    init_from_pretrained_model: Optional[Any] = None  # NGC model name: needs a download, refused at train()
-    init_from_ptl_ckpt: Optional[Any] = None
-    seed: int = 0
-
-
-# Untargeted sections -> their owners' dataclasses, imported lazily (they import torch and their own deps).
-SECTION_CLASSES = {
-    "model.train_ds": ("nest_ssl.data.config", "DatasetConfig"),
-    "model.validation_ds": ("nest_ssl.data.config", "DatasetConfig"),
-    "model.optim": ("nest_ssl.optim", "OptimConfig"),
-    "trainer": ("nest_ssl.train", "TrainerConfig"),
-    "exp_manager": ("nest_ssl.exp_manager", "ExpManagerConfig"),
-}
-
-
-def _section_class(path: str) -> type | None:
-    module, name = SECTION_CLASSES[path]
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ModuleNotFoundError as e:
-        if e.name != module:  # the owner's module exists but is broken: say so
-            raise
-        return None
-
-
-def _validate_targets(node: Any, path: str) -> None:
-    from nest_ssl import nemo_compat
-
-    if isinstance(node, dict):
-        if "_target_" in node:
-            nemo_compat.target_config(node, path)
-        for k, v in node.items():
-            _validate_targets(v, _join(path, k))
-    elif isinstance(node, list):
-        for i, v in enumerate(node):
-            _validate_targets(v, f"{path}.{i}")
-
-
-def build_run_config(plain: dict) -> RunConfig:
-    """Typed view of a resolved plain dict; every section checked (unknown keys, types, `_target_`)."""
-    run = from_dict(RunConfig, plain, "")
-    for path in SECTION_CLASSES:
-        owner, key = ("model", path[6:]) if path.startswith("model.") else (None, path)
-        holder = run.model if owner else run
-        value = getattr(holder, key)
-        cls = _section_class(path)
-        if cls is not None and isinstance(value, dict):
-            setattr(holder, key, from_dict(cls, value, path))
-    _validate_targets(plain, "")
-    return run
-
-
-def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> tuple[dict, RunConfig]:
-    """YAML file + overrides -> (resolved plain dict, validated RunConfig)."""
-    plain = resolve(apply_overrides(load_yaml(path), overrides))
-    return plain, build_run_config(plain)
 
 
 # ------------------------------------------------------------------------------------------------------------ CLI
@@ -490,21 +376,6 @@ def config_file_from_args(argv: list[str]) -> tuple[Path, list[str]]:
     if "--config" in opts:
         return Path(opts["--config"]), argv
     if not argv or "=" in argv[0] or argv[0].startswith("~"):
-        raise ConfigError("usage: python -m nest_ssl.config FILE|--config FILE|--config-path DIR --config-name NAME "
+        raise ConfigError("usage: FILE|--config FILE|--config-path DIR --config-name NAME "
                           "[overrides...]")
     return Path(argv[0]), argv[1:]
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        path, overrides = config_file_from_args(sys.argv[1:] if argv is None else argv)
-        plain, _ = load_config(path, overrides)
-    except (ValueError, ImportError) as e:  # ConfigError, or an owner's __post_init__ / import failure
-        print(f"config error: {e}", file=sys.stderr)
-        return 1
-    sys.stdout.write(to_yaml(plain))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

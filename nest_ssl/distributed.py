@@ -1,4 +1,5 @@
-"""Distributed helpers for the training loop: torchrun env, process group, no_sync, reductions, SyncBatchNorm.
+"""Distributed helpers for the training loop: torchrun env, process group, no_sync, reductions, SyncBatchNorm,
+preemption signals.
 
 Works unchanged as a plain single process (world_size 1, no process group) and under torchrun
 (RANK / LOCAL_RANK / WORLD_SIZE set): NCCL on GPU, gloo on CPU.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -112,3 +114,33 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+class Preemption:
+    """SIGUSR1 / SIGTERM -> flag, checked at the end of each optimizer step.
+
+    Under torchrun a SLURM signal should not reach the launcher (it would kill or SIGTERM-and-SIGKILL its
+    workers), so the sbatch files trap it in the batch shell and touch the file named by $NEST_PREEMPT_FILE,
+    which every step also checks."""
+
+    def __init__(self):
+        self.flag = False
+        self.file = os.environ.get("NEST_PREEMPT_FILE")
+        self.previous = {}
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. a notebook worker): no preemption handling
+                pass
+
+    def _handler(self, signum, frame):
+        self.flag = True
+
+    def requested(self) -> bool:
+        if self.file and os.path.exists(self.file):
+            self.flag = True
+        return self.flag
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)

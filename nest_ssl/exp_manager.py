@@ -7,17 +7,22 @@ Layout (as NeMo):  <exp_dir or ./nemo_experiments>/<name>[/<version>]/
     version_0/events.out.tfevents.*                     TensorBoard (NeMo's TensorBoardLogger layout)
     config.yaml                                         resolved run config
 With resume_if_exists there is no version dir (NeMo's behaviour); without it version = a datetime string.
-W&B keys are accepted for schema compatibility and ignored with a warning.
+NeMo keys accepted for schema compatibility that have no effect here are listed in run_config.IGNORED_KEYS.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional
+
+from nest_ssl import checkpoint as ckpt
+from nest_ssl import distributed
+from nest_ssl.export import save_nemo
 
 
 @dataclass
@@ -27,12 +32,12 @@ class CheckpointCallbackParams:
     filepath: Optional[str] = None  # deprecated in NeMo
     dirpath: Optional[str] = None
     filename: Optional[str] = None
-    monitor: Optional[str] = "val_loss"
+    monitor: Optional[Literal["val_loss"]] = "val_loss"  # None: no top-k files, only -last
     verbose: Optional[bool] = True
     save_last: Optional[bool] = True
     save_top_k: Optional[int] = 3
     save_weights_only: Optional[bool] = False
-    mode: Optional[str] = "min"
+    mode: Literal["min", "max"] = "min"
     auto_insert_metric_name: bool = True
     every_n_epochs: Optional[int] = 1
     every_n_train_steps: Optional[int] = None
@@ -76,20 +81,6 @@ class ExpManagerConfig:
     disable_validation_on_resume: bool = True
     max_time_per_run: Optional[str] = None
 
-    def __post_init__(self):
-        if isinstance(self.checkpoint_callback_params, dict):
-            from nest_ssl.config import from_dict
-            self.checkpoint_callback_params = from_dict(
-                CheckpointCallbackParams, self.checkpoint_callback_params, "exp_manager.checkpoint_callback_params")
-        elif self.checkpoint_callback_params is None:
-            self.checkpoint_callback_params = CheckpointCallbackParams()
-        if self.checkpoint_callback_params.mode not in ("min", "max"):
-            raise ValueError(f"exp_manager.checkpoint_callback_params.mode="
-                             f"{self.checkpoint_callback_params.mode!r}; allowed: 'min', 'max'")
-        if self.create_wandb_logger or self.create_mlflow_logger:
-            warnings.warn("exp_manager: W&B / MLflow loggers are not supported; only TensorBoard is written",
-                          stacklevel=2)
-
 
 def log_dir(cfg: ExpManagerConfig, run_name: str) -> Path:
     """NeMo's log_dir: explicit_log_dir, else exp_dir/name[/version]."""
@@ -119,29 +110,70 @@ def format_name(pattern: Optional[str], name: str, metrics: dict) -> str:
     return re.sub(r"\{([A-Za-z_][\w/]*)(:[^}]*)?\}", sub, pattern)
 
 
+@dataclass
 class TopK:
-    """Tracks the save_top_k best checkpoints by `monitor`; returns the files to delete after each save."""
+    """The save_top_k policy: which val_loss scores earn a file, and which files drop out."""
 
-    def __init__(self, k: int, mode: str):
-        self.k, self.mode, self.best = k, mode, []  # best: [(score, path)]
+    k: int       # 0: none, -1: every one
+    mode: str    # "min" | "max"
 
-    def better(self, score: float) -> bool:
+    def better(self, best: list, score: float) -> bool:
         if self.k == 0:
             return False
-        if self.k < 0 or len(self.best) < self.k:
+        if self.k < 0 or len(best) < self.k:
             return True
-        worst = self.best[-1][0]
+        worst = best[-1][0]
         return score < worst if self.mode == "min" else score > worst
 
-    def add(self, score: float, path: str) -> list[str]:
-        self.best.append((float(score), str(path)))
-        self.best.sort(key=lambda t: t[0], reverse=self.mode == "max")
-        drop = self.best[self.k:] if self.k >= 0 else []
-        self.best = self.best[:self.k] if self.k >= 0 else self.best
-        return [p for _, p in drop]
+    def add(self, best: list, score: float, path: str) -> tuple[list, list[str]]:
+        """(the new best list, best first; the paths that dropped out of it)."""
+        best = sorted([*best, [float(score), str(path)]], key=lambda t: t[0], reverse=self.mode == "max")
+        if self.k < 0:
+            return best, []
+        return best[:self.k], [p for _, p in best[self.k:]]
 
-    def state_dict(self) -> dict:
-        return {"best": [[s, p] for s, p in self.best]}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.best = [(float(s), str(p)) for s, p in state.get("best", [])]
+class CheckpointWriter:
+    """exp_manager's checkpoint policy: after each validation (and at the end of the run) the `-last` checkpoint
+    replaces the previous one, a top-k file is written when val_loss earns one (files falling out of the top k are
+    deleted), and with always_save_nemo the best model also goes to `<prefix or name>.nemo`.
+
+    Rank 0 writes and every rank waits at a barrier; `sync=False` is for a rank that failed alone: it writes the
+    `-last` file itself (model and optimizer are replicated) without the barrier and without touching the top k."""
+
+    def __init__(self, cfg: ExpManagerConfig, name: str, ckpt_dir: Path, config: dict, is_main: bool, *, model,
+                 optimizer, scheduler, scaler):
+        ccp = cfg.checkpoint_callback_params
+        self.enabled, self.ccp, self.name, self.dir, self.config = cfg.create_checkpoint_callback, ccp, name, \
+            ckpt_dir, config
+        self.is_main, self.topk = is_main, TopK(ccp.save_top_k if ccp.monitor else 0, ccp.mode)
+        self.parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+        self.saved_step = -1  # the step of the latest save: the end of the run does not write it twice
+
+    def save(self, state: ckpt.TrainState, loader_state: dict, sync: bool = True) -> Optional[Path]:
+        """Write the checkpoints for `state`; returns the -last path (None on ranks that do not write)."""
+        self.saved_step, last = state.step, None
+        if self.enabled and (self.is_main or not sync):
+            last = self._write(state, loader_state, sync)
+        if sync:
+            distributed.barrier()
+        return last
+
+    def _write(self, state: ckpt.TrainState, loader_state: dict, sync: bool) -> Path:
+        stem = format_name(self.ccp.filename, self.name, {"val_loss": state.last_val, "step": state.step,
+                                                          "epoch": state.epoch})
+        top_path, dropped = self.dir / f"{stem}.ckpt", []
+        is_top = sync and math.isfinite(state.last_val) and self.topk.better(state.topk, state.last_val)
+        if is_top:
+            state.topk, dropped = self.topk.add(state.topk, state.last_val, str(top_path))
+        saved = ckpt.state(**self.parts, train_state=dataclasses.replace(state, micro=0), loader_state=loader_state,
+                           config=self.config)
+        if is_top:
+            ckpt.atomic_save(saved, top_path)
+            if self.ccp.always_save_nemo and state.topk[0][1] == str(top_path):
+                save_nemo(self.parts["model"], self.config["model"], self.dir / f"{self.ccp.prefix or self.name}.nemo")
+        last = self.dir / f"{stem}-last.ckpt"
+        ckpt.atomic_save(saved, last)
+        for old in dropped + [p for p in self.dir.glob("*-last.ckpt") if p != last]:
+            Path(old).unlink(missing_ok=True)
+        return last

@@ -16,6 +16,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from nest_ssl.data.audio import AudioLoader
+from nest_ssl.data.manifest import read_manifests
+
 FEATURE_FORMATS = ("npz", "npy")
 
 
@@ -46,8 +49,6 @@ def layer_name(key) -> str:
 
 def read_manifest(path: str | Path) -> list[dict]:
     """Manifest lines as dicts (the data package's reader resolves relative audio paths against the manifest)."""
-    from nest_ssl.data.manifest import read_manifests
-
     entries = read_manifests(str(path))
     return [{"audio_filepath": e.audio_filepath, "duration": e.duration, "offset": e.offset} for e in entries]
 
@@ -101,8 +102,6 @@ def _write(out_dir: Path, stem: str, feats: dict, fmt: str) -> dict:
 def extract_features(model: nn.Module, manifest: str | Path, out_dir: str | Path, layers="-1", batch_size: int = 8,
                      fmt: str = "npz", device: str | torch.device | None = None, progress: bool = True) -> Path:
     """Write features for every manifest entry; returns the output manifest (`<out_dir>/features_manifest.json`)."""
-    from nest_ssl.data.audio import AudioLoader
-
     if fmt not in FEATURE_FORMATS:
         raise ValueError(f"fmt={fmt!r}; allowed: {list(FEATURE_FORMATS)}")
     if batch_size < 1:

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from nest_ssl.benchmark import synthetic_batch
+from nest_ssl.data.batch import synthetic_batch
 
 
 def largest_batch(loader, ds_cfg) -> tuple[int, float]:

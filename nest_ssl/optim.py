@@ -13,20 +13,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional, get_args
 
 import torch
 from torch import nn
 
-OPTIMIZERS = ("adamw", "adam", "sgd")
-SCHEDULERS = ("NoamAnnealing", "CosineAnnealing", "WarmupAnnealing", "InverseSquareRootAnnealing", "constant")
+Optimizer = Literal["adamw", "adam", "sgd"]
+Schedule = Literal["NoamAnnealing", "CosineAnnealing", "WarmupAnnealing", "InverseSquareRootAnnealing", "constant"]
+OPTIMIZERS, SCHEDULERS = get_args(Optimizer), get_args(Schedule)
 
 
 @dataclass
 class SchedConfig:
     """`model.optim.sched`. `max_steps` is injected from trainer.max_steps when left None (as NeMo does)."""
 
-    name: str = "NoamAnnealing"
+    name: Schedule = "NoamAnnealing"
     d_model: Optional[int] = None
     warmup_steps: Optional[int] = None
     warmup_ratio: Optional[float] = None
@@ -36,7 +37,7 @@ class SchedConfig:
     max_steps: Optional[int] = None
     last_epoch: int = -1
     monitor: str = "loss"    # Lightning scheduler-dict keys NeMo accepts; only interval=step is supported
-    interval: str = "step"
+    interval: Literal["step"] = "step"
     frequency: int = 1
     reduce_on_plateau: bool = False
 
@@ -45,7 +46,7 @@ class SchedConfig:
 class OptimConfig:
     """`model.optim`: NeMo optimizer name + its torch kwargs, and `sched`."""
 
-    name: str = "adamw"
+    name: Optimizer = "adamw"
     lr: float = 5.0
     betas: list = field(default_factory=lambda: [0.9, 0.98])
     weight_decay: float = 0.0
@@ -58,11 +59,6 @@ class OptimConfig:
     fused: Optional[bool] = None
     sched: Optional[SchedConfig] = None
     weight_decay_exclusions: bool = False  # ours: see module docstring
-
-    def __post_init__(self):
-        if isinstance(self.sched, dict):
-            from nest_ssl.config import from_dict
-            self.sched = from_dict(SchedConfig, self.sched, "model.optim.sched")
 
 
 def _no_decay(module: nn.Module, name: str, p: nn.Parameter) -> bool:

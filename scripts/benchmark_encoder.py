@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from nest_ssl.config import load_config
 from nest_ssl.nemo_compat import instantiate
+from nest_ssl.run_config import load_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 

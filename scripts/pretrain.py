@@ -9,17 +9,18 @@ Exit codes: 0 done; 1 config error (nothing was started); 75 preempted (checkpoi
 
 import sys
 
-from nest_ssl.config import ConfigError, config_file_from_args, load_config
+from nest_ssl.config import ConfigError, config_file_from_args
+from nest_ssl.run_config import load_config
+from nest_ssl.train import train
 
 
 def main(argv=None) -> int:
     try:
         path, overrides = config_file_from_args(sys.argv[1:] if argv is None else argv)
         plain, _ = load_config(path, overrides)
-    except (ValueError, ImportError, FileNotFoundError) as e:  # ConfigError is a ValueError
+    except ValueError as e:  # ConfigError is a ValueError
         print(f"config error: {e}", file=sys.stderr)
         return 1
-    from nest_ssl.train import train  # after config checks: a bad config fails fast, before torch starts up
 
     try:
         return train(plain)["exit_code"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nest_ssl import checkpoint as ckpt
+from nest_ssl.config import from_dict
 from nest_ssl.exp_manager import ExpManagerConfig, TopK, format_name, log_dir
 
 
@@ -49,8 +50,12 @@ def test_nemo_filename_pattern():
 
 def test_top_k_keeps_best():
     k = TopK(2, "min")
-    assert k.add(3.0, "a") == [] and k.add(1.0, "b") == [] and k.better(2.0) and not k.better(4.0)
-    assert k.add(2.0, "c") == ["a"] and [p for _, p in k.best] == ["b", "c"]
+    best, dropped = k.add([], 3.0, "a")
+    best, dropped2 = k.add(best, 1.0, "b")
+    assert dropped == dropped2 == [] and k.better(best, 2.0) and not k.better(best, 4.0)
+    best, dropped = k.add(best, 2.0, "c")
+    assert dropped == ["a"] and [p for _, p in best] == ["b", "c"]
+    assert not TopK(0, "min").better([], 1.0) and TopK(2, "max").add(best, 5.0, "d")[0][0] == [5.0, "d"]
 
 
 def test_log_dir_layout(tmp_path):
@@ -58,5 +63,5 @@ def test_log_dir_layout(tmp_path):
     assert log_dir(cfg, "x") == tmp_path / "run"  # no version dir with resume_if_exists (NeMo)
     cfg = ExpManagerConfig(exp_dir=str(tmp_path), resume_if_exists=False, version="v1")
     assert log_dir(cfg, "x") == tmp_path / "x" / "v1"
-    with pytest.raises(ValueError, match="mode"):
-        ExpManagerConfig(checkpoint_callback_params={"mode": "best"})
+    with pytest.raises(ValueError, match=r"exp_manager\.checkpoint_callback_params\.mode='best'"):
+        from_dict(ExpManagerConfig, {"checkpoint_callback_params": {"mode": "best"}}, "exp_manager")

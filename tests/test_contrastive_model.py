@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import PARITY, SPEC
-from nest_ssl.config import load_config
 from nest_ssl.contrastive.model import SpeechEncDecSelfSupervisedModel
 from nest_ssl.nemo_compat import model_class
+from nest_ssl.run_config import load_config
 from nest_ssl.train import train
 from tests.train_support import make_data
 

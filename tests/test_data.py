@@ -7,6 +7,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from nest_ssl.config import ConfigError, from_dict
 from nest_ssl.data.audio import AudioLoader, pad_to_min_len
 from nest_ssl.data.batch import AudioNoiseBatch
 from nest_ssl.data.config import DatasetConfig
@@ -45,13 +46,20 @@ def corpus(tmp_path):
 
 
 def cfg(manifest, **kw):
-    base = dict(manifest_filepath=manifest, sample_rate=SR, batch_size=2, shuffle=True, drop_last=True)
+    base = dict(manifest_filepath=manifest, sample_rate=SR, batch_size=2, shuffle=True, drop_last=True,
+                return_sample_id=True)
     base.update(kw)
     return DatasetConfig(**base)
 
 
 def ids(loader):
     return [tuple(b.sample_id) for b in loader]
+
+
+def test_return_sample_id_is_honoured(corpus):
+    with_ids = next(iter(build_dataloader(cfg(corpus[0], shuffle=False), seed=0)))
+    without = next(iter(build_dataloader(cfg(corpus[0], shuffle=False, return_sample_id=False), seed=0)))
+    assert with_ids.sample_id == ["0", "1"] and without.sample_id is None
 
 
 # ---- manifests ----
@@ -247,11 +255,18 @@ def test_concat_temperature_sampling(corpus, tmp_path):
     assert len(picked) == 14 and sum(i >= 12 for i in picked) >= 3  # ~uniform over datasets at high T
 
 
-@pytest.mark.parametrize("key,value", [("trim_silence", True), ("bucketing_batch_size", 4), ("pad_audio_mode", "x"),
-                                       ("tarred_shard_strategy", "x"), ("batch_size", 0), ("augmentor", {"a": 1})])
+@pytest.mark.parametrize("key,value", [("trim_silence", True), ("bucketing_batch_size", 4), ("batch_size", 0),
+                                       ("augmentor", {"a": 1}), ("concat_sampling_technique", "random")])
 def test_config_rejects_unsupported_values(corpus, key, value):
     with pytest.raises(ValueError, match=key):
-        build_dataloader(cfg(corpus[0], **{key: value}))
+        build_dataloader(cfg(corpus[0], is_concat=True, **{key: value}))
+
+
+@pytest.mark.parametrize("key", ["pad_audio_mode", "tarred_shard_strategy", "bucketing_strategy",
+                                 "concat_sampling_technique"])
+def test_config_variants_name_the_allowed_values(key):
+    with pytest.raises(ConfigError, match=rf"model\.train_ds\.{key}='x': allowed values are \['"):
+        from_dict(DatasetConfig, {key: "x"}, "model.train_ds")
 
 
 def test_concat_from_comma_string_counts_bad_file_once_per_epochs(corpus, tmp_path):

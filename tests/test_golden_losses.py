@@ -21,7 +21,7 @@ STEPS = 8
 def golden_run(root: Path) -> list[float]:
     """Train losses of STEPS optimizer steps on the demo corpus (16 files, batch 4: two epochs), no validation or
     checkpoint files (they do not change the train losses; leaving them out keeps the test fast)."""
-    from nest_ssl.config import load_config
+    from nest_ssl.run_config import load_config
     from nest_ssl.train import train
     from tests.train_support import make_data
 

@@ -11,8 +11,8 @@ import torch
 
 from nest_ssl import checkpoint as ckpt
 from nest_ssl.config import ConfigError
-from nest_ssl.train import REQUEUE_EXIT_CODE, NonFiniteError, train
-from tests.train_support import factory, make_data, run_config
+from nest_ssl.train import REQUEUE_EXIT_CODE, NonFiniteError
+from tests.train_support import Crash, make_data, run_config, train_tiny
 
 
 @pytest.fixture(scope="module")
@@ -26,34 +26,36 @@ def last_ckpt(exp_dir) -> Path:
 
 
 def test_resume_after_kill_is_bit_exact(data, tmp_path):
-    model = factory(dropout=0.2, use_generator=True)  # dropout + generator draws: every RNG must be restored
-    full = train(run_config(data, tmp_path / "a"), model_factory=model)
-    first = train(run_config(data, tmp_path / "b"), model_factory=model, stop_after_steps=5)  # last ckpt: step 4
-    rest = train(run_config(data, tmp_path / "b"), model_factory=model)
-    assert len(full["losses"]) == 6 and first["step"] == 5 and len(rest["losses"]) == 2
-    assert first["losses"][:4] + rest["losses"] == full["losses"]  # bit for bit
+    model = dict(dropout=0.2, use_generator=True)  # dropout + generator draws: every RNG must be restored
+    full = train_tiny(run_config(data, tmp_path / "a"), **model)
+    with pytest.raises(Crash):  # dies in step 6 (after the step-4 validation checkpoint)
+        train_tiny(run_config(data, tmp_path / "b"), crash_at=6, **model)
+    assert ckpt.load(last_ckpt(tmp_path / "b"))["global_step"] == 4
+    rest = train_tiny(run_config(data, tmp_path / "b"), **model)
+    assert len(full["losses"]) == 6 and rest["losses"] == full["losses"][4:]  # bit for bit
     a, b = ckpt.load(last_ckpt(tmp_path / "a")), ckpt.load(last_ckpt(tmp_path / "b"))
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
+    scores = [[{**s, "topk": [score for score, _ in s["topk"]]}] for s in (a["train_state"], b["train_state"])]
+    assert scores[0] == scores[1]  # the whole TrainState; top-k files by score (the run directories differ)
 
 
 def test_resume_across_epochs(data, tmp_path):
-    """16 files / batch 4 = 4 batches per epoch: the kill lands in epoch 1 and resume continues there."""
-    model = factory(dropout=0.1)
-    full = train(run_config(data, tmp_path / "a", max_steps=10, val_every=3), model_factory=model)
-    first = train(run_config(data, tmp_path / "b", max_steps=10, val_every=3), model_factory=model,
-                  stop_after_steps=8)
-    rest = train(run_config(data, tmp_path / "b", max_steps=10, val_every=3), model_factory=model)
-    assert len(full["losses"]) == 10 and first["step"] == 8
-    resumed_at = 10 - len(rest["losses"])
-    assert first["losses"][:resumed_at] + rest["losses"] == full["losses"]
+    """16 files / batch 4 = 4 batches per epoch: the kill comes in the first step of epoch 2, after the
+    checkpoint at the end of epoch 1, and the resume starts epoch 2 from its first batch."""
+    model = dict(dropout=0.1)
+    full = train_tiny(run_config(data, tmp_path / "a", max_steps=10, val_every=3), **model)
+    with pytest.raises(Crash):
+        train_tiny(run_config(data, tmp_path / "b", max_steps=10, val_every=3), crash_at=9, **model)
+    saved = ckpt.load(last_ckpt(tmp_path / "b"))
+    assert saved["global_step"] == 8 and saved["epoch"] == 1 and saved["loader"]["start"] == 4
+    rest = train_tiny(run_config(data, tmp_path / "b", max_steps=10, val_every=3), **model)
+    assert len(full["losses"]) == 10 and rest["losses"] == full["losses"][8:]
 
 
 def test_grad_accumulation_equals_big_batch(data, tmp_path):
-    small = train(run_config(data, tmp_path / "a", batch_size=4, accum=2, shuffle=False, max_steps=2, val_every=4),
-                  model_factory=factory())
-    big = train(run_config(data, tmp_path / "b", batch_size=8, shuffle=False, max_steps=2, val_every=2),
-                model_factory=factory())
+    small = train_tiny(run_config(data, tmp_path / "a", batch_size=4, accum=2, shuffle=False, max_steps=2, val_every=4))
+    big = train_tiny(run_config(data, tmp_path / "b", batch_size=8, shuffle=False, max_steps=2, val_every=2))
     torch.testing.assert_close(torch.tensor(small["losses"]), torch.tensor(big["losses"]), rtol=1e-5, atol=1e-6)
     a, b = ckpt.load(last_ckpt(tmp_path / "a")), ckpt.load(last_ckpt(tmp_path / "b"))
     for k, v in a["state_dict"].items():
@@ -61,7 +63,7 @@ def test_grad_accumulation_equals_big_batch(data, tmp_path):
 
 
 def test_preemption_signal_checkpoints_and_returns_requeue_code(data, tmp_path):
-    res = train(run_config(data, tmp_path, val_every=100), model_factory=factory(signal_at=3))
+    res = train_tiny(run_config(data, tmp_path, val_every=100), signal_at=3)
     assert res["exit_code"] == REQUEUE_EXIT_CODE and res["step"] == 3
     state = torch.load(last_ckpt(tmp_path), weights_only=True)
     assert state["global_step"] == 3 and state["loader"]["start"] == 3
@@ -72,18 +74,18 @@ def test_config_error_stops_before_any_work(data, tmp_path):
     cfg = run_config(data, tmp_path)
     cfg["trainer"]["max_stepz"] = 3
     with pytest.raises(ConfigError, match="max_stepz"):
-        train(cfg, model_factory=factory())
+        train_tiny(cfg)
     cfg = run_config(data, tmp_path)
     cfg["trainer"]["precision"] = "fp8"
     with pytest.raises(ValueError, match="precision"):
-        train(cfg, model_factory=factory())
+        train_tiny(cfg)
     assert not any(tmp_path.iterdir())
 
 
 def test_nonfinite_steps_are_skipped_then_stop(data, tmp_path):
     cfg = run_config(data, tmp_path, max_nonfinite_steps=3, val_every=100)
     with pytest.raises(NonFiniteError, match="3 optimizer steps in a row"):
-        train(cfg, model_factory=factory(nan_after=2))
+        train_tiny(cfg, nan_after=2)
     saved = torch.load(tmp_path / "tiny" / "nonfinite_batch_rank0.pt", weights_only=True)
     assert saved["audio"].ndim == 2
 
@@ -92,7 +94,7 @@ def test_truncated_latest_checkpoint_falls_back(data, tmp_path):
     cfg = run_config(data, tmp_path, max_steps=4, val_every=2)
     cfg["exp_manager"]["checkpoint_callback_params"]["mode"] = "max"  # keep the step-2 top-k file around
     cfg["exp_manager"]["checkpoint_callback_params"]["save_top_k"] = 2
-    train(cfg, model_factory=factory())
+    train_tiny(cfg)
     last = last_ckpt(tmp_path)
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
     os.utime(last)  # newest file, but broken
@@ -102,7 +104,7 @@ def test_truncated_latest_checkpoint_falls_back(data, tmp_path):
 
 
 def test_tensorboard_and_checkpoint_layout(data, tmp_path):
-    res = train(run_config(data, tmp_path, max_steps=2, val_every=2), model_factory=factory())
+    res = train_tiny(run_config(data, tmp_path, max_steps=2, val_every=2))
     run = tmp_path / "tiny"
     assert (run / "config.yaml").is_file() and list((run / "version_0").glob("events.out.tfevents.*"))
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -115,14 +117,14 @@ def test_preempt_file_requests_checkpoint_and_is_removed(data, tmp_path, monkeyp
     flag = tmp_path / "preempt"
     flag.touch()
     monkeypatch.setenv("NEST_PREEMPT_FILE", str(flag))
-    res = train(run_config(data, tmp_path / "exp", val_every=100), model_factory=factory())
+    res = train_tiny(run_config(data, tmp_path / "exp", val_every=100))
     assert res["exit_code"] == REQUEUE_EXIT_CODE and res["step"] == 1 and not flag.exists()
     assert ckpt.load(last_ckpt(tmp_path / "exp"))["global_step"] == 1
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "bf16"])
 def test_mixed_precision_runs_and_checkpoints_scaler(data, tmp_path, precision):
-    res = train(run_config(data, tmp_path, max_steps=2, val_every=2, precision=precision), model_factory=factory())
+    res = train_tiny(run_config(data, tmp_path, max_steps=2, val_every=2, precision=precision))
     assert len(res["losses"]) == 2 and all(math.isfinite(v) for v in res["losses"])
     state = ckpt.load(last_ckpt(tmp_path))
     assert (state["scaler"] is not None) == (precision == "16-mixed")
@@ -132,7 +134,7 @@ def test_float_val_check_interval_and_max_epochs(data, tmp_path):
     """4 batches per epoch, val every half epoch, 2 epochs -> validations at steps 2, 4, 6, 8."""
     cfg = run_config(data, tmp_path, max_steps=-1, val_every=0.5, max_epochs=2)
     cfg["exp_manager"]["checkpoint_callback_params"]["save_top_k"] = -1
-    res = train(cfg, model_factory=factory())
+    res = train_tiny(cfg)
     assert res["step"] == 8 and res["epoch"] == 2
     steps = sorted(int(p.stem.split("step=")[1]) for p in (tmp_path / "tiny" / "checkpoints").glob("*[0-9].ckpt"))
     assert steps == [2, 4, 6, 8]
@@ -159,13 +161,13 @@ def _bad_run(data, exp_dir, limit=None) -> dict:
 
 def test_bad_sample_limit_checkpoints_then_resume_matches_uninterrupted_run(data, tmp_path):
     bad_data = _with_bad_files(data, tmp_path / "data")
-    model = factory(dropout=0.2, use_generator=True)
+    model = dict(dropout=0.2, use_generator=True)
     cfg = _bad_run(bad_data, tmp_path / "a")
-    full = train(cfg, model_factory=model)  # default limit (100): both files skipped and counted
+    full = train_tiny(cfg, **model)  # default limit (100): both files skipped and counted
     assert len(full["losses"]) == 4
 
     with pytest.raises(RuntimeError, match="exceed max_bad_samples=1") as info:
-        train(_bad_run(bad_data, tmp_path / "b", limit=1), model_factory=model)
+        train_tiny(_bad_run(bad_data, tmp_path / "b", limit=1), **model)
     note = "\n".join(getattr(info.value, "__notes__", []))
     assert "saved to" in note and "max_bad_samples" in note
     state = ckpt.load(last_ckpt(tmp_path / "b"))
@@ -173,7 +175,7 @@ def test_bad_sample_limit_checkpoints_then_resume_matches_uninterrupted_run(data
     assert done == 1 and state["loader"]["start"] == 2  # the half-done step 1 (batches 2, 3) is read again
     assert {p.split("/")[-1] for p, _ in state["loader"]["bad_samples"]} == {"gone.wav", "corrupt.wav"}
 
-    rest = train(_bad_run(bad_data, tmp_path / "b"), model_factory=model)  # limit back to 100: it goes on
+    rest = train_tiny(_bad_run(bad_data, tmp_path / "b"), **model)  # limit back to 100: it goes on
     assert rest["losses"] == full["losses"][done:]  # bit for bit, even after a half-accumulated step
 
 
@@ -182,6 +184,6 @@ def test_validation_data_error_checkpoints_the_steps_done(data, tmp_path):
     cfg = run_config({**data, "val": bad_val}, tmp_path / "a", max_steps=6, val_every=2)
     cfg["model"]["validation_ds"]["skip_bad_samples"] = False
     with pytest.raises(ValueError, match="skip_bad_samples=false") as info:
-        train(cfg, model_factory=factory())
+        train_tiny(cfg)
     assert "saved to" in "\n".join(getattr(info.value, "__notes__", []))
     assert ckpt.load(last_ckpt(tmp_path / "a"))["global_step"] == 2  # the first validation came after step 2

@@ -8,8 +8,8 @@ import torch
 import torch.multiprocessing as mp
 
 from nest_ssl import checkpoint as ckpt
-from nest_ssl.train import REQUEUE_EXIT_CODE, train
-from tests.train_support import ddp_worker, factory, make_data, run_config
+from nest_ssl.train import REQUEUE_EXIT_CODE
+from tests.train_support import ddp_worker, make_data, run_config, train_tiny
 
 
 def free_port() -> int:
@@ -25,8 +25,7 @@ def test_two_process_ddp_equals_single_process_union_batch(tmp_path, batch, accu
     ddp_cfg = run_config(data, tmp_path / "ddp", batch_size=batch, accum=accum, shuffle=False, max_steps=3,
                          val_every=3 * accum)
     mp.spawn(ddp_worker, args=(2, free_port(), ddp_cfg, str(tmp_path)), nprocs=2, join=True)
-    single = train(run_config(data, tmp_path / "one", batch_size=4, shuffle=False, max_steps=3, val_every=3),
-                   model_factory=factory())
+    single = train_tiny(run_config(data, tmp_path / "one", batch_size=4, shuffle=False, max_steps=3, val_every=3))
     per_rank = [torch.load(tmp_path / f"losses_rank{r}.pt") for r in range(2)]
     ddp_mean = (torch.tensor(per_rank[0], dtype=torch.float64) + torch.tensor(per_rank[1], dtype=torch.float64)) / 2
     assert len(per_rank[0]) == len(single["losses"]) == 3
@@ -37,7 +36,7 @@ def test_two_process_ddp_equals_single_process_union_batch(tmp_path, batch, accu
     for k, v in b["state_dict"].items():
         torch.testing.assert_close(a["state_dict"][k], v, rtol=1e-5, atol=1e-6)
     # validation loss is all-reduced: the DDP run's val over both ranks' halves equals the single run's
-    assert a["topk"]["best"][0][0] == pytest.approx(b["topk"]["best"][0][0], rel=1e-5)
+    assert a["train_state"]["topk"][0][0] == pytest.approx(b["train_state"]["topk"][0][0], rel=1e-5)
 
 
 @pytest.mark.slow

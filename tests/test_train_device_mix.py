@@ -4,9 +4,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nest_ssl.config import load_config
 from nest_ssl.data.batch import AudioNoiseBatch
-from nest_ssl.train import mix_on_device, train
+from nest_ssl.data.loader import mix_on_device
+from nest_ssl.run_config import load_config
+from nest_ssl.train import train
 from tests.train_support import make_data
 
 ROOT = Path(__file__).resolve().parents[1]

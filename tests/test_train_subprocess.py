@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from nest_ssl import checkpoint as ckpt
-from nest_ssl.train import REQUEUE_EXIT_CODE, train
-from tests.train_support import factory, make_data, run_config
+from nest_ssl.train import REQUEUE_EXIT_CODE
+from tests.train_support import make_data, run_config, train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,12 +60,12 @@ def test_sigusr1_checkpoints_and_exits_with_requeue_code(data, tmp_path):
 
 @pytest.mark.slow
 def test_kill9_then_resume_is_bit_exact(data, tmp_path):
-    full = train(run_config(data, tmp_path / "a", max_steps=12, val_every=2), model_factory=factory())
+    full = train_tiny(run_config(data, tmp_path / "a", max_steps=12, val_every=2))
     proc = start(run_config(data, tmp_path / "b", max_steps=12, val_every=2), tmp_path, sleep=0.15)
     wait_for(lambda: any("step=6" in p.name or "step=8" in p.name for p in lasts(tmp_path / "b")), proc)
     proc.kill()  # SIGKILL: no handler runs; the atomic writes must leave a loadable checkpoint
     proc.wait()
-    rest = train(run_config(data, tmp_path / "b", max_steps=12, val_every=2), model_factory=factory())
+    rest = train_tiny(run_config(data, tmp_path / "b", max_steps=12, val_every=2))
     assert 0 < len(rest["losses"]) < 12
     assert rest["losses"] == full["losses"][12 - len(rest["losses"]):]
     a = ckpt.load(lasts(tmp_path / "a")[0])["state_dict"]

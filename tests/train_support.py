@@ -2,27 +2,33 @@
 
 The stand-in has the model interface the loop uses (training_step / validation_step(batch, generator)) and a
 loss that is a per-utterance mean, independent of padding, so accumulation and DDP equalities are exact maths.
+`train_tiny(cfg, **kw)` runs train() with it in place of the config's model (train.build_model patched).
 """
 
 from __future__ import annotations
 
 import copy
-import functools
 import os
+from unittest import mock
 
 import torch
 from torch import nn
 
 
+class Crash(RuntimeError):
+    """Raised by TinyModel(crash_at=n): the run dies mid-step like a kill -9 (nothing more is saved)."""
+
+
 class TinyModel(nn.Module):
     def __init__(self, dropout: float = 0.0, use_generator: bool = False, nan_after: int | None = None,
-                 signal_at: int | None = None, sleep: float = 0.0, nan_at: tuple = ()):
+                 signal_at: int | None = None, sleep: float = 0.0, nan_at: tuple = (), crash_at: int | None = None):
         super().__init__()
         self.proj, self.norm, self.out = nn.Linear(4, 16), nn.LayerNorm(16), nn.Linear(16, 1)
         self.frozen = nn.Parameter(torch.ones(3), requires_grad=False)  # like the quantizer's codebooks
         self.drop, self.use_generator = nn.Dropout(dropout), use_generator
         self.nan_after, self.signal_at, self.calls, self.sleep = nan_after, signal_at, 0, sleep
         self.nan_at = tuple(nan_at)  # training_step call numbers (1-based) whose loss is NaN
+        self.crash_at = crash_at  # training_step call number (1-based) that raises Crash
 
     def _loss(self, batch, generator):
         audio, lens = batch.noisy_audio if batch.noisy_audio is not None else batch.audio, batch.audio_len
@@ -38,6 +44,8 @@ class TinyModel(nn.Module):
 
     def training_step(self, batch, generator=None, global_step=None):
         self.calls += 1
+        if self.calls == self.crash_at:
+            raise Crash(f"simulated kill in training_step call {self.calls}")
         if self.sleep:
             import time
             time.sleep(self.sleep)  # subprocess tests need time to deliver a signal mid-run
@@ -55,13 +63,16 @@ class TinyModel(nn.Module):
         return {"loss": loss, "val_loss": loss}
 
 
-def factory(**kw):
-    return functools.partial(_build, kw)
+def train_tiny(cfg: dict, **kw) -> dict:
+    """train(cfg) with TinyModel(**kw) (built after torch.manual_seed(0)) in place of the config's model."""
+    from nest_ssl import train as train_module
 
+    def build(model_cfg):
+        torch.manual_seed(0)
+        return TinyModel(**kw)
 
-def _build(kw, model_cfg):
-    torch.manual_seed(0)
-    return TinyModel(**kw)
+    with mock.patch.object(train_module, "build_model", build):
+        return train_module.train(cfg)
 
 
 def run_config(data: dict, exp_dir, *, batch_size=4, shuffle=True, max_steps=6, val_every=2, accum=1,
@@ -108,9 +119,7 @@ def ddp_worker(rank: int, world: int, port: int, cfg: dict, out: str, kw_by_rank
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from nest_ssl.train import train
-
-    res = train(cfg, model_factory=factory(**(kw_by_rank or {}).get(rank, {})))
+    res = train_tiny(cfg, **(kw_by_rank or {}).get(rank, {}))
     torch.save(res["losses"], f"{out}/losses_rank{rank}.pt")
     torch.save({k: res[k] for k in ("exit_code", "step", "skipped_steps")}, f"{out}/result_rank{rank}.pt")
 
@@ -119,8 +128,6 @@ if __name__ == "__main__":  # subprocess driver: python tests/train_support.py C
     import json
     import sys
 
-    from nest_ssl.train import train
-
     torch.set_num_threads(1)
-    result = train(json.loads(open(sys.argv[1]).read()), model_factory=factory(sleep=float(sys.argv[2])))
+    result = train_tiny(json.loads(open(sys.argv[1]).read()), sleep=float(sys.argv[2]))
     sys.exit(result["exit_code"])

@@ -1,11 +1,6 @@
-"""Data pipeline: manifests, audio + noise datasets (plain and tarred), samplers, and `build_dataloader`."""
+"""Data pipeline: manifests, audio + noise datasets (plain and tarred), samplers, augmentation and the loaders."""
 from nest_ssl.data.batch import AudioNoiseBatch, AudioNoiseItem
 from nest_ssl.data.config import DatasetConfig
+from nest_ssl.data.loader import build_dataloader, build_loader
 
-__all__ = ["AudioNoiseBatch", "AudioNoiseItem", "DatasetConfig", "build_dataloader"]
-
-
-def build_dataloader(*args, **kwargs):
-    """Lazy re-export of nest_ssl.data.loader.build_dataloader (keeps `import nest_ssl.data` light)."""
-    from nest_ssl.data.loader import build_dataloader as build
-    return build(*args, **kwargs)
+__all__ = ["AudioNoiseBatch", "AudioNoiseItem", "DatasetConfig", "build_dataloader", "build_loader"]

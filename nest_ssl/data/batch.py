@@ -48,3 +48,14 @@ class AudioNoiseBatch:
 
     def __len__(self) -> int:
         return 0 if self.audio is None else int(self.audio.shape[0])
+
+
+def synthetic_batch(batch: int, seconds: float, device, seed: int = 0, sample_rate: int = 16000) -> AudioNoiseBatch:
+    """Noise-like audio and noise of one length, the mixing pre-applied as the collate does (benchmarks, fit_scan)."""
+    g = torch.Generator().manual_seed(seed)
+    n = int(seconds * sample_rate)
+    audio = 0.1 * torch.randn(batch, n, generator=g)
+    noise = 0.05 * torch.randn(batch, n, generator=g)
+    lengths = torch.full((batch,), n, dtype=torch.long)
+    return AudioNoiseBatch(audio=audio, audio_len=lengths, noise=noise, noise_len=lengths.clone(),
+                           noisy_audio=audio + noise, noisy_audio_len=lengths.clone()).to(device)

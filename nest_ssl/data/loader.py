@@ -1,21 +1,26 @@
-"""`build_dataloader`: the one entry point the trainer calls (spec 5).
+"""`build_loader` (the trainer's entry point: the batch augmentor built from its `_target_`, and the on-device
+mixing step) over `build_dataloader`.
 
-Returns a `DataLoaderWrapper` with __iter__ (AudioNoiseBatch), __len__ (batches per epoch on this rank, equal on
-every rank), set_epoch, state_dict/load_state_dict (resume with the next unseen batch) and `bad_samples`, the
-(path, reason) list of skipped items, limited by `max_bad_samples`.
+`build_dataloader` returns a `DataLoaderWrapper` with __iter__ (AudioNoiseBatch), __len__ (batches per epoch on this
+rank, equal on every rank), set_epoch, state_dict/load_state_dict (resume with the next unseen batch) and
+`bad_samples`, the (path, reason) list of skipped items, limited by `max_bad_samples`.
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
+import functools
 import logging
 
 import torch
 
+from nest_ssl.data.augmentation import TorchMultiSpeakerNoiseAugmentation
 from nest_ssl.data.config import DatasetConfig
 from nest_ssl.data.dataset import AudioNoiseCollate, AudioNoiseDataset, BadItem
 from nest_ssl.data.manifest import read_manifests, split_paths
 from nest_ssl.data.sampler import BatchSampler
 from nest_ssl.data.tarred import TarredAudioNoiseDataset, shard_list
+from nest_ssl.nemo_compat import instantiate, target_config
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +116,7 @@ def build_dataloader(ds_cfg: DatasetConfig, *, rank: int = 0, world_size: int = 
         raise ValueError(f"manifest_filepath={c.manifest_filepath!r}: no items left after the duration filter")
     ds = AudioNoiseDataset(entries, noise, c.sample_rate, c.min_audio_len_secs, c.pad_audio_mode,
                            c.channel_selector, seed, c.skip_bad_samples)
-    collate = AudioNoiseCollate(augmentor, c.augment_on_device, seed, True)
+    collate = AudioNoiseCollate(augmentor, c.augment_on_device, seed, c.return_sample_id)
     if c.is_tarred:
         shards = shard_list(c.tarred_audio_filepaths, rank, world_size, c.tarred_shard_strategy)
         tds = TarredAudioNoiseDataset(ds, shards, c.shuffle_n if c.shuffle else 0, seed + 7919 * rank)
@@ -123,7 +128,8 @@ def build_dataloader(ds_cfg: DatasetConfig, *, rank: int = 0, world_size: int = 
                            num_buckets=c.num_buckets, bucket_buffer_size=c.bucket_buffer_size,
                            concat_sizes=[len(p) for p in parts] if c.is_concat else None,
                            concat_temperature=c.concat_sampling_temperature,
-                           concat_probs=c.concat_sampling_probabilities)
+                           concat_probs=c.concat_sampling_probabilities if c.concat_sampling_technique == "random"
+                           else None)
     return _with_missing(DataLoaderWrapper(c, ds, collate, sampler, len(sampler)), missing)
 
 
@@ -133,3 +139,23 @@ def _with_missing(loader: DataLoaderWrapper, missing: list[str]) -> DataLoaderWr
     if missing:
         loader._record_bad([BadItem(p, "missing duration (needed by batch_duration)") for p in missing])
     return loader
+
+
+def build_loader(ds_cfg: DatasetConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0, is_train: bool = True):
+    """-> (loader, device_mix): with `augment_on_device` the collate hands over clean audio + noise and
+    `device_mix` mixes them on the accelerator (TorchMultiSpeakerNoiseAugmentation); otherwise device_mix is None."""
+    aug = ds_cfg.batch_augmentor
+    where = f"model.{'train_ds' if is_train else 'validation_ds'}.batch_augmentor"
+    loader = build_dataloader(ds_cfg, rank=rank, world_size=world_size, seed=seed,
+                              augmentor=instantiate(aug, where) if aug else None, is_train=is_train)
+    if not ds_cfg.augment_on_device:
+        return loader, None
+    device_aug = TorchMultiSpeakerNoiseAugmentation(target_config(aug, where)) if aug else None
+    return loader, functools.partial(mix_on_device, augmentor=device_aug)
+
+
+def mix_on_device(batch, generator, augmentor=None):
+    """The noise mixing the collate left to the accelerator: the batch augmentor, or plain audio + noise."""
+    if augmentor is not None:
+        return augmentor(batch, generator=generator)
+    return dataclasses.replace(batch, noisy_audio=batch.audio + batch.noise, noisy_audio_len=batch.audio_len.clone())
