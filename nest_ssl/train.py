@@ -177,7 +177,8 @@ def save_offending_batch(batch, logdir: Path, rank: int) -> Path:
 
 def train(plain: dict) -> dict:
     """Pretrain from a resolved plain run config (nest_ssl.run_config.load_config). Returns a summary with
-    `exit_code` (0, or REQUEUE_EXIT_CODE after preemption) and the per-step train losses of this rank."""
+    `exit_code` (0, or REQUEUE_EXIT_CODE after preemption) and the per-step train losses of this rank.
+    The run itself is _train(); this wrapper owns the preemption signal handlers, restored however the run ends."""
     preempt = dist_utils.Preemption()  # first: a signal that comes while the model and data are built is not lost
     try:
         return _train(plain, preempt)
