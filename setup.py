@@ -7,8 +7,8 @@ setup(
     python_requires=">=3.10",
     # kernels/ ships as nest_ssl.kernels: the top-level name `kernels` is taken on the package registry. The symlink
     # nest_ssl/kernels -> ../kernels makes the same import work from a plain checkout, with no install.
-    packages=["nest_ssl", "nest_ssl.conformer", "nest_ssl.contrastive", "nest_ssl.data", "nest_ssl.testing",
-              "nest_ssl.kernels"],
+    packages=["nest_ssl", "nest_ssl.conformer", "nest_ssl.contrastive", "nest_ssl.data", "nest_ssl.nest",
+              "nest_ssl.testing", "nest_ssl.kernels"],
     install_requires=[
         "torch>=2.4",
         "torchaudio>=2.4",
