@@ -1,4 +1,4 @@
-"""End-to-end training-step benchmark (issue 10): eager (NeMo math) vs Triton kernels in one run.
+"""End-to-end training-step benchmark: eager (NeMo math) vs Triton kernels in one run.
 
 Synthetic in-memory batches of one utterance duration (the data pipeline alone is measured by
 scripts/benchmark_data.py), or with `real=True` the config's own `model.train_ds` loader (workers, augmentor,
@@ -137,13 +137,3 @@ def append_rows(path: str | os.PathLike, rows: list[dict]) -> None:
         if new:
             w.writeheader()
         w.writerows(rows)
-
-
-def fit_scan(config, overrides, batch, seconds, dtype, device) -> str:
-    """Run the longest utterance forward+backward once; name the setting to lower if it does not fit."""
-    try:
-        run_mode(config, overrides, "eager", batch, seconds, dtype, steps=1, warmup=0, device=device)
-    except torch.OutOfMemoryError:
-        return (f"batch {batch} x {seconds} s does not fit: lower model.train_ds.batch_size (or batch_duration) "
-                "or model.train_ds.max_duration")
-    return f"batch {batch} x {seconds} s fits"

@@ -1,4 +1,5 @@
-"""NeMo's `exp_manager` section: run directory layout, top-k checkpoint naming, `.nemo` export (spec §7.3).
+"""NeMo's `exp_manager` section: run directory layout, top-k checkpoint naming, `.nemo` export,
+and the checkpoint writer.
 
 Layout (as NeMo):  <exp_dir or ./nemo_experiments>/<name>[/<version>]/
     checkpoints/<name>--val_loss=4.431-step=3.ckpt      top-k by monitor/mode (save_top_k)

@@ -1,4 +1,4 @@
-"""Optimizers and LR schedules from NeMo's `model.optim` section (spec §6).
+"""Optimizers and LR schedules from NeMo's `model.optim` section.
 
 Parameter groups follow NeMo's default exactly: one group holding *every* parameter, frozen ones included
 (they never get a gradient, so AdamW skips them) and no weight-decay exclusion. `weight_decay_exclusions: true`

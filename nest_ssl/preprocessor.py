@@ -1,4 +1,4 @@
-"""Audio front-end: NeMo 2.6.2's `AudioToMelSpectrogramPreprocessor` and its `FilterbankFeatures` (spec section 2).
+"""Audio front-end: NeMo 2.6.2's `AudioToMelSpectrogramPreprocessor` and its `FilterbankFeatures`.
 
 waveform (B, L) float + lengths (B,) samples -> log-mel features (B, F, T) float32 + frame lengths (B,) int64:
 dither (train only) -> pre-emphasis, zeroed past each length -> STFT (center=True, zero padding) -> magnitude, then
@@ -63,13 +63,6 @@ class AudioToMelSpectrogramPreprocessorConfig:
     # extras of ours: FilterbankFeatures arguments NeMo's preprocessor does not expose (NeMo defaults)
     max_duration: float = 16.7  # seconds; only used by pad_to="max"
     use_grads: bool = False  # False: forward runs under no_grad, as NeMo
-
-
-def check_sample_rate(sample_rate: int, expected: int, source: str = "audio") -> None:
-    """Raise if audio at `sample_rate` is fed to a front-end built for `expected` (NeMo never resamples here)."""
-    if int(sample_rate) != int(expected):
-        raise ValueError(f"sample_rate={sample_rate} of {source} differs from the preprocessor's "
-                         f"sample_rate={expected}; resample the audio or fix model.sample_rate")
 
 
 def _hz_to_mel(f: np.ndarray) -> np.ndarray:
@@ -289,9 +282,6 @@ class AudioToMelSpectrogramPreprocessor(nn.Module):
         self.win_length, self.hop_length = self.featurizer.win_length, self.featurizer.hop_length
         # not persistent, as in NeMo: .half() on the module makes the output half; the math stays float32
         self.register_buffer("dtype_sentinel_tensor", torch.tensor((), dtype=torch.float32), persistent=False)
-
-    def check_sample_rate(self, sample_rate: int, source: str = "audio") -> None:
-        check_sample_rate(sample_rate, self.sample_rate, source)
 
     def forward(self, input_signal: torch.Tensor, length: torch.Tensor,
                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -78,7 +78,7 @@ class ModelConfig:
     train_ds: Optional[DatasetConfig] = None
     validation_ds: Optional[DatasetConfig] = None
     preprocessor: Optional[dict] = None
-    spec_augment: Optional[dict] = None  # NeMo's NEST forward never applies it; it is built for the state_dict
+    spec_augment: Optional[dict] = None  # the contrastive model applies it; NEST (as NeMo's) never does
     masking: Optional[dict] = None
     quantizer: Optional[dict] = None
     encoder: Optional[dict] = None

@@ -1,6 +1,6 @@
 """Data-pipeline throughput: audio-seconds per wall-second and per CPU-second, compared with NeMo's CPU anchors.
 
-Synthetic corpus as in /work/shared/spec/nemo_cpu_anchors.md section 1: 200 speech-like files of 2-20 s (skewed
+Synthetic corpus like the one NeMo's CPU anchor figures were measured on: 200 speech-like files of 2-20 s (skewed
 short), 20 noise files of 5-30 s, 16 kHz mono, batch 8, the NEST batch augmentor. Stages are timed separately
 (decode+noise = dataset __getitem__, collate, augmentation) and end to end through build_dataloader with 0/1/2
 workers, for WAV and FLAC.

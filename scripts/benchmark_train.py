@@ -13,7 +13,8 @@ import sys
 
 import torch
 
-from nest_ssl.benchmark import append_rows, fit_scan, run_mode
+from nest_ssl.benchmark import DTYPES, append_rows, build, run_mode
+from nest_ssl.fit_scan import fit_scan
 
 
 def main(argv=None) -> int:
@@ -36,7 +37,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if args.scan:
-        print(fit_scan(args.config, args.overrides, args.batch, args.seconds, args.dtype, device))
+        _, run, model, _ = build(args.config, args.overrides, "eager", device)  # trainer.fit_scan's check
+        print(fit_scan(model, (args.batch, args.seconds), run.model.sample_rate, DTYPES[args.dtype], device))
         return 0
     rows = []
     for mode in args.modes.split(","):

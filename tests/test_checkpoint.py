@@ -43,7 +43,7 @@ def test_unfinished_marker_and_empty_dir(tmp_path):
 
 def test_nemo_filename_pattern():
     name = format_name("SSL-NEST--{val_loss:.3f}-{step}", "SSL-NEST", {"val_loss": 4.4312, "step": 3})
-    assert name == "SSL-NEST--val_loss=4.431-step=3"  # spec 7.3
+    assert name == "SSL-NEST--val_loss=4.431-step=3"  # Lightning's ModelCheckpoint name, as NeMo writes it
     with pytest.raises(ValueError, match="wer"):
         format_name("x--{wer:.2f}", "x", {"val_loss": 1.0})
 

@@ -10,7 +10,6 @@ from conftest import PARITY
 from nest_ssl.preprocessor import (
     AudioToMelSpectrogramPreprocessor,
     AudioToMelSpectrogramPreprocessorConfig,
-    check_sample_rate,
     mel_filterbank,
 )
 
@@ -216,14 +215,6 @@ def test_bad_input_raises(signal, length, match):
 def test_bad_config_raises(over, match):
     with pytest.raises(ValueError, match=match):
         make(**over)
-
-
-def test_check_sample_rate():
-    make().check_sample_rate(16000)
-    with pytest.raises(ValueError, match="sample_rate=8000"):
-        make().check_sample_rate(8000, source="train.wav")
-    with pytest.raises(ValueError, match="sample_rate=22050"):
-        check_sample_rate(22050, 16000)
 
 
 @pytest.mark.gpu

@@ -1,4 +1,4 @@
-"""NeMo's `ConformerFeedForward` (spec 3.4): linear1 -> SiLU -> dropout -> linear2, used twice per layer (macaron)."""
+"""NeMo's `ConformerFeedForward`: linear1 -> SiLU -> dropout -> linear2, used twice per layer (macaron)."""
 from __future__ import annotations
 
 import torch

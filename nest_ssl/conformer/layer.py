@@ -1,4 +1,4 @@
-"""The macaron `ConformerLayer` (spec 3.4): FF/2 -> self-attention -> conv module -> FF/2 -> LayerNorm."""
+"""The macaron `ConformerLayer`: FF/2 -> self-attention -> conv module -> FF/2 -> LayerNorm."""
 from __future__ import annotations
 
 from torch import nn

@@ -1,4 +1,4 @@
-"""Positional encodings (spec 3.3): relative (Transformer-XL, for rel_pos) and absolute (for abs_pos)."""
+"""Positional encodings: relative (Transformer-XL, for rel_pos) and absolute (for abs_pos)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""The contrastive model's decoders: `ConvASRDecoderReconstruction` and `ConvASRDecoder` (spec sections 7, 10.1)."""
+"""The contrastive model's decoders: `ConvASRDecoderReconstruction` and `ConvASRDecoder`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -49,7 +49,7 @@ class ConvASRDecoderReconstruction(nn.Module):
                        nn.BatchNorm1d(h, eps=1e-3, momentum=0.1)]
         layers += [act, nn.Conv1d(h, cfg.feat_out, 1)]
         self.decoder_layers = nn.Sequential(*layers)
-        for m in self.decoder_layers:  # xavier on weights only; biases keep the Conv default (spec 2.3)
+        for m in self.decoder_layers:  # xavier on weights only; biases keep the Conv default (NeMo's init)
             if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)):
                 nn.init.xavier_uniform_(m.weight, gain=1.0)
 

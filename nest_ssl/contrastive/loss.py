@@ -1,4 +1,4 @@
-"""`ContrastiveLoss` (spec contrastive_ssl.md section 9): wav2vec-2.0 InfoNCE over masked target steps.
+"""`ContrastiveLoss`: wav2vec-2.0 InfoNCE over masked target steps.
 
 Targets are k stacked log-mel frames per encoder step, quantized by a Gumbel quantizer (or projected by
 `target_proj` when `quantized_targets` is false). Each masked step is scored against its own target and N negatives

@@ -1,4 +1,4 @@
-"""`SpeechEncDecSelfSupervisedModel` (spec contrastive_ssl.md sections 2-3): contrastive SSL with loss_list heads.
+"""`SpeechEncDecSelfSupervisedModel`: NeMo's contrastive SSL with loss_list heads.
 
 Flow: preprocessor -> (unmasked copy = contrastive targets) -> MaskedPatchAugmentation -> spec_masks recovered from
 the zeroed values as NeMo does (|x| < 1e-5, frames >= length cleared) -> encoder -> for each active `loss_list` entry

@@ -1,4 +1,4 @@
-"""`MaskedPatchAugmentation` (spec contrastive_ssl.md section 5): zero whole time patches plus frequency bands.
+"""`MaskedPatchAugmentation`: zero whole time patches plus frequency bands.
 
 M patches of `patch_size` frames per utterance (the same M for every utterance, which the contrastive loss's
 per-utterance reshape needs), chosen with Python's `random.sample` among the whole patches inside each valid length;

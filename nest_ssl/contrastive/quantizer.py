@@ -1,4 +1,4 @@
-"""`GumbelVectorQuantizer` as NeMo's ContrastiveLoss builds it (spec contrastive_ssl.md section 8).
+"""`GumbelVectorQuantizer` as NeMo's ContrastiveLoss builds it.
 
 One codebook `vars` (1, V, vq_dim/G) shared by all G groups (combine_groups). Train mode picks each group's code with
 a straight-through hard Gumbel-softmax; eval mode takes the argmax. `target_ids` always come from the noise-free
@@ -19,7 +19,7 @@ class GumbelVectorQuantizer(nn.Module):
         self.groups, self.num_vars = groups, num_vars
         self.vars = nn.Parameter(torch.empty(1, num_vars, vq_dim // groups))  # combine_groups: one shared codebook
         self.weight_proj = nn.Linear(dim, groups * num_vars)
-        # Init order and distributions as NeMo (spec 2.3): vars U[0,1), weight_proj N(0,1), bias 0.
+        # Init order and distributions as NeMo (so a seeded init matches it): vars U[0,1), weight_proj N(0,1), bias 0.
         nn.init.uniform_(self.vars)
         nn.init.normal_(self.weight_proj.weight, mean=0, std=1)
         nn.init.zeros_(self.weight_proj.bias)

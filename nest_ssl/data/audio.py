@@ -1,4 +1,4 @@
-"""Audio decoding (soundfile), resampling, down-mixing, min-length padding and noise sampling (spec 5.1).
+"""Audio decoding (soundfile), resampling, down-mixing, min-length padding and noise sampling.
 
 `BadSample` is raised for anything wrong with one item; the dataset turns it into a skipped, counted item.
 Resampling uses torchaudio's sinc resampler (NeMo uses librosa's default, so resampled audio is close, not

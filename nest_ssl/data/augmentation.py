@@ -1,4 +1,4 @@
-"""`MultiSpeakerNoiseAugmentation`: corrupt part of each utterance with noise or other speakers (spec 4.4).
+"""`MultiSpeakerNoiseAugmentation`: corrupt part of each utterance with noise or other speakers.
 
 NeMo 2.6.2 semantics, including the order of every python-`random` call, so a seeded `random.Random` reproduces
 NeMo's output exactly (checked against nest_tiny/augmentation.json). Per utterance, `decide` makes every random
@@ -36,7 +36,7 @@ class MultiSpeakerNoiseAugmentationConfig:
     max_num_segments: int = 5
     min_num_speakers: int = 1
     max_num_speakers: int = 4
-    clean_skip: bool = False  # ours: skipped utterances stay clean (spec 10.2)
+    clean_skip: bool = False  # ours: skipped utterances stay clean (NeMo mixes them anyway)
 
 
 def _tile(x: torch.Tensor, n: int, out_len: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""`AudioNoiseItem` / `AudioNoiseBatch`: one sample and one padded batch of clean audio + noise (spec 1.5).
+"""`AudioNoiseItem` / `AudioNoiseBatch`: one sample and one padded batch of clean audio + noise.
 
 Same field names and defaults (all None) as NeMo's `ssl_dataset.py`, so the augmentor and model step read them
 the same way. Signals are float32 (B, Lmax) zero-padded; lengths are int64 (B,).

@@ -1,4 +1,4 @@
-"""`DatasetConfig`: the `model.train_ds` / `model.validation_ds` / `model.test_ds` sections (spec 5).
+"""`DatasetConfig`: the `model.train_ds` / `model.validation_ds` / `model.test_ds` sections.
 
 Fields are NeMo's keys for these sections (same names and defaults as NeMo 2.6.2's AudioNoiseDataset /
 TarredAudioNoiseDataset / concat / bucketing config), plus documented extras of ours at the bottom.

@@ -1,4 +1,4 @@
-"""`AudioNoiseDataset` (map-style) and the AudioNoise collate function (spec 5.1).
+"""`AudioNoiseDataset` (map-style) and the AudioNoise collate function.
 
 Items are decoded lazily; a bad item (missing/corrupt/empty/NaN file) comes back as a `BadItem` instead of
 raising, so one file cannot kill a DataLoader worker; the collate drops it and reports it to the loader, which

@@ -1,4 +1,4 @@
-"""JSON-lines manifests (spec 5.1): parsing, relative paths, duration filter, brace expansion of path lists.
+"""JSON-lines manifests: parsing, relative paths, duration filter, brace expansion of path lists.
 
 Each entry becomes a `ManifestEntry`. Relative `audio_filepath`s are joined with the manifest's folder when
 that file exists (NeMo's rule), except for tarred manifests where the path is only a member name.

@@ -1,4 +1,4 @@
-"""`MultiSoftmaxDecoder`: a 1x1 conv from encoder frames to H codebooks x C classes, log-softmax (spec 4.3)."""
+"""`MultiSoftmaxDecoder`: a 1x1 conv from encoder frames to H codebooks x C classes, log-softmax."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,9 +1,9 @@
-"""Masked-token-prediction losses `MLMLoss` / `MultiMLMLoss` (spec 4.5) with a finite no-token case (spec 10.1).
+"""Masked-token-prediction losses `MLMLoss` / `MultiMLMLoss`.
 
 A token is a target when the mean of its `combine_time_steps` mask frames is > mask_threshold (7/8 counts at 0.8,
 6/8 does not). The NLL is averaged over all selected tokens of the batch, then over codebooks. NeMo returns NaN when
-no token is selected; we return 0 (finite, back-propagates zeros) and record the event in `last_num_selected` /
-`last_no_token` (0-dim tensors on the outputs' device: no host sync in the step) so training can report it.
+no token is selected; we return 0 (finite, back-propagates zeros). `last_num_selected` (a 0-dim tensor on the
+outputs' device: no host sync in the step) holds the count so training can report it.
 """
 from __future__ import annotations
 
@@ -77,7 +77,6 @@ class MultiMLMLoss(nn.Module):
         self.cfg = cfg
         self.mlm_loss = MLMLoss(MLMLossConfig(cfg.combine_time_steps, cfg.mask_threshold))
         self.last_num_selected = 0
-        self.last_no_token = False
 
     def forward(self, masks, decoder_outputs, targets, decoder_lengths=None) -> torch.Tensor:
         H = self.cfg.num_decoders
@@ -91,5 +90,4 @@ class MultiMLMLoss(nn.Module):
                              f"quantizer must equal num_decoders={H}")
         loss = sum(self.mlm_loss(masks, decoder_outputs[..., h], targets[..., h]) for h in range(H)) / H
         self.last_num_selected = self.mlm_loss.last_num_selected
-        self.last_no_token = self.last_num_selected == 0  # tensor, like last_num_selected
         return loss

@@ -1,4 +1,4 @@
-"""`RandomBlockMasking`: replace random time blocks of (B, F, T) features by a fixed embedding (spec 4.1).
+"""`RandomBlockMasking`: replace random time blocks of (B, F, T) features by a fixed embedding.
 
 Same distribution as NeMo 2.6.2, vectorised over the batch with no host syncs, drawn from a `torch.Generator`
 (NeMo's RNG stream is not reproduced: parity tests inject masks through `apply_masks`).

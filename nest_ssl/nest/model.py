@@ -1,4 +1,4 @@
-"""NEST models: `EncDecMaskedTokenPredModel` and `EncDecDenoiseMaskedTokenPredModel` (spec 1).
+"""NEST models: `EncDecMaskedTokenPredModel` and `EncDecDenoiseMaskedTokenPredModel`.
 
     clean audio -> preprocessor -> quantizer -> tokens (targets, fp32/fp64, outside autocast)
     noisy audio -> preprocessor -> mask -> encoder -> decoder -> log_probs
@@ -9,9 +9,9 @@ quantizer, mask_processor, decoder, loss), so the state_dict keys and their orde
 no throw-away encoder/decoder; `burn_rng=True` builds and drops them anyway so a `torch.manual_seed(s)` init equals
 NeMo's bit for bit. `spec_augment` is accepted and unused (NeMo's NEST forward never applies it).
 
-`mask_position: post_conv` implements NeMo's evident intent (its own path crashes, spec 1.3): tokens come from the
-pre-encoded clean frames with `combine_time_steps = 1`, masks are drawn on and applied to the pre-encoded noisy frames
-(through a forward hook on `encoder.pre_encode`, so no key changes), and pre_encode keeps its gradient.
+`mask_position: post_conv` implements NeMo's evident intent (NeMo 2.6.2's own path crashes on a shape mismatch): tokens
+come from the pre-encoded clean frames with `combine_time_steps = 1`, masks are drawn on and applied to the pre-encoded
+noisy frames (through a forward hook on `encoder.pre_encode`, so no key changes), and pre_encode keeps its gradient.
 """
 from __future__ import annotations
 
@@ -71,7 +71,6 @@ class EncDecMaskedTokenPredModel(nn.Module):
         if books != heads or loss.cfg.num_decoders != heads:
             raise ValueError(f"quantizer num_books={books}, decoder num_decoders={heads} and loss num_decoders="
                              f"{loss.cfg.num_decoders} must be equal")
-        self.last_stats: dict = {}
 
     @classmethod
     def from_config(cls, model_cfg: dict, burn_rng: bool = False, device: str | torch.device | None = None):
@@ -140,8 +139,7 @@ class EncDecMaskedTokenPredModel(nn.Module):
     def compute_loss(self, log_probs, encoded_len, masks, tokens) -> tuple[torch.Tensor, dict]:
         loss = self.loss(masks, log_probs, tokens, encoded_len)
         n = self.loss.last_num_selected
-        self.last_stats = {"masked_tokens": n, "no_token": (n == 0).long()}  # device tensors: no host sync
-        return loss, dict(self.last_stats)
+        return loss, {"masked_tokens": n, "no_token": (n == 0).long()}  # device tensors: no host sync
 
     def _step_inputs(self, batch) -> dict:
         return {"input_signal": batch.audio, "input_signal_length": batch.audio_len}
@@ -160,7 +158,7 @@ class EncDecMaskedTokenPredModel(nn.Module):
 
 
 class EncDecDenoiseMaskedTokenPredModel(EncDecMaskedTokenPredModel):
-    """NEST: tokens from the CLEAN features; masking, encoder and decoder see the NOISY ones (spec 1.2)."""
+    """NEST: tokens from the CLEAN features; masking, encoder and decoder see the NOISY ones."""
 
     def forward(self, input_signal=None, input_signal_length=None, processed_signal=None,
                 processed_signal_length=None, noise_signal=None, noise_signal_length=None,

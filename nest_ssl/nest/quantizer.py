@@ -1,4 +1,4 @@
-"""BEST-RQ random-projection quantizer: frozen projection + frozen float64 codebooks -> target tokens (spec 4.2).
+"""BEST-RQ random-projection quantizer: frozen projection + frozen float64 codebooks -> target tokens.
 
 NeMo's l2 path materialises x - codebook as (B, T', H, code_dim, C) in float64 (about 6 GB for 8 x 60 s at
 C=8192). We take the argmin of ||x||^2 - 2 x.c + ||c||^2 instead, one float64 matmul, and prove in

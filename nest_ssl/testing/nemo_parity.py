@@ -7,10 +7,17 @@ loads the set's NeMo state_dict strictly (no key mapping: our attribute names ar
 """
 from __future__ import annotations
 
+import copy
+import random
+import warnings
+
 import numpy as np
 import torch
 
-from nest_ssl import nemo_compat
+from nest_ssl import export, nemo_compat
+from nest_ssl.config import from_dict
+from nest_ssl.data.augmentation import MultiSpeakerNoiseAugmentation
+from nest_ssl.optim import OptimConfig, SchedConfig, build_scheduler
 
 
 def _t(x, dtype=None):
@@ -24,22 +31,17 @@ def _sub_state(state_dict: dict, prefix: str) -> dict:
     return {k[n:]: _t(v) for k, v in state_dict.items() if k.startswith(prefix + ".")}
 
 
-# ---- front-end (preprocessor) ----------------------------------------------------------------------
-def build_preprocessor(cfg: dict, state_dict: dict | None = None):
-    """Our AudioToMelSpectrogramPreprocessor from cfg["model"]["preprocessor"] (eval), NeMo buffers loaded strictly."""
-    from nest_ssl.preprocessor import AudioToMelSpectrogramPreprocessor, AudioToMelSpectrogramPreprocessorConfig
-
-    section = {k: v for k, v in cfg["model"]["preprocessor"].items() if k != "_target_"}
-    try:
-        from nest_ssl.config import from_dict
-    except ImportError:  # the config system is optional here: the parity set's values are already resolved
-        pcfg = AudioToMelSpectrogramPreprocessorConfig(**section)
-    else:
-        pcfg = from_dict(AudioToMelSpectrogramPreprocessorConfig, section, path="model.preprocessor")
-    pre = AudioToMelSpectrogramPreprocessor(pcfg)
+# ---- sections built through the _target_ table, NeMo state loaded strictly -----------------------------------
+def _section(cfg: dict, key: str, state_dict: dict | None = None, prefix: str | None = None) -> torch.nn.Module:
+    """Our module for cfg["model"][key] (eval), its NeMo state_dict entries under `prefix` (default: key) loaded."""
+    module = nemo_compat.instantiate(cfg["model"][key], f"model.{key}")
     if state_dict is not None:
-        pre.load_state_dict(_sub_state(state_dict, "preprocessor"), strict=True)
-    return pre.eval()
+        module.load_state_dict(_sub_state(state_dict, prefix or key), strict=True)
+    return module.eval()
+
+
+def build_preprocessor(cfg: dict, state_dict: dict | None = None):
+    return _section(cfg, "preprocessor", state_dict)
 
 
 def features(wave, wave_lengths, state_dict, cfg):
@@ -48,15 +50,8 @@ def features(wave, wave_lengths, state_dict, cfg):
     return feats.numpy(), lens.numpy()
 
 
-
-# ---- encoder ----------------------------------------------------------------------------------------
 def build_encoder(cfg: dict, state_dict: dict | None = None):
-    from nest_ssl.nemo_compat import instantiate
-
-    enc = instantiate(cfg["model"]["encoder"], "model.encoder")
-    if state_dict is not None:
-        enc.load_state_dict(_sub_state(state_dict, "encoder"), strict=True)
-    return enc.eval()
+    return _section(cfg, "encoder", state_dict)
 
 
 def pre_encode(features, feature_lengths, state_dict, cfg):
@@ -73,61 +68,35 @@ def encode(features, feature_lengths, state_dict, cfg):
     return x.numpy(), lengths.numpy()
 
 
-
-# ---- SSL heads, losses, augmentation, full models -----------------------------------------------
-def _ssl_config(config_class, section: dict, path: str):
-    section = {k: v for k, v in section.items() if k != "_target_"}
-    try:
-        from nest_ssl.config import from_dict
-    except ImportError:  # the parity set's values are already resolved
-        return config_class(**section)
-    return from_dict(config_class, section, path=path)
-
-
-def _ssl_module(module_class, cfg: dict, key: str, state_dict: dict | None = None, prefix: str | None = None):
-    mod = module_class(_ssl_config(module_class.config_class, cfg["model"][key], f"model.{key}"))
-    if state_dict is not None:
-        mod.load_state_dict(_sub_state(state_dict, prefix or key), strict=True)
-    return mod.eval()
-
-
 def quantize(x, state_dict, cfg):
-    from nest_ssl.nest.quantizer import RandomProjectionVectorQuantizer
-
-    q = _ssl_module(RandomProjectionVectorQuantizer, cfg, "quantizer", state_dict)  # the module as configured
+    q = _section(cfg, "quantizer", state_dict)  # the module as configured
     with torch.no_grad():
         xq, tokens = q(_t(x, torch.float32))
     return xq.numpy(), tokens.numpy()
 
 
 def mask(x, lengths, masks, state_dict, cfg):
-    from nest_ssl.nest.masking import RandomBlockMasking
-
-    m = _ssl_module(RandomBlockMasking, cfg, "masking", state_dict, prefix="mask_processor")
+    m = _section(cfg, "masking", state_dict, prefix="mask_processor")
     with torch.no_grad():
         return m.apply_masks(_t(x, torch.float32), _t(masks, torch.float32)).numpy()
 
 
 def decode(encoded, state_dict, cfg):
-    from nest_ssl.nest.decoder import MultiSoftmaxDecoder
-
-    dec = _ssl_module(MultiSoftmaxDecoder, cfg, "decoder", state_dict)
+    dec = _section(cfg, "decoder", state_dict)
     with torch.no_grad():
         return dec(_t(encoded, torch.float32)).numpy()
 
 
 def mlm_loss(masks, log_probs, tokens, cfg):
-    from nest_ssl.nest.losses import MultiMLMLoss
-
-    loss = _ssl_module(MultiMLMLoss, cfg, "loss")
+    loss = _section(cfg, "loss")
     return float(loss(_t(masks, torch.float32), _t(log_probs, torch.float32), _t(tokens, torch.int64)))
 
 
-def _augmentor(aug_cfg):
-    from nest_ssl.data.augmentation import MultiSpeakerNoiseAugmentation
-
-    return MultiSpeakerNoiseAugmentation(_ssl_config(MultiSpeakerNoiseAugmentation.config_class, aug_cfg,
-                                                     "model.train_ds.batch_augmentor"))
+# ---- batch augmentation ---------------------------------------------------------------------------------------
+def _augmentor(aug_cfg: dict) -> MultiSpeakerNoiseAugmentation:
+    section = {k: v for k, v in aug_cfg.items() if k != "_target_"}
+    return MultiSpeakerNoiseAugmentation(from_dict(MultiSpeakerNoiseAugmentation.config_class, section,
+                                                   "model.train_ds.batch_augmentor"))
 
 
 def _augment_out(noise, noise_len, noisy, noisy_len):
@@ -136,8 +105,6 @@ def _augment_out(noise, noise_len, noisy, noisy_len):
 
 
 def augment(audio, audio_lengths, noise, noise_lengths, aug_cfg, seed):
-    import random
-
     aug, rng = _augmentor(aug_cfg), random.Random(seed)
     lens = [int(x) for x in audio_lengths]
     decisions = [aug.decide(i, lens, rng) for i in range(len(lens))]
@@ -151,8 +118,6 @@ def augment_with_decisions(audio, audio_lengths, noise, noise_lengths, decisions
 
 def build_model(cfg: dict, state_dict: dict | None = None, train: bool = False):
     """The whole NEST model, NeMo state_dict loaded strictly. train=True: train mode, dropout 0, dither 0."""
-    import copy
-
     model_cfg = copy.deepcopy(cfg["model"])
     if train:
         model_cfg["preprocessor"]["dither"] = 0.0
@@ -221,16 +186,9 @@ def model_summary(model_cfg: dict) -> dict:
     return {"rows": rows, "total": total, "trainable": trainable, "frozen": total - trainable}
 
 
-
 # ---- optimisation (NoamAnnealing) -------------------------------------------------------------------
 def noam_lr(steps, sched, cfg):
     """lr optimizer step s uses: run our Scheduler (stepped after each optimizer step, like Lightning)."""
-    import warnings
-
-    import torch
-
-    from nest_ssl.optim import OptimConfig, SchedConfig, build_scheduler
-
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([p], lr=sched["lr"], betas=(0.9, 0.98), weight_decay=1e-3)
     ocfg = OptimConfig(lr=sched["lr"], sched=SchedConfig(name="NoamAnnealing", d_model=sched["d_model"],
@@ -250,17 +208,13 @@ def noam_lr(steps, sched, cfg):
 def load_nemo(path):
     """(model config dict, state_dict of numpy arrays under NeMo keys) from a `.nemo`, a NeMo `.ckpt` or ours:
     the same reader `nest_ssl.export.load_pretrained` uses."""
-    from nest_ssl.export import read_checkpoint
-
-    model_cfg, state = read_checkpoint(path)
+    model_cfg, state = export.read_checkpoint(path)
     return model_cfg, {k: v.numpy() for k, v in state.items()}
 
 
 def save_nemo(model_cfg, state_dict, path):
     """Write a `.nemo` NeMo's restore_from loads: the model is built from `model_cfg` and the state_dict loaded
     strictly (a wrong key fails here, not in NeMo), then saved through `nest_ssl.export.save_nemo`."""
-    from nest_ssl import export
-
     model = export.build_model(model_cfg)
     model.load_state_dict({k: _t(v) for k, v in state_dict.items()}, strict=True)
     return str(export.save_nemo(model, model_cfg, path))
