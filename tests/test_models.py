@@ -190,7 +190,6 @@ def test_heads_state_dict_rows_equal_nemo_nest_large(stub_encoder):
 
 
 def test_nest_large_state_dict_equals_nemo():
-    pytest.importorskip("nest_ssl.conformer.encoder")
     from nest_ssl.testing.nemo_parity import model_summary
 
     summary = model_summary(_nest_large_cfg())
@@ -200,7 +199,6 @@ def test_nest_large_state_dict_equals_nemo():
 
 def test_burn_rng_reproduces_nemo_seeded_init():
     """nest_tiny's state_dict is NeMo's init after torch.manual_seed(1234); burn_rng replays NeMo's build order."""
-    pytest.importorskip("nest_ssl.conformer.encoder")
     sd = np.load(PARITY / "nest_tiny" / "state_dict.npz")
     torch.manual_seed(json.loads((PARITY / "nest_tiny" / "manifest.json").read_text())["seed"])
     model = EncDecDenoiseMaskedTokenPredModel.from_config(TINY, burn_rng=True)
