@@ -12,7 +12,6 @@ import contextlib
 import copy
 import dataclasses
 import os
-import pickle
 import time
 from pathlib import Path
 
@@ -32,21 +31,18 @@ EXPORT_FORMATS = ("pt2", "onnx")
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(model config, state_dict under NeMo keys) from a `.nemo`, a NeMo Lightning `.ckpt` or one of our checkpoints.
 
-    Our checkpoints (nest_ssl.checkpoint) load with `weights_only=True` and carry the whole run config; a NeMo
-    `.ckpt` fails that (its hyper_parameters are omegaconf objects) and goes through nemo_io's allow-list unpickler.
+    Every torch file goes through nemo_io's allow-list unpickler (never `torch.load(weights_only=False)`): a NeMo
+    `.ckpt` keeps its config as `hyper_parameters['cfg']`, ours as the whole run config under `config`.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".nemo":
         return nemo_io.read_nemo(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # weights_only refuses NeMo's pickled DictConfig
-        cfg, state = nemo_io.load_nemo_weights(path)
-        return _model_section(cfg, path, "hyper_parameters['cfg']"), state
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise nemo_io.NemoFileError(f"{path}: not a model checkpoint (no 'state_dict'; keys {list(ckpt)[:10]})")
+    ckpt = nemo_io.read_ptl_checkpoint(path)
+    if "hyper_parameters" in ckpt:
+        cfg = (ckpt["hyper_parameters"] or {}).get("cfg")
+        return _model_section(cfg, path, "hyper_parameters['cfg']"), dict(ckpt["state_dict"])
     return _model_section(ckpt.get("config"), path, "'config'"), dict(ckpt["state_dict"])
 
 
@@ -70,6 +66,76 @@ def load_pretrained(path: str | os.PathLike, map_location: str | torch.device = 
     model.load_state_dict(state, strict=True)
     model.model_cfg = cfg  # kept for save_nemo and feature extraction (not a module, not in the state_dict)
     return model.to(map_location).eval()
+
+
+# ---- continuing a NeMo run --------------------------------------------------------------------------------
+
+# The generic LRScheduler fields of a scheduler state; NeMo's schedule parameters (warmup_steps, max_steps, ...)
+# come from the config instead, so a resumed run with a longer trainer.max_steps keeps its own.
+_SCHED_KEYS = ("base_lrs", "last_epoch", "_step_count", "_last_lr", "_is_initial", "_get_lr_called_within_step")
+
+
+def training_state(path: str | os.PathLike, model: nn.Module, optim_cfg: dict) -> dict:
+    """The optimizer, scheduler and position of a NeMo Lightning `.ckpt`, as our training checkpoint holds them.
+
+    Returns {"optimizer", "scheduler", "global_step", "epoch"}. The optimizer state is loaded into an optimizer
+    built from `optim_cfg` (NeMo's `model.optim`) for `model` (weights already loaded), which checks the group
+    layout; each moment tensor's shape is checked against its parameter's (torch does not).
+    """
+    from nest_ssl.config import from_dict
+    from nest_ssl.optim import OptimConfig, build_optimizer, build_scheduler
+
+    path = Path(path)
+    ckpt = nemo_io.read_ptl_checkpoint(path)
+    if not ckpt.get("optimizer_states") or "global_step" not in ckpt:
+        raise nemo_io.NemoFileError(f"{path}: no optimizer_states / global_step; not a Lightning training checkpoint")
+    cfg = from_dict(OptimConfig, optim_cfg, "model.optim")
+    optimizer = build_optimizer(model, cfg)
+    try:
+        optimizer.load_state_dict(ckpt["optimizer_states"][0])
+    except (ValueError, KeyError) as e:
+        raise nemo_io.NemoFileError(f"{path}: optimizer_states[0] does not fit {cfg.name} over this model ({e})") from e
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for i, st in optimizer.state_dict()["state"].items():
+        bad = [k for k, v in st.items() if k != "step" and v.shape != params[i].shape]
+        if bad:
+            raise nemo_io.NemoFileError(f"{path}: optimizer state of parameter {i} ({bad[0]}) has shape "
+                                        f"{tuple(st[bad[0]].shape)}, the parameter {tuple(params[i].shape)}")
+    opt_state = optimizer.state_dict()  # before a scheduler is built: its first step would reset the lr
+    sched_state = None
+    if ckpt.get("lr_schedulers"):
+        sched_state = {k: v for k, v in ckpt["lr_schedulers"][0].items() if k in _SCHED_KEYS}
+        scheduler = build_scheduler(optimizer, cfg, None)
+        if scheduler is None:
+            raise nemo_io.NemoFileError(f"{path}: holds a scheduler state but model.optim has no sched")
+        scheduler.load_state_dict(sched_state)
+    return {"optimizer": opt_state, "scheduler": sched_state,
+            "global_step": int(ckpt["global_step"]), "epoch": int(ckpt.get("epoch", 0))}
+
+
+def to_training_checkpoint(src: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write `src` (a NeMo `.ckpt`, a `.nemo` or ours) as our training checkpoint.
+
+    From a NeMo `.ckpt` it holds the AdamW state, scheduler, step and epoch, so a run continues from it
+    (`exp_manager.resume_from_checkpoint`); the data order restarts at the beginning of that epoch (Lightning's
+    loop counters do not map to our sampler). A `.nemo` holds weights only: the file has weights and config and
+    loads through load_pretrained / init_from_nemo_model, not as a resume point.
+    """
+    from nest_ssl import checkpoint
+
+    cfg, state = read_checkpoint(src)
+    model = build_model(cfg)
+    model.load_state_dict(state, strict=True)
+    body = {"format_version": checkpoint.FORMAT_VERSION, "state_dict": model.state_dict(), "global_step": 0,
+            "config": {"model": cfg}}
+    if Path(src).suffix != ".nemo" and "hyper_parameters" in nemo_io.read_ptl_checkpoint(src):
+        if "optim" not in cfg:
+            raise nemo_io.NemoFileError(f"{src}: hyper_parameters['cfg'] has no optim section")
+        ts = training_state(src, model, cfg["optim"])
+        body.update(ts, scaler=None, rng=checkpoint.rng_state(),
+                    loader={"epoch": ts["epoch"], "start": 0, "bad_samples": []})
+    checkpoint.atomic_save(body, out)
+    return Path(out)
 
 
 # ---- saving ------------------------------------------------------------------------------------------------
@@ -292,7 +358,11 @@ def _partial(state: dict, include, exclude) -> dict:
 def init_from_pretrained(model: nn.Module, run_cfg: dict) -> list[str]:
     """Apply the run config's top-level `init_from_nemo_model` / `init_from_ptl_ckpt` as NeMo does
     (`maybe_init_from_pretrained_checkpoint`): a path loads every weight, a mapping `{name: {path, include, exclude}}`
-    loads the filtered part; both with `strict=False`. Returns one log line per source (keys loaded, missing)."""
+    loads the filtered part; both with `strict=False`. Returns one log line per source (keys loaded, missing).
+
+    Both take weights only, as in NeMo: the AdamW state, scheduler and step of a `.ckpt` are not applied here. To
+    continue a NeMo run with them, convert the `.ckpt` with `to_training_checkpoint` (`scripts/export.py --format
+    ckpt`) and resume from the result."""
     if run_cfg.get("init_from_pretrained_model"):
         raise ValueError(f"init_from_pretrained_model={run_cfg['init_from_pretrained_model']!r} needs a download from "
                          "NVIDIA's catalogue; download the .nemo and give its path as init_from_nemo_model")

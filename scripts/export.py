@@ -4,10 +4,13 @@
     python scripts/export.py model.nemo --out encoder_with_frontend.pt2 --with-preprocessor --device cuda
     python scripts/export.py model.nemo --out encoder.onnx --format onnx      # needs: pip install 'nest_ssl[onnx]'
     python scripts/export.py model.nemo --out model_copy.nemo --format nemo   # re-save as a NeMo-loadable .nemo
+    python scripts/export.py nemo_run-last.ckpt --out run/checkpoints/x-last.ckpt --format ckpt  # continue a NeMo run
 
 The checkpoint may be a `.nemo`, a NeMo Lightning `.ckpt` or one of our training checkpoints. Inputs of the exported
 program: (x, lengths) with x = features (B, feat_in, T) or, with --with-preprocessor, audio (B, samples); outputs
-(encoded (B, d_model, T'), encoded_len (B,)). Batch and time are dynamic.
+(encoded (B, d_model, T'), encoded_len (B,)). Batch and time are dynamic. `--format ckpt` writes our training
+checkpoint; from a NeMo `.ckpt` it keeps the AdamW state, scheduler and step (resume it with
+exp_manager.resume_from_checkpoint).
 """
 import argparse
 import sys
@@ -16,8 +19,8 @@ import sys
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help=".nemo, NeMo .ckpt or our training checkpoint")
-    p.add_argument("--out", required=True, help="output file (.pt2, .onnx or .nemo)")
-    p.add_argument("--format", choices=("pt2", "onnx", "nemo"), default="pt2")
+    p.add_argument("--out", required=True, help="output file (.pt2, .onnx, .nemo or .ckpt)")
+    p.add_argument("--format", choices=("pt2", "onnx", "nemo", "ckpt"), default="pt2")
     p.add_argument("--with-preprocessor", action="store_true", help="take audio instead of features")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]; the program is exported for this device")
     p.add_argument("--verify", type=int, default=3, metavar="N", help="compare with eager on N random batches (0: off)")
@@ -28,6 +31,9 @@ def main(argv=None) -> int:
 
     from nest_ssl import export
 
+    if args.format == "ckpt":
+        print(f"wrote {export.to_training_checkpoint(args.checkpoint, args.out)}")
+        return 0
     model = export.load_pretrained(args.checkpoint, map_location=args.device)
     if args.format == "nemo":
         print(f"wrote {export.save_nemo(model, model.model_cfg, args.out)}")

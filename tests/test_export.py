@@ -1,8 +1,6 @@
 """nest_ssl.export: pretrained models in (.nemo, NeMo .ckpt, ours) and out (.nemo, torch.export, ONNX)."""
 import copy
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -107,24 +105,6 @@ def test_our_training_checkpoint_loads(tmp_path, encoder_impl):
     torch.save({"format_version": 1, "state_dict": model.state_dict(), "global_step": 3, "config": run_cfg},
                tmp_path / "x-last.ckpt")
     back = export.load_pretrained(tmp_path / "x-last.ckpt")
-    assert_same_state(model.state_dict(), back.state_dict())
-
-
-def test_nemo_lightning_ckpt_loads_without_omegaconf(tmp_path, monkeypatch, encoder_impl):
-    model = tiny_model(encoder_impl)
-    # A stand-in for omegaconf's DictConfig, pickled under omegaconf's module name as in NeMo's .ckpt files.
-    fake = types.ModuleType("omegaconf.dictconfig")
-    DictConfig = type("DictConfig", (), {"__module__": "omegaconf.dictconfig"})
-    fake.DictConfig = DictConfig
-    monkeypatch.setitem(sys.modules, "omegaconf", types.ModuleType("omegaconf"))
-    monkeypatch.setitem(sys.modules, "omegaconf.dictconfig", fake)
-    hp = DictConfig()
-    hp._content = tiny_model_cfg()
-    torch.save({"state_dict": model.state_dict(), "global_step": 5, "hyper_parameters": {"cfg": hp}},
-               tmp_path / "nemo.ckpt")
-    monkeypatch.delitem(sys.modules, "omegaconf.dictconfig")  # the reader must not need it
-    monkeypatch.delitem(sys.modules, "omegaconf")
-    back = export.load_pretrained(tmp_path / "nemo.ckpt")
     assert_same_state(model.state_dict(), back.state_dict())
 
 
