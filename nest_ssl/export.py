@@ -167,6 +167,10 @@ def nemo_model_config(model: nn.Module, model_cfg: dict) -> dict:
     from nest_ssl.nemo_compat import nemo_target
 
     cfg = to_nemo_targets(copy.deepcopy(model_cfg))
+    if cfg.get("mask_position") == "post_conv":
+        # NeMo's post_conv sets quantizer.feat_in itself but keeps combine_time_steps from the config; written
+        # here, NeMo builds the same quantizer projection as ours and loads the weights strictly.
+        cfg["quantizer"].update(feat_in=cfg["encoder"]["d_model"], combine_time_steps=1)
     cfg["target"] = nemo_target(model)
     cfg.setdefault("nemo_version", NEMO_VERSION)
     return cfg

@@ -144,14 +144,12 @@ def test_bad_input_raises(stub_encoder):
         EncDecMaskedTokenPredModel.from_config(bad)
 
 
-def test_post_conv_masks_pre_encoded_frames_and_keeps_keys(stub_encoder):
+def test_post_conv_masks_pre_encoded_frames_and_trains_pre_encode(stub_encoder):
     cfg = copy.deepcopy(TINY)
     cfg["mask_position"] = "post_conv"
     cfg["masking"]["mask_prob"] = 0.3
     model = EncDecDenoiseMaskedTokenPredModel.from_config(cfg).train()
-    pre = EncDecDenoiseMaskedTokenPredModel.from_config(TINY)
-    assert [k for k in model.state_dict() if "quantizer" not in k and "mask" not in k] == \
-        [k for k in pre.state_dict() if "quantizer" not in k and "mask" not in k]
+    assert model.encoder.pre_encode is model.pre_encoder and model.pre_encoder.masking is model.mask_processor
     assert model.quantizer.cfg.combine_time_steps == 1 and model.mask_processor.cfg.block_size == 40 // 8
     clean, lens = _audio(lengths=(48000, 40000, 32000))
     lp, enc_len, masks, tokens = model(input_signal=clean, input_signal_length=lens, noisy_input_signal=clean,
@@ -161,7 +159,7 @@ def test_post_conv_masks_pre_encoded_frames_and_keeps_keys(stub_encoder):
     loss, stats = model.compute_loss(lp, enc_len, masks, tokens)
     loss.backward()
     assert stats["masked_tokens"] > 0
-    assert model.encoder.pre_encode.out.weight.grad.abs().sum() > 0  # no detach: pre_encode learns
+    assert model.encoder.pre_encode.pre_encode.out.weight.grad.abs().sum() > 0  # no detach: pre_encode learns
 
 
 # ---- with the real encoder ------------------------------------------------------------------------------------
@@ -206,3 +204,92 @@ def test_burn_rng_reproduces_nemo_seeded_init():
     assert list(ours) == list(sd.files)
     differ = [k for k in sd.files if not np.array_equal(ours[k].numpy(), sd[k])]
     assert differ == []
+
+
+# ---- post_conv: NeMo's ConvFeatureMaksingWrapper layout ---------------------------------------------------------
+def _post_conv_cfg():
+    cfg = copy.deepcopy(TINY)
+    cfg["mask_position"] = "post_conv"
+    cfg["encoder"]["conv_norm_type"] = "layer_norm"
+    return cfg
+
+
+def _nemo_post_conv_keys(pre_conv_keys: list[str]) -> list[str]:
+    """NeMo's post_conv keys, derived from its pre_conv ones: the wrapper takes pre_encode's slot in the encoder
+    (`pre_encode.pre_encode.*` then `pre_encode.masking.mask_embedding`) and is registered once more, last, as
+    `pre_encoder`."""
+    sub = [k[len("encoder.pre_encode."):] for k in pre_conv_keys if k.startswith("encoder.pre_encode.")]
+    wrapped = [f"encoder.pre_encode.pre_encode.{k}" for k in sub] + ["encoder.pre_encode.masking.mask_embedding"]
+    first = next(i for i, k in enumerate(pre_conv_keys) if k.startswith("encoder.pre_encode."))
+    rest = [k for k in pre_conv_keys if not k.startswith("encoder.pre_encode.")]
+    return rest[:first] + wrapped + rest[first:] + [f"pre_encoder.pre_encode.{k}" for k in sub] + \
+        ["pre_encoder.masking.mask_embedding"]
+
+
+def test_post_conv_state_dict_has_nemo_keys_order_and_aliases():
+    pytest.importorskip("nest_ssl.conformer.encoder")
+    pre = EncDecDenoiseMaskedTokenPredModel.from_config({**_post_conv_cfg(), "mask_position": "pre_conv"})
+    model = EncDecDenoiseMaskedTokenPredModel.from_config(_post_conv_cfg())
+    sd = model.state_dict()
+    assert list(sd) == _nemo_post_conv_keys(list(pre.state_dict()))
+    assert not any("batch_norm.running" in k or "num_batches" in k for k in sd)  # layer_norm: no BN buffers
+    emb = [sd[k] for k in sd if k.endswith("mask_embedding")]
+    assert len(emb) == 3 and all(e.data_ptr() == emb[0].data_ptr() for e in emb)  # one tensor, three names
+    out_w = ["encoder.pre_encode.pre_encode.out.weight", "pre_encoder.pre_encode.out.weight"]
+    assert sd[out_w[0]].data_ptr() == sd[out_w[1]].data_ptr()
+    assert len(list(model.parameters())) == len(list(pre.parameters()))  # the optimizer sees each tensor once
+
+
+def test_post_conv_nemo_state_dict_loads_strict_both_ways(tmp_path):
+    pytest.importorskip("nest_ssl.conformer.encoder")
+    from nest_ssl import export
+    from nest_ssl.nemo_io import read_nemo
+
+    torch.manual_seed(0)
+    src = EncDecDenoiseMaskedTokenPredModel.from_config(_post_conv_cfg())
+    nemo_sd = {k: v.clone() for k, v in src.state_dict().items()}  # NeMo's layout: the test above pins it
+    dst = EncDecDenoiseMaskedTokenPredModel.from_config(_post_conv_cfg())
+    dst.load_state_dict(nemo_sd, strict=True)
+    assert all(torch.equal(dst.state_dict()[k], v) for k, v in nemo_sd.items())
+    for drop in ("pre_encoder.masking.mask_embedding", "encoder.pre_encode.pre_encode.out.bias"):
+        with pytest.raises(RuntimeError, match="Missing key"):
+            dst.load_state_dict({k: v for k, v in nemo_sd.items() if k != drop}, strict=True)
+    pre_conv_layout = {k.replace("encoder.pre_encode.pre_encode.", "encoder.pre_encode."): v
+                       for k, v in nemo_sd.items() if "pre_encoder." not in k and ".masking." not in k}
+    with pytest.raises(RuntimeError, match="Missing key"):
+        dst.load_state_dict(pre_conv_layout, strict=True)
+    src.model_cfg = _post_conv_cfg()
+    path = export.save_nemo(src, src.model_cfg, tmp_path / "post_conv.nemo")
+    cfg, written = read_nemo(path)
+    assert list(written) == list(nemo_sd)  # what NeMo's restore_from loads strictly
+    assert cfg["quantizer"]["combine_time_steps"] == 1 and cfg["quantizer"]["feat_in"] == cfg["encoder"]["d_model"]
+    assert cfg["masking"]["block_size"] == TINY["masking"]["block_size"]  # NeMo divides it by the subsampling itself
+    back = export.load_pretrained(path)
+    assert back.mask_processor.cfg.block_size == TINY["masking"]["block_size"] // 8
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in nemo_sd.items())
+
+
+def test_parity_adapter_encodes_with_a_post_conv_state_dict():
+    pytest.importorskip("nest_ssl.conformer.encoder")
+    from nest_ssl.testing import nemo_parity
+
+    torch.manual_seed(0)
+    model = EncDecDenoiseMaskedTokenPredModel.from_config(_post_conv_cfg()).eval()
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    feats, lens = torch.randn(2, 80, 64), torch.tensor([64, 40])
+    got, got_len = nemo_parity.encode(feats.numpy(), lens.numpy(), sd, {"model": _post_conv_cfg()})
+    with torch.no_grad():
+        want, want_len = model.encoder(feats, lens)
+    assert np.array_equal(got_len, want_len.numpy()) and np.allclose(got, want.numpy(), rtol=0, atol=0)
+
+
+def test_post_conv_model_summary_counts_each_tensor_once_and_lists_aliases():
+    pytest.importorskip("nest_ssl.conformer.encoder")
+    from nest_ssl.testing.nemo_parity import model_summary
+
+    post, pre = model_summary(_post_conv_cfg()), model_summary({**_post_conv_cfg(), "mask_position": "pre_conv"})
+    kinds = {k: kind for k, _, _, _, kind in post["rows"]}
+    assert kinds["pre_encoder.pre_encode.out.weight"] == "param"
+    assert kinds["pre_encoder.masking.mask_embedding"] == "param_frozen"
+    # mask_embedding on d_model; the quantizer projects d_model frames (combine 1), not 8 stacked mel frames
+    assert post["total"] == pre["total"] - 80 + 64 - 32 * 80 * 8 + 32 * 64

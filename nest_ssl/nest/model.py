@@ -9,9 +9,13 @@ quantizer, mask_processor, decoder, loss), so the state_dict keys and their orde
 no throw-away encoder/decoder; `burn_rng=True` builds and drops them anyway so a `torch.manual_seed(s)` init equals
 NeMo's bit for bit. `spec_augment` is accepted and unused (NeMo's NEST forward never applies it).
 
-`mask_position: post_conv` implements NeMo's evident intent (NeMo 2.6.2's own path crashes on a shape mismatch): tokens
-come from the pre-encoded clean frames with `combine_time_steps = 1`, masks are drawn on and applied to the pre-encoded
-noisy frames (through a forward hook on `encoder.pre_encode`, so no key changes), and pre_encode keeps its gradient.
+`mask_position: post_conv` implements NeMo's evident intent (NeMo 2.6.2's own path crashes on a shape mismatch):
+tokens come from the pre-encoded clean frames with `combine_time_steps = 1`, masks are drawn on and applied to the
+pre-encoded noisy frames (through a forward hook on `encoder.pre_encode`), and pre_encode keeps its gradient. The module layout is NeMo's:
+`encoder.pre_encode` is a `ConvFeatureMaskingWrapper(pre_encode, masking)` also registered as `pre_encoder`, so the
+state_dict holds `encoder.pre_encode.pre_encode.*`, `encoder.pre_encode.masking.mask_embedding` and the aliases
+`mask_processor.mask_embedding`, `pre_encoder.pre_encode.*`, `pre_encoder.masking.mask_embedding` (the same
+tensors), in NeMo's order, and a NeMo post_conv state_dict loads with strict=True.
 """
 from __future__ import annotations
 
@@ -49,6 +53,19 @@ def resolve_model_config(model_cfg: dict) -> dict:
     return cfg
 
 
+class ConvFeatureMaskingWrapper(nn.Module):
+    """NeMo's `ConvFeatureMaksingWrapper` layout for post_conv: the encoder's subsampling and the model's masking
+    module as children (shared, not copied). Forward is the subsampling alone; the model masks its output through a
+    forward hook, only in its own forward."""
+
+    def __init__(self, pre_encode: nn.Module, masking: nn.Module):
+        super().__init__()
+        self.pre_encode, self.masking = pre_encode, masking
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.pre_encode(x, lengths)  # (B, T, F) -> (B, T', d_model), lengths
+
+
 class EncDecMaskedTokenPredModel(nn.Module):
     """BEST-RQ style masked token prediction on one input (the clean audio is quantized, masked and encoded)."""
 
@@ -67,6 +84,9 @@ class EncDecMaskedTokenPredModel(nn.Module):
             loss = build_section(cfg, "loss")
         self.preprocessor, self.encoder, self.quantizer = preprocessor, encoder, quantizer  # NeMo's key order
         self.mask_processor, self.decoder, self.loss = mask_processor, decoder, loss
+        if self.mask_position == "post_conv":  # registered last and swapped into the encoder's slot, as in NeMo
+            self.pre_encoder = ConvFeatureMaskingWrapper(encoder.pre_encode, mask_processor)
+            encoder.pre_encode = self.pre_encoder
         books, heads = quantizer.cfg.num_books, decoder.cfg.num_decoders
         if books != heads or loss.cfg.num_decoders != heads:
             raise ValueError(f"quantizer num_books={books}, decoder num_decoders={heads} and loss num_decoders="

@@ -51,6 +51,10 @@ def features(wave, wave_lengths, state_dict, cfg):
 
 
 def build_encoder(cfg: dict, state_dict: dict | None = None):
+    """The encoder alone; with post_conv it comes from the whole model, whose `encoder.pre_encode` is NeMo's masking
+    wrapper (keys `encoder.pre_encode.pre_encode.*`, `encoder.pre_encode.masking.mask_embedding`)."""
+    if cfg["model"].get("mask_position", "pre_conv") == "post_conv":
+        return build_model(cfg, state_dict).encoder.eval()
     return _section(cfg, "encoder", state_dict)
 
 
@@ -176,10 +180,11 @@ def model_summary(model_cfg: dict) -> dict:
     """The whole model built on the meta device (no memory, no init cost): state_dict rows in NeMo's
     `nest_large_state_dict.txt` form (key, shape, dtype, numel, kind) plus total / trainable / frozen counts."""
     model = nemo_compat.build_model(model_cfg, device="meta")
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters())  # each tensor once: the counts
+    every_name = dict(model.named_parameters(remove_duplicate=False))  # post_conv's aliases are parameters too
     rows = []
     for key, v in model.state_dict(keep_vars=True).items():
-        kind = "buffer" if key not in params else ("param" if params[key].requires_grad else "param_frozen")
+        kind = "buffer" if key not in every_name else ("param" if every_name[key].requires_grad else "param_frozen")
         rows.append((key, tuple(v.shape), str(v.dtype).replace("torch.", ""), v.numel(), kind))
     total = sum(p.numel() for p in params.values())
     trainable = sum(p.numel() for p in params.values() if p.requires_grad)
