@@ -140,7 +140,7 @@ def test_bad_item_skipped_counted_and_strict_mode_raises(tmp_path, kind):
     batches = list(loader)
     assert [len(b) for b in batches] == [4]
     assert len(loader.bad_samples) == 1 and loader.bad_samples[0][0].endswith("bad.wav")
-    assert (loader.bad_samples[0][1] == "missing file") == (kind == "missing")
+    assert (loader.bad_samples[0][1] == "no such file") == (kind == "missing")
     strict = build_dataloader(cfg(m, shuffle=False, batch_size=5, skip_bad_samples=False))
     with pytest.raises(ValueError, match="bad.wav"):
         list(strict)
@@ -275,17 +275,19 @@ def test_concat_from_comma_string_counts_bad_file_once_per_epochs(corpus, tmp_pa
     for epoch in range(2):
         loader.set_epoch(epoch)
         list(loader)
-    assert loader.bad_samples == [("gone.wav", "missing file")]  # unresolved: the joined path does not exist
+    assert loader.bad_samples == [("gone.wav", "no such file")]  # unresolved: the joined path does not exist
 
 
-def test_missing_duration_is_bad_only_when_batch_duration_needs_it(corpus, tmp_path):
+def test_missing_duration_is_measured_before_the_filters(corpus, tmp_path):
     m2 = write_manifest(tmp_path / "m2.json", [{"audio_filepath": "u3.wav"}])
-    assert build_dataloader(cfg([corpus[0], m2], batch_size=1)).bad_samples == []
+    real = sf.info(str(tmp_path / "u3.wav")).duration
     loader = build_dataloader(cfg([corpus[0], m2], batch_duration=3.0, num_buckets=2))
-    assert loader.bad_samples == [(str(tmp_path / "u3.wav"), "missing duration (needed by batch_duration)")]
-    assert sum(len(b) for b in loader) <= 12
-    with pytest.raises(ValueError, match="missing duration"):
-        build_dataloader(cfg([corpus[0], m2], batch_duration=3.0, skip_bad_samples=False))
+    assert loader.bad_samples == [] and len(loader.manifest_report.measured) == 1
+    assert loader.dataset.entries[-1].duration == pytest.approx(real)  # batch_duration budgets the real length
+    short = build_dataloader(cfg([corpus[0], m2], batch_size=1, max_duration=real - 0.01))
+    mine = [f for f in short.manifest_report.filtered if f.where == f"{m2}:1"]
+    assert [f.kind for f in mine] == ["too_long"]  # measured, so max_duration applies to it
+    assert str(tmp_path / "u3.wav") not in [e.audio_filepath for e in short.dataset.entries]
 
 
 def test_batch_to_and_pin_memory_move_every_tensor():

@@ -19,19 +19,80 @@ log = logging.getLogger(__name__)
 
 
 class BadSample(Exception):
-    """One unusable item: .path and .reason."""
+    """One unusable item: .path, .reason (for a person) and .kind (one of BAD_KINDS, for counting)."""
 
-    def __init__(self, path: str, reason: str):
+    def __init__(self, path: str, reason: str, kind: str = "unreadable"):
         super().__init__(f"{path}: {reason}")
-        self.path, self.reason = path, reason
+        self.path, self.reason, self.kind = path, reason, kind
+
+
+# Every way an item's audio can be unusable; check_data.py and the training loader classify alike.
+BAD_KINDS = ("no_such_file", "is_directory", "empty", "unreadable", "nonfinite", "offset_past_end",
+             "duration_mismatch", "too_short", "too_long")
+# Formats whose header frame count is exact; others (mp3, ogg, ...) are decoded to be measured.
+_EXACT_HEADER_FORMATS = ("WAV", "WAVEX", "FLAC", "AIFF", "W64", "RF64", "CAF", "AU")
+
+
+def _check_file(path: str) -> None:
+    if os.path.isdir(path):
+        raise BadSample(path, "is a directory, not an audio file", "is_directory")
+    if not os.path.exists(path):
+        raise BadSample(path, "no such file", "no_such_file")
+    if os.path.getsize(path) == 0:
+        raise BadSample(path, "empty file (0 bytes)", "empty")
+
+
+def _open_error(name: str, e: Exception) -> BadSample:
+    return BadSample(name, f"unreadable or unknown audio format ({type(e).__name__}: {str(e)[:120]})", "unreadable")
+
+
+def measure_duration(path: str, offset: float = 0.0, data: bytes | None = None) -> tuple[float, str]:
+    """(seconds after `offset`, "header" | "decoded") of a file without a manifest duration: the header's frame
+    count for formats that store it exactly, otherwise a full decode (block by block, little memory)."""
+    if data is None:
+        _check_file(path)
+    try:
+        with sf.SoundFile(io.BytesIO(data) if data is not None else path) as f:
+            frames, sr, how = f.frames, f.samplerate, "header"
+            if f.format not in _EXACT_HEADER_FORMATS or frames <= 0:
+                frames, how = sum(b.shape[0] for b in f.blocks(blocksize=1 << 16, dtype="float32")), "decoded"
+    except (RuntimeError, OSError, sf.LibsndfileError, ValueError) as e:
+        raise _open_error(path, e) from None
+    if frames == 0:
+        raise BadSample(path, "no audio samples (0 frames)", "empty")
+    seconds = frames / sr - (offset or 0.0)
+    if seconds <= 0:
+        raise BadSample(path, f"offset {offset} s is past the end of the {frames / sr:.3f} s file", "offset_past_end")
+    return seconds, how
+
+
+def check_span(name: str, file_seconds: float, offset: float, duration: float | None, whole_file: bool,
+               tolerance: float | None) -> None:
+    """Raise BadSample when the manifest's offset / duration disagree with the file by more than `tolerance` s: the
+    span runs past the end, or (an entry without `offset` describes the whole file) the file is longer."""
+    if offset and offset >= file_seconds:
+        raise BadSample(name, f"offset {offset} s is past the end of the {file_seconds:.3f} s file", "offset_past_end")
+    if duration is None or tolerance is None:
+        return
+    available = file_seconds - (offset or 0.0)
+    if duration - available > tolerance:
+        raise BadSample(name, f"manifest duration {duration} s from offset {offset or 0.0} s, but the file has "
+                              f"{available:.3f} s there (short by {duration - available:.3f} s)", "duration_mismatch")
+    if whole_file and available - duration > tolerance:
+        raise BadSample(name, f"manifest duration {duration} s, but the file is {available:.3f} s (longer by "
+                              f"{available - duration:.3f} s; give 'offset' for a segment)", "duration_mismatch")
 
 
 class AudioLoader:
-    """Decode to a float32 mono tensor at `sample_rate`. Logs the first resample / down-mix once per process."""
+    """Decode to a float32 mono tensor at `sample_rate`. Logs the first resample / down-mix once per process.
 
-    def __init__(self, sample_rate: int, channel_selector=None):
+    `duration_tolerance` (seconds, None: off): a manifest offset/duration disagreeing with the file by more is a
+    BadSample ("duration_mismatch" / "offset_past_end"), see `check_span`."""
+
+    def __init__(self, sample_rate: int, channel_selector=None, duration_tolerance: float | None = None):
         self.sample_rate = int(sample_rate)
         self.channel_selector = channel_selector
+        self.duration_tolerance = duration_tolerance
         self._warned: set[str] = set()
 
     def _once(self, key: str, msg: str, *args):
@@ -40,24 +101,26 @@ class AudioLoader:
             log.warning(msg, *args)
 
     def load(self, path: str, offset: float = 0.0, duration: float | None = None, data: bytes | None = None,
-             name: str | None = None) -> torch.Tensor:
+             name: str | None = None, whole_file: bool = False) -> torch.Tensor:
         name = name or path
-        if data is None and not os.path.isfile(path):
-            raise BadSample(name, "missing file")
+        if data is None:
+            _check_file(path)
         try:
             with sf.SoundFile(io.BytesIO(data) if data is not None else path) as f:
                 sr = f.samplerate
+                if f.frames > 0:  # 0: a header without a frame count (streamed); nothing to compare with
+                    check_span(name, f.frames / sr, offset, duration, whole_file, self.duration_tolerance)
                 start = int(offset * sr) if offset else 0
                 if start:
                     f.seek(start)
                 frames = int(duration * sr) if duration else -1
                 x = f.read(frames=frames, dtype="float32", always_2d=True)  # (L, C)
         except (RuntimeError, OSError, sf.LibsndfileError, ValueError) as e:
-            raise BadSample(name, f"unreadable audio ({type(e).__name__}: {str(e)[:120]})") from None
+            raise _open_error(name, e) from None
         if x.shape[0] == 0:
-            raise BadSample(name, "zero-length audio")
+            raise BadSample(name, "no audio samples (0 frames)", "empty")
         if not np.isfinite(x).all():
-            raise BadSample(name, "NaN or Inf samples")
+            raise BadSample(name, "NaN or Inf samples", "nonfinite")
         x = self._select_channels(x, name)
         wav = torch.from_numpy(np.ascontiguousarray(x))
         if sr != self.sample_rate:

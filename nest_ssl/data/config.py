@@ -60,6 +60,7 @@ class DatasetConfig:
     bucket_buffer_size: int = 10000  # items drawn into the bucketing buffer at a time
     max_bad_samples: int = 100  # skipped-bad-item limit per loader before an error naming the worst files
     skip_bad_samples: bool = True  # False: the first bad item raises
+    duration_tolerance: float | None = 0.1  # s; a manifest duration/offset off by more than this is a bad item
     augment_on_device: bool = False  # collate returns clean+noise; the model step mixes on the GPU
     prefetch_factor: int | None = None
     persistent_workers: bool = False
@@ -97,6 +98,8 @@ class DatasetConfig:
             bad("tarred_audio_filepaths")
         if self.max_bad_samples < 0:
             bad("max_bad_samples")
+        if self.duration_tolerance is not None and float(self.duration_tolerance) < 0:
+            bad("duration_tolerance")
         if self.batch_augmentor is not None and "_target_" not in self.batch_augmentor:
             bad("batch_augmentor")
         return self

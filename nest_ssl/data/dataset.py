@@ -27,9 +27,9 @@ class BadItem:
 class AudioNoiseDataset(torch.utils.data.Dataset):
     def __init__(self, entries: list[ManifestEntry], noise_entries: list[ManifestEntry], sample_rate: int,
                  min_audio_len_secs: float = 1.0, pad_audio_mode: str = "repeat", channel_selector=None,
-                 seed: int = 0, skip_bad: bool = True):
+                 seed: int = 0, skip_bad: bool = True, duration_tolerance: float | None = None):
         self.entries, self.noise_entries = entries, noise_entries
-        self.loader = AudioLoader(sample_rate, channel_selector)
+        self.loader = AudioLoader(sample_rate, channel_selector, duration_tolerance)
         self.min_len = int(min_audio_len_secs * sample_rate)
         self.pad_audio_mode, self.seed, self.skip_bad, self.epoch = pad_audio_mode, seed, skip_bad, 0
 
@@ -52,7 +52,8 @@ class AudioNoiseDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         e = self.entries[index]
         try:
-            return self.make_item(index, self.loader.load(e.audio_filepath, e.offset, e.duration))
+            audio = self.loader.load(e.audio_filepath, e.offset, e.duration, whole_file=not e.offset_given)
+            return self.make_item(index, audio)
         except BadSample as err:
             if not self.skip_bad:
                 raise ValueError(f"bad sample {err.path}: {err.reason} (skip_bad_samples=false)") from None

@@ -14,10 +14,11 @@ import logging
 
 import torch
 
+from nest_ssl.data.audio import BadSample, measure_duration
 from nest_ssl.data.augmentation import TorchMultiSpeakerNoiseAugmentation
 from nest_ssl.data.config import DatasetConfig
 from nest_ssl.data.dataset import AudioNoiseCollate, AudioNoiseDataset, BadItem
-from nest_ssl.data.manifest import read_manifests, split_paths
+from nest_ssl.data.manifest import ManifestReport, read_manifests, split_paths
 from nest_ssl.data.sampler import BatchSampler
 from nest_ssl.data.tarred import TarredAudioNoiseDataset, shard_list
 from nest_ssl.nemo_compat import instantiate, target_config
@@ -106,23 +107,23 @@ def build_dataloader(ds_cfg: DatasetConfig, *, rank: int = 0, world_size: int = 
     if c.is_tarred and "_OP_" in str(c.manifest_filepath) and "_CL_" in str(c.manifest_filepath):
         # sharded manifests: expanded and split over ranks exactly like the tar shards they describe
         groups = [shard_list(c.manifest_filepath, rank, world_size, c.tarred_shard_strategy)]
-    parts = [read_manifests(g, c.min_duration, c.max_duration, c.max_utts) for g in groups]
-    missing = []
-    if c.batch_duration is not None:  # the duration budget needs every duration: such items are bad, not fatal
-        missing = [e.audio_filepath for p in parts for e in p if e.duration is None]
-        parts = [[e for e in p if e.duration is not None] for p in parts]
+    report = ManifestReport()
+    parts = [read_manifests(g, c.min_duration, c.max_duration, c.max_utts, report=report, skip_bad=c.skip_bad_samples,
+                            measure=_measure(c)) for g in groups]
     entries = [e for p in parts for e in p]
     if not entries:
-        raise ValueError(f"manifest_filepath={c.manifest_filepath!r}: no items left after the duration filter")
+        raise ValueError(f"manifest_filepath={c.manifest_filepath!r}: no items left after the duration filter "
+                         f"({len(report.filtered)} outside [{c.min_duration}, {c.max_duration}] s, "
+                         f"{len(report.bad)} bad lines)")
     ds = AudioNoiseDataset(entries, noise, c.sample_rate, c.min_audio_len_secs, c.pad_audio_mode,
-                           c.channel_selector, seed, c.skip_bad_samples)
+                           c.channel_selector, seed, c.skip_bad_samples, c.duration_tolerance)
     collate = AudioNoiseCollate(augmentor, c.augment_on_device, seed, c.return_sample_id)
     if c.is_tarred:
         shards = shard_list(c.tarred_audio_filepaths, rank, world_size, c.tarred_shard_strategy)
         tds = TarredAudioNoiseDataset(ds, shards, c.shuffle_n if c.shuffle else 0, seed + 7919 * rank)
         sharded = len(groups[0]) > 1 or "_OP_" in str(c.manifest_filepath)
         n = len(entries) // (1 if sharded else world_size) // c.batch_size
-        return _with_missing(DataLoaderWrapper(c, tds, collate, None, n), missing)
+        return _with_report(DataLoaderWrapper(c, tds, collate, None, n), report)
     sampler = BatchSampler(ds.durations(), c.batch_size, shuffle=c.shuffle, drop_last=c.drop_last, rank=rank,
                            world_size=world_size, seed=seed, batch_duration=c.batch_duration,
                            num_buckets=c.num_buckets, bucket_buffer_size=c.bucket_buffer_size,
@@ -130,14 +131,29 @@ def build_dataloader(ds_cfg: DatasetConfig, *, rank: int = 0, world_size: int = 
                            concat_temperature=c.concat_sampling_temperature,
                            concat_probs=c.concat_sampling_probabilities if c.concat_sampling_technique == "random"
                            else None)
-    return _with_missing(DataLoaderWrapper(c, ds, collate, sampler, len(sampler)), missing)
+    return _with_report(DataLoaderWrapper(c, ds, collate, sampler, len(sampler)), report)
 
 
-def _with_missing(loader: DataLoaderWrapper, missing: list[str]) -> DataLoaderWrapper:
-    if missing and not loader.cfg.skip_bad_samples:
-        raise ValueError(f"{missing[0]}: missing duration, needed by batch_duration (skip_bad_samples=false)")
-    if missing:
-        loader._record_bad([BadItem(p, "missing duration (needed by batch_duration)") for p in missing])
+def _measure(c: DatasetConfig):
+    """How an entry without `duration` gets one before the duration filters (None: no filter needs it).
+
+    A plain manifest's file is measured (header, or a decode when the header has no exact frame count); a tarred
+    manifest names a shard member that cannot be opened before its shard is streamed, so it is a bad line."""
+    if c.min_duration is None and c.max_duration is None and c.batch_duration is None:
+        return None
+    if c.is_tarred:
+        def unmeasurable(e):
+            raise BadSample(e.audio_filepath, "no 'duration' in the tarred manifest; the duration filters / "
+                                              "batch_duration need it", "missing_duration")
+        return unmeasurable
+    return lambda e: measure_duration(e.audio_filepath, e.offset)[0]
+
+
+def _with_report(loader: DataLoaderWrapper, report: ManifestReport) -> DataLoaderWrapper:
+    """Bad manifest lines count as bad samples (skip_bad_samples / max_bad_samples), as bad audio does."""
+    loader.manifest_report = report
+    if report.bad:
+        loader._record_bad([BadItem(f.path or f.where, f"{f.where}: {f.reason}") for f in report.bad])
     return loader
 
 

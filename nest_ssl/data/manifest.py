@@ -2,14 +2,21 @@
 
 Each entry becomes a `ManifestEntry`. Relative `audio_filepath`s are joined with the manifest's folder when
 that file exists (NeMo's rule), except for tarred manifests where the path is only a member name.
+
+A line that cannot be an entry (invalid JSON, not an object, no `audio_filepath`, a `duration`/`offset` that is not
+a finite number >= 0) raises `BadLine` naming file, line number and reason, or, when `read_manifests` is given a
+`ManifestReport` with `skip_bad=True`, is recorded there and skipped. An entry without `duration` is measured
+(`measure`) before the duration filters apply; filtered entries are counted in the report, never dropped unseen.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +28,35 @@ class ManifestEntry:
     offset: float = 0.0
     text: str = ""
     line: int = 0  # global line index across all manifests (NeMo's item id)
+    where: str = ""  # "manifest:lineno", for reports
+    offset_given: bool = False  # False: the entry describes the whole file (its duration must match the file's)
+
+
+class BadLine(ValueError):
+    """A manifest line that is not a usable entry; .where ("file:line"), .kind, .reason."""
+
+    def __init__(self, where: str, kind: str, reason: str):
+        super().__init__(f"{where}: {reason}")
+        self.where, self.kind, self.reason = where, kind, reason
+
+
+@dataclass
+class Finding:
+    """One reported line: where ("manifest:line"), audio path (may be None), kind, reason."""
+
+    where: str
+    path: str | None
+    kind: str
+    reason: str
+
+
+@dataclass
+class ManifestReport:
+    """What read_manifests saw besides the kept entries: bad lines, entries measured, entries filtered out."""
+
+    bad: list[Finding] = field(default_factory=list)
+    measured: list[Finding] = field(default_factory=list)
+    filtered: list[Finding] = field(default_factory=list)
 
 
 def split_paths(paths) -> list[str]:
@@ -70,53 +106,105 @@ def _is_tarred_manifest(path: str) -> bool:
     return "/sharded_manifests/" in path or os.path.basename(path) == "tarred_audio_manifest.json"
 
 
+def _number(d: dict, key: str, where: str, line: str):
+    """d[key] as a finite float >= 0, None when absent/null; BadLine otherwise."""
+    v = d.get(key)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise BadLine(where, f"bad_{key}", f"'{key}' is {v!r}, not a number")
+    try:
+        x = float(v)
+    except ValueError:
+        raise BadLine(where, f"bad_{key}", f"'{key}' is {v!r}, not a number") from None
+    if not math.isfinite(x) or x < 0:
+        raise BadLine(where, f"bad_{key}", f"'{key}' is {v!r}; it must be a finite number >= 0")
+    return x
+
+
 def parse_line(line: str, where: str, manifest_dir: str, resolve: bool, idx: int) -> ManifestEntry:
     try:
         d = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON ({e.msg}): {line[:200]!r}") from None
+        raise BadLine(where, "invalid_json", f"invalid JSON ({e.msg} at column {e.colno}): {line[:200]!r}") from None
     if not isinstance(d, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {line[:200]!r}")
+        raise BadLine(where, "not_an_object", f"expected a JSON object, got {line[:200]!r}")
     path = d.get("audio_filepath", d.get("audio_filename"))
     if not isinstance(path, str) or not path:
-        raise ValueError(f"{where}: missing 'audio_filepath' in {line[:200]!r}")
+        raise BadLine(where, "missing_audio_filepath", f"missing 'audio_filepath' in {line[:200]!r}")
     if resolve and not os.path.isabs(path):
         joined = os.path.join(manifest_dir, path)
         if os.path.exists(joined):
             path = joined
-    dur = d.get("duration")
-    return ManifestEntry(path, None if dur is None else float(dur), float(d.get("offset") or 0.0),
-                         str(d.get("text", "")), idx)
+    dur, off = _number(d, "duration", where, line), _number(d, "offset", where, line)
+    return ManifestEntry(path, dur, off or 0.0, str(d.get("text", "")), idx, where, "offset" in d)
 
 
 def read_manifests(paths, min_duration: float | None = None, max_duration: float | None = None,
-                   max_utts: int = 0) -> list[ManifestEntry]:
-    """All entries of all manifests, duration-filtered (bounds inclusive; duration None never filtered)."""
+                   max_utts: int = 0, *, report: ManifestReport | None = None, skip_bad: bool = False,
+                   measure: Callable[[ManifestEntry], float] | None = None) -> list[ManifestEntry]:
+    """All entries of all manifests, duration-filtered (bounds inclusive).
+
+    A bad line raises BadLine unless `skip_bad` (then it goes to `report.bad`). `measure(entry) -> seconds` fills a
+    missing duration before the filters (raising audio.BadSample for an unusable file); without it such an entry
+    is never filtered. Filtered entries go to `report.filtered`.
+    """
     files = split_paths(paths)
     if not files:
         raise ValueError(f"manifest_filepath={paths!r}: no manifest given")
-    entries, dropped_short, dropped_long, idx = [], 0, 0, 0
+    report = report if report is not None else ManifestReport()
+    entries, n_filtered, idx = [], len(report.filtered), 0
     for f in files:
         if not os.path.isfile(f):
             raise ValueError(f"manifest {f!r} does not exist")
         resolve, before = not _is_tarred_manifest(f), idx
-        with open(f, encoding="utf-8") as fh:
+        with open(f, encoding="utf-8", errors="surrogateescape") as fh:
             for lineno, line in enumerate(fh, 1):
                 if not line.strip():
                     continue
-                e = parse_line(line, f"{f}:{lineno}", os.path.dirname(os.path.abspath(f)), resolve, idx)
+                where = f"{f}:{lineno}"
+                e = _entry(line, where, os.path.dirname(os.path.abspath(f)), resolve, idx, report, skip_bad, measure)
                 idx += 1
-                if e.duration is not None and min_duration is not None and e.duration < min_duration:
-                    dropped_short += 1
-                elif e.duration is not None and max_duration is not None and e.duration > max_duration:
-                    dropped_long += 1
-                else:
+                if e is None:
+                    continue
+                if not _filtered(e, min_duration, max_duration, report):
                     entries.append(e)
                 if max_utts and len(entries) >= max_utts:
                     break
         if idx == before:
             log.warning("manifest %s is empty", f)
     hours = sum(e.duration or 0.0 for e in entries) / 3600
-    log.info("manifests %s: kept %d items (%.2f h), dropped %d shorter than %s s and %d longer than %s s",
-             files, len(entries), hours, dropped_short, min_duration, dropped_long, max_duration)
+    log.info("manifests %s: kept %d items (%.2f h); %d outside [%s, %s] s, %d bad lines", files, len(entries), hours,
+             len(report.filtered) - n_filtered, min_duration, max_duration, len(report.bad))
     return entries
+
+
+def _entry(line, where, manifest_dir, resolve, idx, report, skip_bad, measure) -> ManifestEntry | None:
+    from nest_ssl.data.audio import BadSample
+
+    try:
+        e = parse_line(line, where, manifest_dir, resolve, idx)
+        if e.duration is None and measure is not None:
+            e.duration = measure(e)
+            report.measured.append(Finding(where, e.audio_filepath, "missing_duration",
+                                           f"no 'duration' in the manifest; measured {e.duration:.3f} s"))
+        return e
+    except BadLine as err:
+        if not skip_bad:
+            raise
+        report.bad.append(Finding(where, None, err.kind, err.reason))
+    except BadSample as err:
+        if not skip_bad:
+            raise ValueError(f"{where}: {err.path}: {err.reason} (skip_bad_samples=false)") from None
+        report.bad.append(Finding(where, err.path, err.kind, err.reason))
+    return None
+
+
+def _filtered(e: ManifestEntry, lo: float | None, hi: float | None, report: ManifestReport) -> bool:
+    if e.duration is not None and lo is not None and e.duration < lo:
+        report.filtered.append(Finding(e.where, e.audio_filepath, "too_short", f"{e.duration} s < min_duration {lo}"))
+        return True
+    if e.duration is not None and hi is not None and e.duration > hi:
+        report.filtered.append(Finding(e.where, e.audio_filepath, "too_long", f"{e.duration} s > max_duration {hi}"))
+        return True
+    return False

@@ -78,7 +78,8 @@ class TarredAudioNoiseDataset(torch.utils.data.IterableDataset):
     def _item(self, i: int, data: bytes, name: str):
         e = self.base.entries[i]
         try:
-            return self.base.make_item(e.line, self.base.loader.load(name, e.offset, e.duration, data=data))
+            audio = self.base.loader.load(name, e.offset, e.duration, data=data, whole_file=not e.offset_given)
+            return self.base.make_item(e.line, audio)
         except BadSample as err:
             if not self.base.skip_bad:
                 raise ValueError(f"bad sample {err.path}: {err.reason} (skip_bad_samples=false)") from None
