@@ -100,14 +100,15 @@ def run_check(*args):
 def test_check_data_json_and_exit_code(tmp_path, tarred):
     _, m = tarred
     rc, rep = run_check("--manifest", m)
-    assert rc == 0 and rep["utterances"] == 16 and rep["bad"] == [] and rep["sample_rates"] == {"16000": 16}
+    assert rc == 0 and rep["utterances"] == 16 and rep["errors"] == [] and rep["sample_rates"] == {"16000": 16}
     assert abs(rep["hours"] - sum(1.0 + 0.01 * i for i in range(16)) / 3600) < 1e-6
     (tmp_path / "broken.wav").write_bytes(b"junk" * 20)
     m2 = write_manifest(tmp_path / "m2.json", [{"audio_filepath": "utt0.wav"}, {"audio_filepath": "broken.wav"},
                                                {"audio_filepath": "nope.wav"}])
     rc, rep = run_check("--manifest", m2)
-    assert rc == 1 and rep["utterances"] == 1 and [os.path.basename(b["path"]) for b in rep["bad"]] == [
+    assert rc == 1 and rep["utterances"] == 1 and [os.path.basename(b["path"]) for b in rep["errors"]] == [
         "broken.wav", "nope.wav"]
+    assert [b["line"] for b in rep["errors"]] == [2, 3] and rep["warnings"][0]["kind"] == "missing_duration"
 
 
 def test_check_data_tarred(tarred):

@@ -33,7 +33,8 @@ BAD_KINDS = ("no_such_file", "is_directory", "empty", "unreadable", "nonfinite",
 _EXACT_HEADER_FORMATS = ("WAV", "WAVEX", "FLAC", "AIFF", "W64", "RF64", "CAF", "AU")
 
 
-def _check_file(path: str) -> None:
+def check_file(path: str) -> None:
+    """BadSample unless `path` is a non-empty file: "no such file", a directory, 0 bytes."""
     if os.path.isdir(path):
         raise BadSample(path, "is a directory, not an audio file", "is_directory")
     if not os.path.exists(path):
@@ -46,11 +47,20 @@ def _open_error(name: str, e: Exception) -> BadSample:
     return BadSample(name, f"unreadable or unknown audio format ({type(e).__name__}: {str(e)[:120]})", "unreadable")
 
 
+def file_info(path: str):
+    """soundfile's header info (samplerate, frames, channels, format), BadSample when the file is unusable."""
+    check_file(path)
+    try:
+        return sf.info(path)
+    except (RuntimeError, OSError, sf.LibsndfileError, ValueError) as e:
+        raise _open_error(path, e) from None
+
+
 def measure_duration(path: str, offset: float = 0.0, data: bytes | None = None) -> tuple[float, str]:
     """(seconds after `offset`, "header" | "decoded") of a file without a manifest duration: the header's frame
     count for formats that store it exactly, otherwise a full decode (block by block, little memory)."""
     if data is None:
-        _check_file(path)
+        check_file(path)
     try:
         with sf.SoundFile(io.BytesIO(data) if data is not None else path) as f:
             frames, sr, how = f.frames, f.samplerate, "header"
@@ -104,7 +114,7 @@ class AudioLoader:
              name: str | None = None, whole_file: bool = False) -> torch.Tensor:
         name = name or path
         if data is None:
-            _check_file(path)
+            check_file(path)
         try:
             with sf.SoundFile(io.BytesIO(data) if data is not None else path) as f:
                 sr = f.samplerate

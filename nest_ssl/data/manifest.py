@@ -35,9 +35,9 @@ class ManifestEntry:
 class BadLine(ValueError):
     """A manifest line that is not a usable entry; .where ("file:line"), .kind, .reason."""
 
-    def __init__(self, where: str, kind: str, reason: str):
+    def __init__(self, where: str, kind: str, reason: str, path: str | None = None):
         super().__init__(f"{where}: {reason}")
-        self.where, self.kind, self.reason = where, kind, reason
+        self.where, self.kind, self.reason, self.path = where, kind, reason, path
 
 
 @dataclass
@@ -106,27 +106,30 @@ def _is_tarred_manifest(path: str) -> bool:
     return "/sharded_manifests/" in path or os.path.basename(path) == "tarred_audio_manifest.json"
 
 
-def _number(d: dict, key: str, where: str, line: str):
+def _number(d: dict, key: str, where: str, path: str):
     """d[key] as a finite float >= 0, None when absent/null; BadLine otherwise."""
     v = d.get(key)
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-        raise BadLine(where, f"bad_{key}", f"'{key}' is {v!r}, not a number")
-    try:
-        x = float(v)
-    except ValueError:
-        raise BadLine(where, f"bad_{key}", f"'{key}' is {v!r}, not a number") from None
+    x = None
+    if not isinstance(v, bool) and isinstance(v, (int, float, str)):
+        try:
+            x = float(v)
+        except ValueError:
+            pass
+    if x is None:
+        raise BadLine(where, f"bad_{key}", f"'{key}' is {v!r}, not a number", path)
     if not math.isfinite(x) or x < 0:
-        raise BadLine(where, f"bad_{key}", f"'{key}' is {v!r}; it must be a finite number >= 0")
+        raise BadLine(where, f"bad_{key}", f"'{key}' is {v!r}; it must be a finite number >= 0", path)
     return x
 
 
 def parse_line(line: str, where: str, manifest_dir: str, resolve: bool, idx: int) -> ManifestEntry:
+    line = line.rstrip("\r\n")
     try:
         d = json.loads(line)
     except json.JSONDecodeError as e:
-        raise BadLine(where, "invalid_json", f"invalid JSON ({e.msg} at column {e.colno}): {line[:200]!r}") from None
+        raise BadLine(where, "invalid_json", f"invalid JSON: {e.msg} (column {e.colno}) in {line[:200]!r}") from None
     if not isinstance(d, dict):
         raise BadLine(where, "not_an_object", f"expected a JSON object, got {line[:200]!r}")
     path = d.get("audio_filepath", d.get("audio_filename"))
@@ -136,7 +139,7 @@ def parse_line(line: str, where: str, manifest_dir: str, resolve: bool, idx: int
         joined = os.path.join(manifest_dir, path)
         if os.path.exists(joined):
             path = joined
-    dur, off = _number(d, "duration", where, line), _number(d, "offset", where, line)
+    dur, off = _number(d, "duration", where, path), _number(d, "offset", where, path)
     return ManifestEntry(path, dur, off or 0.0, str(d.get("text", "")), idx, where, "offset" in d)
 
 
@@ -163,11 +166,16 @@ def read_manifests(paths, min_duration: float | None = None, max_duration: float
                 if not line.strip():
                     continue
                 where = f"{f}:{lineno}"
+                measured = report.measured
                 e = _entry(line, where, os.path.dirname(os.path.abspath(f)), resolve, idx, report, skip_bad, measure)
                 idx += 1
                 if e is None:
                     continue
-                if not _filtered(e, min_duration, max_duration, report):
+                if _filtered(e, min_duration, max_duration, report):
+                    if measured and measured[-1].where == where:  # reported once: as filtered (measured)
+                        report.filtered[-1].reason += " (measured: no 'duration' in the manifest)"
+                        measured.pop()
+                else:
                     entries.append(e)
                 if max_utts and len(entries) >= max_utts:
                     break
@@ -192,7 +200,7 @@ def _entry(line, where, manifest_dir, resolve, idx, report, skip_bad, measure) -
     except BadLine as err:
         if not skip_bad:
             raise
-        report.bad.append(Finding(where, None, err.kind, err.reason))
+        report.bad.append(Finding(where, err.path, err.kind, err.reason))
     except BadSample as err:
         if not skip_bad:
             raise ValueError(f"{where}: {err.path}: {err.reason} (skip_bad_samples=false)") from None
