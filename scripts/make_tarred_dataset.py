@@ -1,7 +1,12 @@
-"""Write NeMo-compatible tarred shards from a manifest: OUT/audio_{0..N-1}.tar + OUT/tarred_audio_manifest.json.
+"""Write tarred shards from a manifest: OUT/audio_{0..N-1}.tar + OUT/tarred_audio_manifest.json.
 
-Each manifest line gets `audio_filepath` = the member name inside its tar and `shard_id`; members are named
-uniquely by their file stem (stems must be unique, as NeMo matches members to entries by stem).
+Each manifest line gets `audio_filepath` = the member name inside its tar (the file's basename) and `shard_id`;
+stems must be unique, as readers match members to entries by stem. Every entry is kept.
+
+This is our layout, not a copy of NeMo's `convert_to_tarred_audio_dataset.py`, which deals contiguous blocks of
+entries to shards, names members by a squashed path, drops the len % num_shards remainder and also writes
+`metadata.yaml` and `sharded_manifests/`. Here entries are dealt round-robin, named by basename, none is dropped,
+and only the tars and `tarred_audio_manifest.json` are written. Both our loader and NeMo's read the result.
 
     python scripts/make_tarred_dataset.py --manifest M.json --out DIR --num_shards 8 [--shuffle --seed 0]
 Read back with is_tarred: true, tarred_audio_filepaths: DIR/audio__OP_0..7_CL_.tar,

@@ -1,6 +1,9 @@
 """Tarred shards (make_tarred_dataset -> read), sharding strategies, shuffle_n, and scripts/check_data.py."""
+import contextlib
+import io
 import json
 import os
+import runpy
 import subprocess
 import sys
 
@@ -54,10 +57,64 @@ def test_tarred_with_workers_and_pipe_source(tarred):
 
 def test_scatter_and_replicate():
     shards = [f"s{i}" for i in range(5)]
-    assert [shard_list(shards, r, 2, "scatter") for r in range(2)] == [["s0", "s1"], ["s2", "s3"]]
+    assert [shard_list(shards, r, 2, "scatter") for r in range(2)] == [["s0", "s1", "s2"], ["s3", "s4"]]
     assert shard_list(shards, 1, 2, "replicate") == shards
     with pytest.raises(ValueError, match="tarred_shard_strategy"):
         shard_list(shards, 0, 1, "bogus")
+    with pytest.raises(ValueError, match=r"5 shards over world_size=6 leave ranks 5..5 with no shard.*replicate"):
+        shard_list(shards, 0, 6, "scatter")
+
+
+def _epoch(loader):
+    batches = [[round(x / 16000, 2) for x in b.audio_len.tolist()] for b in loader]
+    return len(batches), [x for b in batches for x in b]
+
+
+# 16 items dealt round-robin to 4 shards (4 each), batches of 2. Per rank and epoch under scatter:
+# world size -> (items per rank, batches every rank runs); a rank with fewer items re-reads, nothing is skipped.
+SCATTER_4_SHARDS = {1: ([16], 8), 2: ([8, 8], 4), 3: ([8, 4, 4], 4), 4: ([4, 4, 4, 4], 2)}
+
+
+@pytest.mark.parametrize("world_size,workers", [(1, 0), (2, 0), (3, 0), (4, 0), (3, 2)])
+def test_scatter_over_four_shards_reads_every_item_with_equal_batches(tarred, world_size, workers):
+    d, _ = tarred
+    every = [round(1.0 + 0.01 * i, 2) for i in range(16)]
+    items, batches = SCATTER_4_SHARDS[world_size]
+    loaders = [build_dataloader(tcfg(d, num_workers=workers), rank=r, world_size=world_size)
+               for r in range(world_size)]
+    epochs = [_epoch(x) for x in loaders]
+    assert [len(x) for x in loaders] == [batches] * world_size  # what DDP needs: the same count on every rank
+    assert [n for n, _ in epochs] == [batches] * world_size
+    assert sorted({x for _, seen in epochs for x in seen}) == every  # no item lost
+    for (_, seen), mine in zip(epochs, items):
+        assert len(set(seen)) == mine and len(seen) - mine == batches * 2 - mine  # the repeats fill up to batches
+
+
+def test_scatter_over_more_ranks_than_shards_is_refused_and_replicate_works(tarred):
+    d, _ = tarred
+    with pytest.raises(ValueError, match="4 shards over world_size=5 leave ranks 4..4 with no shard"):
+        build_dataloader(tcfg(d), rank=0, world_size=5)
+    for r in range(5):
+        n, seen = _epoch(build_dataloader(tcfg(d, tarred_shard_strategy="replicate"), rank=r, world_size=5))
+        assert n == 8 and sorted(seen) == [round(1.0 + 0.01 * i, 2) for i in range(16)]
+
+
+def test_sharded_manifests_of_uneven_size_give_equal_batches(tmp_path):
+    rows = []
+    for i in range(7):
+        write_wav(tmp_path / f"v{i}.wav", 1.0 + 0.01 * i, seed=i)
+        rows.append({"audio_filepath": f"v{i}.wav", "duration": 1.0 + 0.01 * i})
+    d = str(tmp_path / "tar")
+    write_tarred_dataset(write_manifest(tmp_path / "m.json", rows), d, num_shards=3)  # 3, 2, 2 items
+    os.makedirs(f"{d}/sharded_manifests")
+    for s in range(3):
+        write_manifest(f"{d}/sharded_manifests/manifest_{s}.json",
+                       [r for r in map(json.loads, open(f"{d}/tarred_audio_manifest.json")) if r["shard_id"] == s])
+    c = dict(tarred_audio_filepaths=f"{d}/audio__OP_0..2_CL_.tar",
+             manifest_filepath=f"{d}/sharded_manifests/manifest__OP_0..2_CL_.json")
+    epochs = [_epoch(build_dataloader(tcfg(d, **c), rank=r, world_size=2)) for r in range(2)]
+    assert [n for n, _ in epochs] == [3, 3]  # rank 0: shards 0, 1 (5 items); rank 1: shard 2 (2 items, re-read)
+    assert sorted({x for _, seen in epochs for x in seen}) == [round(1 + 0.01 * i, 2) for i in range(7)]
 
 
 def test_tarred_ranks_get_equal_batches_and_disjoint_shards(tarred):
@@ -92,9 +149,12 @@ def test_missing_and_corrupt_shard_are_reported(tarred):
 
 
 def run_check(*args):
-    r = subprocess.run([sys.executable, "scripts/check_data.py", *args, "--json"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
-    return r.returncode, json.loads(r.stdout.strip().splitlines()[-1])
+    """scripts/check_data.py main() in this process (one worker: no process pool), from the repository root."""
+    main = runpy.run_path(os.path.join(ROOT, "scripts", "check_data.py"))["main"]
+    out = io.StringIO()
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(out):
+        rc = main([*args, "--json", "--workers", "1"])
+    return rc, json.loads(out.getvalue().strip().splitlines()[-1])
 
 
 def test_check_data_json_and_exit_code(tmp_path, tarred):
@@ -174,3 +234,14 @@ def test_check_data_from_nemo_yaml_section(tarred):
     rc, rep = run_check("--config", "configs/nest_fast-conformer.yaml", "--section", "model.train_ds",
                         f"model.train_ds.manifest_filepath={m}")
     assert rc == 0 and rep["utterances"] == 16
+
+
+def test_make_tarred_dataset_refuses_two_files_with_one_stem(tmp_path):
+    os.makedirs(tmp_path / "a")
+    os.makedirs(tmp_path / "b")
+    write_wav(tmp_path / "a/x.wav", 1.0, seed=0)
+    write_wav(tmp_path / "b/x.wav", 1.0, seed=1)
+    m = write_manifest(tmp_path / "m.json", [{"audio_filepath": str(tmp_path / f"{d}/x.wav"), "duration": 1.0}
+                                             for d in "ab"])
+    with pytest.raises(ValueError, match="share the stem 'x'"):
+        write_tarred_dataset(m, str(tmp_path / "tar"), num_shards=2)

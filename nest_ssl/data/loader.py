@@ -20,7 +20,7 @@ from nest_ssl.data.config import DatasetConfig
 from nest_ssl.data.dataset import AudioNoiseCollate, AudioNoiseDataset, BadItem
 from nest_ssl.data.manifest import ManifestReport, read_manifests, split_paths
 from nest_ssl.data.sampler import BatchSampler
-from nest_ssl.data.tarred import TarredAudioNoiseDataset, shard_list
+from nest_ssl.data.tarred import TarredAudioNoiseDataset, expand_shards, items_per_shard, plan_tarred, shard_list
 from nest_ssl.nemo_compat import instantiate, target_config
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,8 @@ def build_dataloader(ds_cfg: DatasetConfig, *, rank: int = 0, world_size: int = 
     noise = read_manifests(c.noise_manifest) if c.noise_manifest else []
     # is_concat: one dataset per manifest; otherwise all manifests form one dataset (nested bucket lists flatten)
     groups = [[m] for m in split_paths(c.manifest_filepath)] if c.is_concat else [split_paths(c.manifest_filepath)]
-    if c.is_tarred and "_OP_" in str(c.manifest_filepath) and "_CL_" in str(c.manifest_filepath):
-        # sharded manifests: expanded and split over ranks exactly like the tar shards they describe
+    sharded = c.is_tarred and "_OP_" in str(c.manifest_filepath) and "_CL_" in str(c.manifest_filepath)
+    if sharded:  # sharded manifests: expanded and split over ranks exactly like the tar shards they describe
         groups = [shard_list(c.manifest_filepath, rank, world_size, c.tarred_shard_strategy)]
     report = ManifestReport()
     parts = [read_manifests(g, c.min_duration, c.max_duration, c.max_utts, report=report, skip_bad=c.skip_bad_samples,
@@ -121,8 +121,7 @@ def build_dataloader(ds_cfg: DatasetConfig, *, rank: int = 0, world_size: int = 
     if c.is_tarred:
         shards = shard_list(c.tarred_audio_filepaths, rank, world_size, c.tarred_shard_strategy)
         tds = TarredAudioNoiseDataset(ds, shards, c.shuffle_n if c.shuffle else 0, seed + 7919 * rank)
-        sharded = len(groups[0]) > 1 or "_OP_" in str(c.manifest_filepath)
-        n = len(entries) // (1 if sharded else world_size) // c.batch_size
+        n = _tarred_batches(c, entries, sharded, rank, world_size)
         return _with_report(DataLoaderWrapper(c, tds, collate, None, n), report)
     sampler = BatchSampler(ds.durations(), c.batch_size, shuffle=c.shuffle, drop_last=c.drop_last, rank=rank,
                            world_size=world_size, seed=seed, batch_duration=c.batch_duration,
@@ -132,6 +131,30 @@ def build_dataloader(ds_cfg: DatasetConfig, *, rank: int = 0, world_size: int = 
                            concat_probs=c.concat_sampling_probabilities if c.concat_sampling_technique == "random"
                            else None)
     return _with_report(DataLoaderWrapper(c, ds, collate, sampler, len(sampler)), report)
+
+
+def _tarred_batches(c: DatasetConfig, entries, sharded: bool, rank: int, world_size: int) -> int:
+    """Batches per epoch, equal on every rank: enough for the rank with the most items (see tarred.plan_tarred).
+
+    Items per shard come from the sharded manifests (each rank counts all of them, so all agree) or from the
+    manifest's `shard_id`; without either they are estimated as equal per shard, with a warning."""
+    num_shards = len(expand_shards(c.tarred_audio_filepaths))
+    if sharded:
+        manifests = expand_shards(c.manifest_filepath)
+        if len(manifests) != num_shards:
+            raise ValueError(f"{len(manifests)} sharded manifests ({c.manifest_filepath}) but {num_shards} shards "
+                             f"({c.tarred_audio_filepaths}); they must pair one to one")
+        counts = [len(read_manifests(m, c.min_duration, c.max_duration, report=ManifestReport(), skip_bad=True,
+                                     measure=_measure(c))) for m in manifests]
+    else:
+        counts = items_per_shard(entries, num_shards)
+    if counts is None:
+        counts = [len(entries) // num_shards + (i < len(entries) % num_shards) for i in range(num_shards)]
+        log.warning("tarred manifest %s has no shard_id: items per shard are estimated as equal; a rank whose "
+                    "shards hold more items than estimated does not reach them all each epoch", c.manifest_filepath)
+    n, line = plan_tarred(counts, rank, world_size, c.tarred_shard_strategy, c.batch_size, c.num_workers)
+    log.info(line)
+    return n
 
 
 def _measure(c: DatasetConfig):

@@ -30,6 +30,7 @@ class ManifestEntry:
     line: int = 0  # global line index across all manifests (NeMo's item id)
     where: str = ""  # "manifest:lineno", for reports
     offset_given: bool = False  # False: the entry describes the whole file (its duration must match the file's)
+    shard_id: int | None = None  # tarred manifests: the shard holding this entry
 
 
 class BadLine(ValueError):
@@ -140,7 +141,9 @@ def parse_line(line: str, where: str, manifest_dir: str, resolve: bool, idx: int
         if os.path.exists(joined):
             path = joined
     dur, off = _number(d, "duration", where, path), _number(d, "offset", where, path)
-    return ManifestEntry(path, dur, off or 0.0, str(d.get("text", "")), idx, where, "offset" in d)
+    shard = d.get("shard_id")
+    shard = shard if isinstance(shard, int) and not isinstance(shard, bool) else None
+    return ManifestEntry(path, dur, off or 0.0, str(d.get("text", "")), idx, where, "offset" in d, shard)
 
 
 def read_manifests(paths, min_duration: float | None = None, max_duration: float | None = None,

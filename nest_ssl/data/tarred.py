@@ -1,14 +1,20 @@
-"""Tarred datasets as NeMo writes them (spec 5.2): shards `audio_{0..N-1}.tar` + `tarred_audio_manifest.json`.
+"""Tarred datasets (shards `audio_{0..N-1}.tar` + `tarred_audio_manifest.json`), read as NeMo's loaders read them.
 
-Shards are expanded from NeMo's brace syntax, split per rank (`scatter`: contiguous equal slices, the N mod W
-leftover shards unused as in NeMo; `replicate`: all shards), split per DataLoader worker, and streamed with
-`tarfile` (a `pipe:cmd` source is read from the command's stdout). Manifest entries match tar members by file
-stem; several entries per stem (offsets) are served in turn. Unlike NeMo, which only shuffles shard order,
-`shuffle_n` is a sample-level buffer that mixes samples across shard boundaries.
+Shards are expanded from NeMo's brace syntax and split per rank: `replicate` gives every rank all shards;
+`scatter` gives rank r a contiguous block, the first N mod W ranks one shard more (NeMo leaves those N mod W
+shards unread; we never drop one). Every rank runs the same number of batches per epoch, that of the rank with
+the most items (`plan_tarred`); a rank with fewer re-reads its stream from the start to fill up, so some of its
+items are seen twice in that epoch, and none is skipped. Scatter over more ranks than shards is an error naming
+both counts and the fixes. Within a rank, shards are split per DataLoader worker and streamed with `tarfile` (a
+`pipe:cmd` source is read from the command's stdout). Manifest entries match tar members by file stem; several
+entries per stem (offsets) are served in turn. Unlike NeMo, which only shuffles shard order, `shuffle_n` is a
+sample-level buffer that mixes samples across shard boundaries.
 """
 from __future__ import annotations
 
+import collections
 import json
+import logging
 import os
 import random
 import subprocess
@@ -18,22 +24,75 @@ import torch
 
 from nest_ssl.data.audio import BadSample
 from nest_ssl.data.dataset import AudioNoiseDataset, BadItem
-from nest_ssl.data.manifest import expand_braces, read_manifests, split_paths
+from nest_ssl.data.manifest import ManifestEntry, expand_braces, read_manifests, split_paths
+
+log = logging.getLogger(__name__)
+
+
+def expand_shards(paths) -> list[str]:
+    """A brace pattern, a comma-separated string or a list of them -> the list of shard paths, in order."""
+    if isinstance(paths, str):
+        return [s for p in split_paths(paths) for s in expand_braces(p)]
+    return [s for p in paths for s in expand_braces(p)]
+
+
+def scatter_blocks(num_shards: int, world_size: int) -> list[range]:
+    """Contiguous shard index blocks per rank; the first num_shards % world_size ranks get one shard more."""
+    per, extra = divmod(num_shards, world_size)
+    starts = [r * per + min(r, extra) for r in range(world_size + 1)]
+    return [range(starts[r], starts[r + 1]) for r in range(world_size)]
+
+
+def rank_shard_indices(num_shards: int, rank: int, world_size: int, strategy: str) -> range:
+    if strategy == "replicate":
+        return range(num_shards)
+    if strategy != "scatter":
+        raise ValueError(f"tarred_shard_strategy={strategy!r}; allowed: ('scatter', 'replicate')")
+    if world_size > num_shards:
+        raise ValueError(f"tarred_shard_strategy=scatter: {num_shards} shards over world_size={world_size} leave "
+                         f"ranks {num_shards}..{world_size - 1} with no shard to read; use tarred_shard_strategy: "
+                         f"replicate, or write at least {world_size} shards")
+    return scatter_blocks(num_shards, world_size)[rank]
 
 
 def shard_list(paths, rank: int, world_size: int, strategy: str) -> list[str]:
-    if isinstance(paths, str):
-        shards = [s for p in split_paths(paths) for s in expand_braces(p)]
-    else:
-        shards = [s for p in paths for s in expand_braces(p)]
-    if strategy == "replicate":
-        return shards
-    if strategy != "scatter":
-        raise ValueError(f"tarred_shard_strategy={strategy!r}; allowed: ('scatter', 'replicate')")
-    per = len(shards) // world_size
-    if per == 0:
-        raise ValueError(f"{len(shards)} shards cannot be scattered over world_size={world_size}; use 'replicate'")
-    return shards[rank * per: (rank + 1) * per]
+    """The shards (or sharded manifests) rank `rank` reads."""
+    shards = expand_shards(paths)
+    return [shards[i] for i in rank_shard_indices(len(shards), rank, world_size, strategy)]
+
+
+def _rank_batches(items: list[int], batch_size: int, workers: int) -> int:
+    """Batches one pass over a rank's shards yields: DataLoader worker w reads shards w, w+W, ... (fixed, see
+    TarredAudioNoiseDataset.__iter__) and ends on its own partial batch."""
+    nw = max(1, workers)
+    return sum(-(-sum(items[w::nw]) // batch_size) for w in range(nw))
+
+
+def plan_tarred(items_per_shard: list[int], rank: int, world_size: int, strategy: str, batch_size: int,
+                workers: int) -> tuple[int, str]:
+    """(batches per epoch on every rank, a log line saying what this rank reads and repeats)."""
+    n = len(items_per_shard)
+    blocks = [rank_shard_indices(n, r, world_size, strategy) for r in range(world_size)]
+    per_rank = [[items_per_shard[i] for i in b] for b in blocks]
+    batches = max(_rank_batches(x, batch_size, workers) for x in per_rank)
+    mine = sum(per_rank[rank])
+    line = (f"tarred: {n} shards, {strategy} over {world_size} rank(s); rank {rank} reads shards "
+            f"{blocks[rank].start}..{blocks[rank].stop - 1} ({mine} items); {batches} batches of {batch_size} per "
+            f"epoch on every rank; up to {max(0, batches * batch_size - mine)} of this rank's items repeat to fill")
+    return batches, line
+
+
+def items_per_shard(entries: list[ManifestEntry], num_shards: int) -> list[int] | None:
+    """Entries per shard from the manifest's `shard_id` (NeMo's and our writers set it); None when absent."""
+    ids = [e.shard_id for e in entries]
+    if not ids or any(i is None for i in ids):
+        return None
+    bad = sorted({i for i in ids if not 0 <= i < num_shards})
+    if bad:
+        raise ValueError(f"manifest shard_id values {bad[:5]} are outside the {num_shards} shards given in "
+                         "tarred_audio_filepaths")
+    counts = collections.Counter(ids)
+    return [counts.get(i, 0) for i in range(num_shards)]
 
 
 def _open_tar(src: str):
@@ -88,12 +147,12 @@ class TarredAudioNoiseDataset(torch.utils.data.IterableDataset):
     def __iter__(self):
         rng = random.Random(f"{self.seed}-{self.epoch}")
         shards = list(self.shards)
-        if self.shuffle_n:
-            rng.shuffle(shards)
         info = torch.utils.data.get_worker_info()
-        if info is not None:
+        if info is not None:  # split before shuffling: a worker's item count is the same every epoch (plan_tarred)
             shards = shards[info.id:: info.num_workers]
             rng = random.Random(f"{self.seed}-{self.epoch}-{info.id}")
+        if self.shuffle_n:
+            rng.shuffle(shards)
         buf = []
         for shard in shards:
             for x in self._samples(shard):
@@ -111,13 +170,26 @@ class TarredAudioNoiseDataset(torch.utils.data.IterableDataset):
 
 def write_tarred_dataset(manifest: str, out: str, num_shards: int, shuffle: bool = False, seed: int = 0,
                          min_duration=None, max_duration=None) -> list[str]:
-    """manifest -> out/audio_{0..num_shards-1}.tar + out/tarred_audio_manifest.json (NeMo's layout: entries dealt
-    round-robin to shards, member named by basename, manifest rows carry `shard_id`). Returns the tar paths."""
+    """manifest -> out/audio_{0..num_shards-1}.tar + out/tarred_audio_manifest.json; returns the tar paths.
+
+    Our layout, read by our loader and NeMo's tarred datasets alike (members are matched to manifest rows by file
+    stem, rows carry `shard_id`). It differs from NeMo's `convert_to_tarred_audio_dataset.py`: entries are dealt
+    round-robin (NeMo: contiguous blocks), members are named by the file's basename (NeMo: a squashed path),
+    every entry is kept (NeMo drops the len % num_shards remainder), and no `metadata.yaml` or
+    `sharded_manifests/` is written. Two different files with one stem are refused: a reader could not tell them
+    apart.
+    """
     entries = read_manifests(manifest, min_duration, max_duration)
     if shuffle:
         random.Random(seed).shuffle(entries)
     if num_shards < 1 or num_shards > len(entries):
         raise ValueError(f"num_shards={num_shards} must be in [1, {len(entries)}]")
+    owner: dict[str, str] = {}
+    for e in entries:
+        stem = os.path.splitext(os.path.basename(e.audio_filepath))[0]
+        if owner.setdefault(stem, e.audio_filepath) != e.audio_filepath:
+            raise ValueError(f"{e.where}: {e.audio_filepath} and {owner[stem]} share the stem {stem!r}; tarred "
+                             "members are matched by stem, so rename one")
     os.makedirs(out, exist_ok=True)
     tars = []
     with open(os.path.join(out, "tarred_audio_manifest.json"), "w", encoding="utf-8") as mf:
