@@ -112,3 +112,23 @@ def test_largest_batch_from_batch_size_or_duration_budget():
     empty = SimpleNamespace(dataset=SimpleNamespace(durations=lambda: [None]))
     with pytest.raises(ValueError, match="max_duration"):
         largest_batch(empty, SimpleNamespace(batch_size=8, batch_duration=None, max_duration=None))
+
+
+@pytest.mark.slow
+def test_training_continues_from_a_nemo_written_ckpt(tmp_path):
+    """NeMo's own 3-step .ckpt -> our checkpoint (AdamW state, step, scheduler) -> train() resumes at step 3."""
+    from nest_ssl import export, nemo_io
+
+    nemo_ckpt = ROOT / "tests" / "fixtures" / "nemo_files" / "nest_tiny_train-last.ckpt"
+    resume = export.to_training_checkpoint(nemo_ckpt, tmp_path / "from_nemo-last.ckpt")
+    nemo_cfg = nemo_io.read_ptl_checkpoint(nemo_ckpt)["hyper_parameters"]["cfg"]
+    cfg = tiny_config(make_data(tmp_path / "demo"), tmp_path / "run", max_steps=5)
+    cfg["model"].update({k: v for k, v in nemo_cfg.items() if k not in ("train_ds", "validation_ds")})
+    cfg["exp_manager"]["resume_from_checkpoint"] = str(resume)
+    out = train(cfg)
+    assert len(out["losses"]) == 2 and all(torch.isfinite(torch.tensor(out["losses"])))  # steps 3 and 4
+    last = ckpt.load(next((tmp_path / "run" / "SSL-NEST-tiny-cpu" / "checkpoints").glob("*-last.ckpt")))
+    assert last["global_step"] == 5 and last["scheduler"]["last_epoch"] == 5
+    start = ckpt.load(resume)
+    moved = [k for k, v in start["state_dict"].items() if not torch.equal(v, last["state_dict"][k])]
+    assert "encoder.layers.0.feed_forward1.linear1.weight" in moved and "quantizer.codebooks" not in moved
