@@ -64,6 +64,17 @@ def assert_matches_nemo(got: dict, rtol: float = 1e-5) -> dict:
     return errs
 
 
+def test_fixtures_are_the_bytes_nemo_wrote():
+    import hashlib
+    import re
+
+    listed = dict((name, sha) for sha, name in re.findall(r"^([0-9a-f]{64})  (\S+)$", (FILES / "README.md").read_text(),
+                                                          re.M))
+    assert len(listed) == 4
+    for name, sha in listed.items():
+        assert hashlib.sha256((FILES / name).read_bytes()).hexdigest() == sha, name
+
+
 @pytest.mark.parametrize("path", [CKPT, NEMO], ids=["ckpt", "nemo"])
 def test_nemo_written_file_reproduces_nemo_outputs(path):
     model = export.load_pretrained(path)
