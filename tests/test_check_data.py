@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 from test_data import SR, cfg, write_wav
 
+from nest_ssl.data.audio import BAD_KINDS
 from nest_ssl.data.check import check
 from nest_ssl.data.loader import build_dataloader
 
@@ -90,6 +91,8 @@ def test_every_bad_line_is_reported_with_line_number_kind_and_reason(hostile):
     assert "6.000 s" in reasons["too_long"] or "6.0 s" in reasons["too_long"]
     measured = {x["path"].rsplit("/", 1)[-1]: x["reason"] for x in rep["warnings"] if x["kind"] == "missing_duration"}
     assert "1.500 s" in measured["good2.wav"] and "1.000 s" in measured["vorbis.ogg"]
+    file_kinds = {x["kind"] for x in rep["errors"] if x["line"] >= 9}
+    assert file_kinds <= set(BAD_KINDS)  # the audio loader's own kinds: what training would skip
     trained = [1, 17, 19, 20, 21]  # good0, the segment, silence, good2 (1.5 s), vorbis (1 s)
     assert rep["utterances"] == len(trained)
     assert rep["hours"] == pytest.approx((1.0 + 0.5 + 1.0 + 1.5 + 1.0) / 3600, rel=1e-3)

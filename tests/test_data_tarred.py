@@ -245,3 +245,18 @@ def test_make_tarred_dataset_refuses_two_files_with_one_stem(tmp_path):
                                              for d in "ab"])
     with pytest.raises(ValueError, match="share the stem 'x'"):
         write_tarred_dataset(m, str(tmp_path / "tar"), num_shards=2)
+
+
+def test_tarred_entry_without_duration_under_a_filter_is_a_bad_line_for_loader_and_check(tarred):
+    d, _ = tarred
+    m = f"{d}/tarred_audio_manifest.json"
+    rows = [json.loads(x) for x in open(m)]
+    del rows[5]["duration"]
+    write_manifest(m, rows)
+    loader = build_dataloader(tcfg(d, max_duration=4.0))
+    assert len(loader.bad_samples) == 1 and "no 'duration' in the tarred manifest" in loader.bad_samples[0][1]
+    rc, rep = run_check("--manifest", m, "--tarred", f"{d}/audio__OP_0..3_CL_.tar", "--max-duration", "4")
+    assert rc == 1 and [(x["line"], x["kind"]) for x in rep["errors"]] == [(6, "unmeasurable_duration")]
+    assert rep["utterances"] == 15
+    rc, rep = run_check("--manifest", m, "--tarred", f"{d}/audio__OP_0..3_CL_.tar")  # no filter: trained on
+    assert rc == 0 and rep["utterances"] == 16

@@ -28,7 +28,7 @@ class BadSample(Exception):
 
 # Every way an item's audio can be unusable; check_data.py and the training loader classify alike.
 BAD_KINDS = ("no_such_file", "is_directory", "empty", "unreadable", "nonfinite", "offset_past_end",
-             "duration_mismatch", "too_short", "too_long")
+             "duration_mismatch", "unmeasurable_duration")
 # Formats whose header frame count is exact; others (mp3, ogg, ...) are decoded to be measured.
 _EXACT_HEADER_FORMATS = ("WAV", "WAVEX", "FLAC", "AIFF", "W64", "RF64", "CAF", "AU")
 

@@ -16,7 +16,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from nest_ssl.data.audio import AudioLoader, BadSample, file_info, measure_duration
 from nest_ssl.data.manifest import Finding, ManifestEntry, ManifestReport, read_manifests
-from nest_ssl.data.tarred import shard_list
+from nest_ssl.data.tarred import shard_list, unmeasurable
 
 WARNING_KINDS = ("all_zero", "missing_duration")
 
@@ -91,7 +91,9 @@ def check(manifest, tarred=None, min_duration: float | None = None, max_duration
           tolerance: float | None = 0.1, workers: int = 2) -> dict:
     """The report: totals over the lines that would be trained on, and errors / warnings / filtered entries."""
     rep = ManifestReport()
-    measure = None if tarred else (lambda e: measure_duration(e.audio_filepath, e.offset)[0])
+    measure = lambda e: measure_duration(e.audio_filepath, e.offset)[0]  # noqa: E731
+    if tarred:  # as the loader: only the duration filters need a duration, and a member cannot be measured
+        measure = unmeasurable if min_duration is not None or max_duration is not None else None
     entries = read_manifests(manifest, min_duration, max_duration, report=rep, skip_bad=True, measure=measure)
     if tarred:
         results = _inspect_tarred(entries, shard_list(tarred, 0, 1, "replicate"), tolerance)

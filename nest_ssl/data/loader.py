@@ -14,13 +14,20 @@ import logging
 
 import torch
 
-from nest_ssl.data.audio import BadSample, measure_duration
+from nest_ssl.data.audio import measure_duration
 from nest_ssl.data.augmentation import TorchMultiSpeakerNoiseAugmentation
 from nest_ssl.data.config import DatasetConfig
 from nest_ssl.data.dataset import AudioNoiseCollate, AudioNoiseDataset, BadItem
 from nest_ssl.data.manifest import ManifestReport, read_manifests, split_paths
 from nest_ssl.data.sampler import BatchSampler
-from nest_ssl.data.tarred import TarredAudioNoiseDataset, expand_shards, items_per_shard, plan_tarred, shard_list
+from nest_ssl.data.tarred import (
+    TarredAudioNoiseDataset,
+    expand_shards,
+    items_per_shard,
+    plan_tarred,
+    shard_list,
+    unmeasurable,
+)
 from nest_ssl.nemo_compat import instantiate, target_config
 
 log = logging.getLogger(__name__)
@@ -165,9 +172,6 @@ def _measure(c: DatasetConfig):
     if c.min_duration is None and c.max_duration is None and c.batch_duration is None:
         return None
     if c.is_tarred:
-        def unmeasurable(e):
-            raise BadSample(e.audio_filepath, "no 'duration' in the tarred manifest; the duration filters / "
-                                              "batch_duration need it", "missing_duration")
         return unmeasurable
     return lambda e: measure_duration(e.audio_filepath, e.offset)[0]
 

@@ -95,6 +95,13 @@ def items_per_shard(entries: list[ManifestEntry], num_shards: int) -> list[int] 
     return [counts.get(i, 0) for i in range(num_shards)]
 
 
+def unmeasurable(e: ManifestEntry) -> float:
+    """`measure` for tarred manifests: a member cannot be opened before its shard streams, so an entry the duration
+    filters need a duration for, and that has none, is a bad line."""
+    raise BadSample(e.audio_filepath, "no 'duration' in the tarred manifest; the duration filters / batch_duration "
+                                      "need it", "unmeasurable_duration")
+
+
 def _open_tar(src: str):
     if src.startswith("pipe:"):
         proc = subprocess.Popen(src[5:], shell=True, stdout=subprocess.PIPE)
