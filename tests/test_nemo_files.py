@@ -109,11 +109,12 @@ def test_export_script_converts_both_files_to_nemo_and_to_our_checkpoint(tmp_pat
             assert all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in reference.items())
 
 
-def test_init_from_ptl_ckpt_loads_the_weights_of_a_nemo_ckpt():
-    cfg, _ = export.read_checkpoint(CKPT)
+@pytest.mark.parametrize("key,path", [("init_from_ptl_ckpt", CKPT), ("init_from_nemo_model", NEMO)])
+def test_init_from_loads_the_weights_of_nemo_written_files(key, path):
+    cfg, _ = export.read_checkpoint(path)
     torch.manual_seed(5)
     model = export.build_model(cfg)
-    lines = export.init_from_pretrained(model, {"init_from_ptl_ckpt": str(CKPT)})
+    lines = export.init_from_pretrained(model, {key: str(path)})
     assert "loaded 99 tensors" in lines[0] and "0 model keys not in it" in lines[0]
     assert_matches_nemo(nemo_outputs(model.eval()))
 
