@@ -14,6 +14,8 @@ import os
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 
+import soundfile as sf
+
 from nest_ssl.data.audio import AudioLoader, BadSample, file_info, measure_duration
 from nest_ssl.data.manifest import Finding, ManifestEntry, ManifestReport, read_manifests
 from nest_ssl.data.tarred import shard_list, unmeasurable
@@ -44,8 +46,6 @@ def _result(where, path, sr, x) -> tuple:
 
 def _inspect_tarred(entries: list[ManifestEntry], shards: list[str], tolerance) -> list[tuple]:
     """Stream every shard once; entries are matched to members by file stem, as TarredAudioNoiseDataset does."""
-    import soundfile as sf
-
     by_stem, seen, out = collections.defaultdict(list), set(), []
     for e in entries:
         by_stem[os.path.splitext(os.path.basename(e.audio_filepath))[0]].append(e)
@@ -58,7 +58,7 @@ def _inspect_tarred(entries: list[ManifestEntry], shards: list[str], tolerance) 
                 for m in tar:
                     for e in by_stem.get(os.path.splitext(os.path.basename(m.name))[0], []) if m.isfile() else []:
                         seen.add(e.where)
-                        out.append(_member(e, tar.extractfile(m).read(), f"{shard}:{m.name}", tolerance, sf))
+                        out.append(_member(e, tar.extractfile(m).read(), f"{shard}:{m.name}", tolerance))
         except (tarfile.TarError, OSError, EOFError) as err:
             out.append((shard, shard, None, 0.0, "unreadable", f"truncated or corrupt shard ({type(err).__name__})"))
     out += [(e.where, e.audio_filepath, None, 0.0, "not_in_shards", "no member of that name in any shard")
@@ -66,7 +66,7 @@ def _inspect_tarred(entries: list[ManifestEntry], shards: list[str], tolerance) 
     return out
 
 
-def _member(e: ManifestEntry, data: bytes, name: str, tolerance, sf) -> tuple:
+def _member(e: ManifestEntry, data: bytes, name: str, tolerance) -> tuple:
     try:
         sr = sf.info(io.BytesIO(data)).samplerate
         x = AudioLoader(sr, None, tolerance).load(name, e.offset, e.duration, data=data, whole_file=not e.offset_given)
