@@ -136,3 +136,15 @@ def test_loader_strict_mode_names_the_first_bad_line_at_start_up(hostile):
 def test_bad_lines_count_toward_max_bad_samples(hostile):
     with pytest.raises(RuntimeError, match="exceed max_bad_samples=3"):
         build_dataloader(cfg(hostile, max_bad_samples=3))
+
+
+def test_a_bad_noise_manifest_line_follows_the_same_setting(hostile, tmp_path):
+    noise = tmp_path / "noise.json"
+    noise.write_text(json.dumps({"audio_filepath": str(tmp_path / "good0.wav"), "duration": 1.0}) + "\n{oops\n")
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"audio_filepath": str(tmp_path / "good0.wav"), "duration": 1.0}) + "\n")
+    loader = build_dataloader(cfg(str(good), noise_manifest=str(noise), batch_size=1))
+    assert [r for _, r in loader.bad_samples] == [f"{noise}:2: invalid JSON: Expecting property name enclosed in "
+                                                  "double quotes (column 2) in '{oops'"]
+    with pytest.raises(ValueError, match=f"{noise}:2: invalid JSON"):
+        build_dataloader(cfg(str(good), noise_manifest=str(noise), skip_bad_samples=False))

@@ -108,13 +108,13 @@ class DataLoaderWrapper:
 def build_dataloader(ds_cfg: DatasetConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0, augmentor=None,
                      is_train: bool = True) -> DataLoaderWrapper:
     c = ds_cfg.validate("train_ds" if is_train else "validation_ds")
-    noise = read_manifests(c.noise_manifest) if c.noise_manifest else []
+    report = ManifestReport()  # bad lines of the noise and data manifests alike
+    noise = read_manifests(c.noise_manifest, report=report, skip_bad=c.skip_bad_samples) if c.noise_manifest else []
     # is_concat: one dataset per manifest; otherwise all manifests form one dataset (nested bucket lists flatten)
     groups = [[m] for m in split_paths(c.manifest_filepath)] if c.is_concat else [split_paths(c.manifest_filepath)]
     sharded = c.is_tarred and "_OP_" in str(c.manifest_filepath) and "_CL_" in str(c.manifest_filepath)
     if sharded:  # sharded manifests: expanded and split over ranks exactly like the tar shards they describe
         groups = [shard_list(c.manifest_filepath, rank, world_size, c.tarred_shard_strategy)]
-    report = ManifestReport()
     parts = [read_manifests(g, c.min_duration, c.max_duration, c.max_utts, report=report, skip_bad=c.skip_bad_samples,
                             measure=_measure(c)) for g in groups]
     entries = [e for p in parts for e in p]
