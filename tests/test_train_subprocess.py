@@ -41,6 +41,14 @@ def wait_for(pred, proc, timeout=60.0):
         time.sleep(0.05)
 
 
+def catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler installed for `sig` (Linux: the SigCgt mask in /proc/<pid>/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
 def lasts(exp):
     d = Path(exp, "tiny", "checkpoints")
     return list(d.glob("*-last.ckpt")) if d.is_dir() else []
@@ -49,7 +57,9 @@ def lasts(exp):
 @pytest.mark.slow
 def test_sigusr1_checkpoints_and_exits_with_requeue_code(data, tmp_path):
     proc = start(run_config(data, tmp_path / "exp", max_steps=10_000, val_every=10_000), tmp_path, sleep=0.02)
-    wait_for(lambda: (tmp_path / "exp" / "tiny" / "config.yaml").exists(), proc)
+    # train() writes config.yaml before it installs its handler: on a loaded machine a signal sent in between
+    # killed the process (exit -10). Wait for the handler itself.
+    wait_for(lambda: catches(proc.pid, signal.SIGUSR1), proc)
     time.sleep(0.5)
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(60) == REQUEUE_EXIT_CODE, proc.stdout.read().decode()
