@@ -11,11 +11,11 @@ NeMo's bit for bit. `spec_augment` is accepted and unused (NeMo's NEST forward n
 
 `mask_position: post_conv` implements NeMo's evident intent (NeMo 2.6.2's own path crashes on a shape mismatch):
 tokens come from the pre-encoded clean frames with `combine_time_steps = 1`, masks are drawn on and applied to the
-pre-encoded noisy frames (through a forward hook on `encoder.pre_encode`), and pre_encode keeps its gradient. The module layout is NeMo's:
-`encoder.pre_encode` is a `ConvFeatureMaskingWrapper(pre_encode, masking)` also registered as `pre_encoder`, so the
-state_dict holds `encoder.pre_encode.pre_encode.*`, `encoder.pre_encode.masking.mask_embedding` and the aliases
-`mask_processor.mask_embedding`, `pre_encoder.pre_encode.*`, `pre_encoder.masking.mask_embedding` (the same
-tensors), in NeMo's order, and a NeMo post_conv state_dict loads with strict=True.
+pre-encoded noisy frames (through a forward hook on `encoder.pre_encode`), and pre_encode keeps its gradient. The
+module layout is NeMo's: `encoder.pre_encode` is a `ConvFeatureMaskingWrapper(pre_encode, masking)` also registered
+as `pre_encoder`, so the state_dict holds `encoder.pre_encode.pre_encode.*`, `encoder.pre_encode.masking.mask_embedding`
+and the aliases `mask_processor.mask_embedding`, `pre_encoder.pre_encode.*`, `pre_encoder.masking.mask_embedding`
+(the same tensors), in NeMo's order, and a NeMo post_conv state_dict loads with strict=True.
 """
 from __future__ import annotations
 
