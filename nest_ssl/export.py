@@ -132,7 +132,8 @@ def to_training_checkpoint(src: str | os.PathLike, out: str | os.PathLike) -> Pa
         if "optim" not in cfg:
             raise nemo_io.NemoFileError(f"{src}: hyper_parameters['cfg'] has no optim section")
         ts = training_state(src, model, cfg["optim"])
-        body.update(ts, scaler=None, rng=checkpoint.rng_state(),
+        loop = checkpoint.TrainState(step=ts["global_step"], epoch=ts["epoch"])
+        body.update(ts, scaler=None, rng=checkpoint.rng_state(), train_state=dataclasses.asdict(loop),
                     loader={"epoch": ts["epoch"], "start": 0, "bad_samples": []})
     checkpoint.atomic_save(body, out)
     return Path(out)
