@@ -5,7 +5,8 @@
 
 Each bad line is listed with its manifest and line number, the audio path, a kind and a reason: invalid_json,
 not_an_object, missing_audio_filepath, bad_duration, bad_offset, no_such_file, is_directory, unreadable, empty,
-nonfinite, offset_past_end, duration_mismatch (beyond --duration-tolerance seconds), not_in_shards (tarred).
+nonfinite, offset_past_end, duration_mismatch (beyond --duration-tolerance seconds), not_in_shards and
+unmeasurable_duration (tarred: no duration while a duration filter needs one).
 Warnings (still trained on): all_zero, missing_duration (measured from the header, or by decoding, before the
 duration filters). Lines outside [min_duration, max_duration] are counted and listed as filtered. Totals count
 only the lines that would be trained on. Exit status 1 when any error exists.
