@@ -260,3 +260,14 @@ def test_tarred_entry_without_duration_under_a_filter_is_a_bad_line_for_loader_a
     assert rep["utterances"] == 15
     rc, rep = run_check("--manifest", m, "--tarred", f"{d}/audio__OP_0..3_CL_.tar")  # no filter: trained on
     assert rc == 0 and rep["utterances"] == 16
+
+
+def test_check_data_reports_a_tarred_entry_no_shard_holds(tarred):
+    d, _ = tarred
+    m = f"{d}/tarred_audio_manifest.json"
+    rows = [json.loads(x) for x in open(m)] + [{"audio_filepath": "ghost.wav", "duration": 1.0, "shard_id": 0}]
+    write_manifest(m, rows)
+    rc, rep = run_check("--manifest", m, "--tarred", f"{d}/audio__OP_0..3_CL_.tar")
+    assert rc == 1 and [(x["line"], x["kind"], x["path"]) for x in rep["errors"]] == [(17, "not_in_shards",
+                                                                                         "ghost.wav")]
+    assert rep["utterances"] == 16
