@@ -1,0 +1,278 @@
+"""Is it learning? Target-health and collapse metrics for SSL pretraining, computed on the device.
+
+`HealthMonitor` puts forward hooks on the model (no model code changes, no state_dict change) and, for every
+micro-batch, adds a few device tensors to per-phase sums ("train" while the model trains, "val" in eval mode):
+
+- masked / unmasked top-1 accuracy per codebook: argmax of the decoder's log-probs vs the quantizer's token, on the
+  tokens the loss selects (mask mean > mask_threshold) and on fully unmasked valid tokens;
+- target histograms per codebook -> coverage (fraction of the `num_classes` codes seen in the window), entropy (nats)
+  and perplexity (exp(entropy)); the same for the argmax predictions on masked tokens, and the mean prediction
+  entropy (entropy of the predicted distribution, averaged over masked tokens);
+- collapse detectors: for a few encoder layers, the variance of the output across time and batch relative to its
+  second moment (sum_d Var_frames(x_d) / sum_d E_frames[x_d^2]: 0 when every frame is the same vector, ~1 for
+  frames scattered around their mean), and the effective rank (exp of the entropy of the normalised singular values,
+  Roy & Vetterli 2007) of the centred final-layer output on a strided subsample of frames;
+- for the contrastive model: accuracy of the positive among the negatives, code perplexity and the diversity loss.
+
+Everything is a sum (counts, histograms, first and second moments, a Gram matrix), so the window's value over all
+ranks is exact: `collect` concatenates one phase's sums, all-reduces them once, derives the metrics and copies them
+to the host once. Call it on log steps only; the step itself never reads a device value. `grad_norms` gives the
+gradient norm per parameter group (encoder.pre_encode, each encoder.layers.<i>, decoder, ...), read at the same time.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nest_ssl.losses import token_mask
+
+
+@dataclass
+class HealthConfig:
+    """`trainer.health` (ours): which metrics to keep and the collapse thresholds."""
+
+    enabled: bool = True
+    layers: Optional[list] = None   # encoder layer indices for the variance detector; None: first, middle, last
+    rank_frames: int = 256          # frames per micro-batch (strided subsample) for the effective rank
+    min_frame_var: float = 0.01     # relative frame variance below this at any watched layer: collapse alarm
+    min_eff_rank: float = 2.0       # effective rank of the final layer below this: collapse alarm
+    min_target_perplexity: float = 2.0  # a codebook's target perplexity below this: degenerate targets alarm
+
+    def __post_init__(self):
+        if self.rank_frames < 2:
+            raise ValueError(f"trainer.health.rank_frames={self.rank_frames}; must be >= 2")
+
+
+def entropy(counts: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of the distribution proportional to `counts` along the last dim (0 for an empty row)."""
+    p = counts / counts.sum(-1, keepdim=True).clamp_min(1e-12)
+    return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
+
+
+def effective_rank(gram: torch.Tensor, total: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Effective rank of the centred frames from their sums: gram = sum x x^T (d, d), total = sum x (d,), n frames.
+    The centred scatter matrix's eigenvalues are the squared singular values of the centred frame matrix; 0 means
+    every frame is the same vector."""
+    n = n.clamp_min(1.0)
+    mean = total / n
+    scatter = gram - n * torch.outer(mean, mean)  # (d, d) = Xc^T Xc
+    eig = torch.linalg.eigvalsh(scatter.double())
+    floor = 1e-10 * gram.diagonal().sum()  # below: float64 cancellation noise of gram - n m m^T, not a direction
+    sv = torch.where(eig > floor, eig, 0.0).sqrt()
+    return torch.where(sv.sum() > 0, torch.exp(entropy(sv)), 0.0)  # 0: every frame is the same vector
+
+
+def frame_moments(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """x (B, T, d), valid (B, T) -> (3, d) float64: [count, sum x, sum x^2] over the valid frames."""
+    w = valid.to(torch.float64).unsqueeze(-1)  # (B, T, 1)
+    xd = x.detach().to(torch.float64) * w
+    count = w.sum((0, 1)).expand(x.shape[-1])
+    return torch.stack([count, xd.sum((0, 1)), (xd * x.detach().to(torch.float64)).sum((0, 1))])
+
+
+def relative_frame_variance(moments: torch.Tensor) -> torch.Tensor:
+    """(..., 3, d) moments -> sum_d Var(x_d) / sum_d E[x_d^2] (0: all frames equal)."""
+    n = moments[..., 0, :].clamp_min(1.0)
+    mean, second = moments[..., 1, :] / n, moments[..., 2, :] / n
+    return (second - mean * mean).clamp_min(0.0).sum(-1) / second.sum(-1).clamp_min(1e-30)
+
+
+def subsample_gram(x: torch.Tensor, valid: torch.Tensor, max_frames: int) -> dict:
+    """Sums for the effective rank over a strided subsample of at most ~max_frames of the B*T frames."""
+    flat, w = x.detach().reshape(-1, x.shape[-1]), valid.reshape(-1)  # (B*T, d), (B*T,)
+    stride = max(1, math.ceil(flat.shape[0] / max_frames))  # from shapes only: no host sync
+    flat, w = flat[::stride].to(torch.float64), w[::stride].to(torch.float64)
+    xw = flat * w[:, None]
+    return {"rank_gram": xw.T @ flat, "rank_sum": xw.sum(0), "rank_n": w.sum()}
+
+
+def token_stats(log_probs: torch.Tensor, tokens: torch.Tensor, selected: torch.Tensor, valid: torch.Tensor,
+                unmasked: torch.Tensor) -> dict:
+    """log_probs (B, T, C, H), tokens (B, T, H), selected / valid / unmasked (B, T) bool -> per-codebook sums:
+    correct and count on masked (selected) and unmasked tokens, target and prediction histograms (H, C), summed
+    prediction entropy on masked tokens."""
+    lp = log_probs.detach().float()
+    H, C = lp.shape[-1], lp.shape[-2]
+    pred = lp.argmax(dim=2)  # (B, T, H)
+    hit = (pred == tokens).to(torch.float64)
+    sel, unm = selected.to(torch.float64), (unmasked & valid).to(torch.float64)
+    pred_entropy = -(lp.exp() * lp).sum(2)  # (B, T, H)
+    return {
+        "masked_correct": (hit * sel[..., None]).sum((0, 1)), "masked_n": sel.sum().expand(H),
+        "unmasked_correct": (hit * unm[..., None]).sum((0, 1)), "unmasked_n": unm.sum().expand(H),
+        "target_hist": histogram(tokens, valid, C), "pred_hist": histogram(pred, selected, C),
+        "pred_entropy_sum": (pred_entropy.to(torch.float64) * sel[..., None]).sum((0, 1)),
+    }
+
+
+def histogram(ids: torch.Tensor, weight: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """ids (B, T, H) in [0, C), weight (B, T) -> (H, C) float64 counts (scatter_add: bincount would sync on CUDA)."""
+    H = ids.shape[-1]
+    offset = torch.arange(H, device=ids.device) * num_classes  # (H,)
+    flat = (ids.long() + offset).reshape(-1)
+    w = weight.to(torch.float64)[..., None].expand(ids.shape).reshape(-1)
+    return torch.zeros(H * num_classes, dtype=torch.float64, device=ids.device).scatter_add_(0, flat, w).view(
+        H, num_classes)
+
+
+def grad_group(name: str) -> str:
+    """Parameter name -> its group: encoder.pre_encode, encoder.layers.<i>, encoder.<other>, or the top module."""
+    parts = name.split(".")
+    if parts[0] == "encoder" and len(parts) > 2:
+        return ".".join(parts[:3]) if parts[1] == "layers" else ".".join(parts[:2])
+    return parts[0] if len(parts) > 1 else "other"
+
+
+def grad_norms(model: nn.Module) -> dict:
+    """{group: L2 norm of its gradients} as 0-dim device tensors (read them with the log step's one copy)."""
+    groups: dict[str, list] = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            groups.setdefault(grad_group(name), []).append(p.grad)
+    return {g: torch.nn.utils.get_total_norm(grads) for g, grads in groups.items()}
+
+
+class HealthMonitor:
+    """Hooks on a NEST (or contrastive) model that sum the health statistics of every forward, per phase.
+
+    `collect(phase)` (log steps only) reduces one phase over all ranks and returns {metric: float}; `alarms(metrics)`
+    names the collapse symptoms it shows. A model without an encoder / NEST loss gets no hooks (grad norms only)."""
+
+    def __init__(self, model: nn.Module, cfg: Optional[HealthConfig] = None):
+        self.cfg, self.model = cfg or HealthConfig(), model
+        self.sums: dict[str, dict] = {"train": {}, "val": {}}
+        self.handles, self._layer_out = [], {}
+        encoder = getattr(model, "encoder", None)
+        if not self.cfg.enabled or encoder is None or not hasattr(encoder, "layers"):
+            return
+        n = len(encoder.layers)
+        self.layers = sorted(set(self.cfg.layers if self.cfg.layers is not None else [0, n // 2, n - 1]))
+        bad = [i for i in self.layers if not 0 <= int(i) < n]
+        if bad:
+            raise ValueError(f"trainer.health.layers={self.cfg.layers}: {bad} out of range 0..{n - 1}")
+        for i in self.layers:
+            self.handles.append(encoder.layers[i].register_forward_hook(self._save_layer(i)))
+        self.handles.append(encoder.register_forward_hook(self._on_encoder))
+        loss = getattr(model, "loss", None)
+        if loss is not None and hasattr(loss, "mlm_loss"):  # MultiMLMLoss: (masks, log_probs, tokens, lengths)
+            self.handles.append(loss.register_forward_pre_hook(self._on_mlm_loss))
+        for head in getattr(model, "decoder_losses", {}).values():  # contrastive heads keep `last` after forward
+            if hasattr(head["loss"], "quantizer") or hasattr(head["loss"], "target_proj"):
+                self.handles.append(head["loss"].register_forward_hook(self._on_contrastive))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def _phase(self) -> str:
+        return "train" if self.model.training else "val"
+
+    def _add(self, values: dict) -> None:
+        sums = self.sums[self._phase()]
+        for k, v in values.items():
+            v = v.detach().to(torch.float64)
+            sums[k] = sums[k] + v if k in sums else v
+
+    # ---- hooks (device work only) ---------------------------------------------------------------------
+    def _save_layer(self, i: int):
+        def hook(module, args, out):
+            self._layer_out[i] = out[0] if isinstance(out, tuple) else out  # (B, T', d)
+        return hook
+
+    @torch.no_grad()
+    def _on_encoder(self, module, args, out) -> None:
+        encoded, lengths = out  # (B, d, T'), (B,)
+        x = encoded.transpose(1, 2)  # (B, T', d)
+        valid = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]  # (B, T')
+        moments = {f"moments_layer{i}": frame_moments(self._layer_out.pop(i), valid) for i in self.layers}
+        self._add({**moments, "moments_final": frame_moments(x, valid),
+                   **subsample_gram(x, valid, self.cfg.rank_frames)})
+
+    @torch.no_grad()
+    def _on_mlm_loss(self, module, args) -> None:
+        masks, log_probs, tokens, lengths = (list(args) + [None] * 4)[:4]
+        if log_probs.dim() == 3:  # squeeze_single: one codebook without its axis
+            log_probs, tokens = log_probs.unsqueeze(-1), tokens.unsqueeze(-1)
+        c, thr = module.cfg.combine_time_steps, module.cfg.mask_threshold
+        selected, touched = token_mask(masks, c, thr), token_mask(masks, c, 0.0)  # (B, T')
+        T = min(log_probs.shape[1], tokens.shape[1], selected.shape[1])
+        valid = torch.ones_like(selected[:, :T])
+        if lengths is not None:
+            valid = torch.arange(T, device=selected.device)[None, :] < lengths[:, None]
+        self._add(token_stats(log_probs[:, :T], tokens[:, :T], selected[:, :T] & valid, valid, ~touched[:, :T]))
+
+    @torch.no_grad()
+    def _on_contrastive(self, module, args, out) -> None:
+        last = module.last
+        logits = last["similarity"].float()  # (1 + N, M): the positive at row 0
+        stats = {"contrastive_correct": (logits.argmax(0) == 0).sum(), "contrastive_n": logits.new_tensor(
+            logits.shape[1])}
+        if last.get("prob_ppl") is not None:
+            q = module.quantizer
+            stats.update(diversity_sum=last["prob_ppl"], code_ppl_sum=q.groups * q.num_vars * (1 - last["prob_ppl"]),
+                         contrastive_batches=logits.new_tensor(1.0))
+        self._add(stats)
+
+    # ---- log steps ------------------------------------------------------------------------------------
+    def collect(self, phase: str = "train", extra: Optional[dict] = None) -> dict:
+        """Reduce `phase`'s sums over all ranks (one all-reduce), reset them, and return {name: float}; `extra`
+        {name: device scalar} (e.g. grad_norms, identical on all ranks) rides along in the same host copy."""
+        sums, self.sums[phase] = self.sums[phase], {}
+        keys = sorted(sums)
+        if keys:
+            flat = torch.cat([sums[k].reshape(-1) for k in keys])
+            if dist.is_initialized():
+                dist.all_reduce(flat)
+            parts = flat.split([sums[k].numel() for k in keys])
+            sums = {k: p.view(sums[k].shape) for k, p in zip(keys, parts)}
+        metrics = derive(sums)
+        metrics.update({f"grad_norm/{k}": v for k, v in (extra or {}).items()})
+        if not metrics:
+            return {}
+        values = [torch.as_tensor(v, dtype=torch.float64) for v in metrics.values()]
+        values = torch.stack([v.to(values[0].device) for v in values]).tolist()  # the one device-to-host copy
+        return dict(zip(metrics, values))
+
+    def alarms(self, metrics: dict) -> list[str]:
+        """Collapse symptoms in collected metrics, as readable sentences (empty: none)."""
+        out = []
+        for k, v in metrics.items():
+            if k.startswith("frame_var_") and v < self.cfg.min_frame_var:
+                out.append(f"{k}={v:.3g} < {self.cfg.min_frame_var}: encoder frames nearly identical (collapse)")
+            elif k == "eff_rank" and v < self.cfg.min_eff_rank:
+                out.append(f"eff_rank={v:.3g} < {self.cfg.min_eff_rank}: final layer spans ~1 direction (collapse)")
+            elif k.startswith("target_perplexity_") and v < self.cfg.min_target_perplexity:
+                out.append(f"{k}={v:.3g} < {self.cfg.min_target_perplexity}: the quantizer gives ~one code "
+                           "(silent or constant input?)")
+        return out
+
+
+def derive(s: dict) -> dict:
+    """Summed statistics -> metrics (device tensors; keys depend on which hooks fired)."""
+    m = {}
+    if "masked_n" in s:
+        for h in range(s["masked_n"].shape[0]):
+            m[f"masked_acc_{h}"] = s["masked_correct"][h] / s["masked_n"][h].clamp_min(1)
+            m[f"unmasked_acc_{h}"] = s["unmasked_correct"][h] / s["unmasked_n"][h].clamp_min(1)
+            m[f"mean_pred_entropy_{h}"] = s["pred_entropy_sum"][h] / s["masked_n"][h].clamp_min(1)
+            for kind in ("target", "pred"):
+                hist = s[f"{kind}_hist"][h]
+                ent = entropy(hist)
+                m[f"{kind}_coverage_{h}"] = (hist > 0).double().mean()
+                m[f"{kind}_entropy_{h}"], m[f"{kind}_perplexity_{h}"] = ent, ent.exp()
+    for k in [k for k in s if k.startswith("moments_")]:
+        m[f"frame_var_{k[len('moments_'):]}"] = relative_frame_variance(s[k])
+    if "rank_gram" in s:
+        m["eff_rank"] = effective_rank(s["rank_gram"], s["rank_sum"], s["rank_n"])
+    if "contrastive_n" in s:
+        m["contrastive_acc"] = s["contrastive_correct"] / s["contrastive_n"].clamp_min(1)
+    if "contrastive_batches" in s:
+        m["code_perplexity"] = s["code_ppl_sum"] / s["contrastive_batches"]
+        m["diversity_loss"] = s["diversity_sum"] / s["contrastive_batches"]
+    return m
