@@ -31,6 +31,7 @@ class ManifestEntry:
     where: str = ""  # "manifest:lineno", for reports
     offset_given: bool = False  # False: the entry describes the whole file (its duration must match the file's)
     shard_id: int | None = None  # tarred manifests: the shard holding this entry
+    label: str | None = None  # utterance class (classification manifests); None when the line has none
 
 
 class BadLine(ValueError):
@@ -143,7 +144,8 @@ def parse_line(line: str, where: str, manifest_dir: str, resolve: bool, idx: int
     dur, off = _number(d, "duration", where, path), _number(d, "offset", where, path)
     shard = d.get("shard_id")
     shard = shard if isinstance(shard, int) and not isinstance(shard, bool) else None
-    return ManifestEntry(path, dur, off or 0.0, str(d.get("text", "")), idx, where, "offset" in d, shard)
+    label = None if d.get("label") is None else str(d["label"])
+    return ManifestEntry(path, dur, off or 0.0, str(d.get("text", "")), idx, where, "offset" in d, shard, label)
 
 
 def read_manifests(paths, min_duration: float | None = None, max_duration: float | None = None,

@@ -211,6 +211,6 @@ def write_tarred_dataset(manifest: str, out: str, num_shards: int, shuffle: bool
                         seen.add(name)
                         tar.add(e.audio_filepath, arcname=name)
                     row = {"audio_filepath": name, "duration": e.duration, "offset": e.offset, "text": e.text,
-                           "shard_id": s}
+                           "shard_id": s, **({"label": e.label} if e.label is not None else {})}
                     mf.write(json.dumps(row) + "\n")
     return tars
