@@ -177,3 +177,21 @@ def test_two_rank_reduction_equals_one_rank_on_the_union_batch(tmp_path):
     assert set(per_rank[0]) == set(single) and "masked_acc_0" in single
     for k, v in single.items():
         assert per_rank[0][k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+
+
+def test_contrastive_quantities_match_the_loss_intermediates():
+    from nest_ssl.contrastive.model import SpeechEncDecSelfSupervisedModel
+    cfg = json.loads((PARITY / "contrastive_tiny" / "config.json").read_text())["model"]
+    torch.manual_seed(0)
+    model = SpeechEncDecSelfSupervisedModel.from_config(cfg).eval()
+    mon = health.HealthMonitor(model)
+    wave = torch.randn(2, 32000, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.step(wave, torch.tensor([32000, 32000]), generator=torch.Generator().manual_seed(0))
+    m = mon.collect("val")
+    loss = model.decoder_losses["contrastive"]["loss"]
+    sim, q = loss.last["similarity"], loss.quantizer
+    assert m["contrastive_acc"] == pytest.approx(float((sim.argmax(0) == 0).double().mean()))
+    assert m["diversity_loss"] == pytest.approx(float(loss.last["prob_ppl"]))
+    assert m["code_perplexity"] == pytest.approx(q.groups * q.num_vars * (1 - float(loss.last["prob_ppl"])))
+    assert "frame_var_final" in m
