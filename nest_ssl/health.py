@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nest_ssl.losses import token_mask
+from nest_ssl.nest.losses import token_mask
 
 
 @dataclass

@@ -8,8 +8,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nest_ssl.config import ConfigError, load_config  # noqa: E402
+from nest_ssl.config import ConfigError  # noqa: E402
 from nest_ssl.estimate import estimate, format_report  # noqa: E402
+from nest_ssl.run_config import load_config  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -37,8 +37,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from nest_ssl import probe
-    from nest_ssl.config import load_config
     from nest_ssl.export import load_pretrained
+    from nest_ssl.run_config import load_config
 
     try:
         if args.demo:

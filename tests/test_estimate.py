@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import PARITY
-from nest_ssl.config import load_config
 from nest_ssl.estimate import estimate, parameter_counts, saved_activation_bytes
 from nest_ssl.nemo_compat import build_model
+from nest_ssl.run_config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -12,7 +12,7 @@ from test_host_syncs import HostSyncs
 from conftest import PARITY
 from nest_ssl import health
 from nest_ssl.data.batch import AudioNoiseBatch
-from nest_ssl.models import EncDecDenoiseMaskedTokenPredModel
+from nest_ssl.nest.model import EncDecDenoiseMaskedTokenPredModel
 
 
 def tiny_model(seed=0):

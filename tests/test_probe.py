@@ -11,7 +11,7 @@ from nest_ssl.data.char_dataset import AudioToCharDataset, TarredAudioToCharData
 from nest_ssl.data.manifest import read_manifests
 from nest_ssl.data.probe_corpus import LABELS, write_probe_corpus
 from nest_ssl.data.tarred import write_tarred_dataset
-from nest_ssl.models import EncDecDenoiseMaskedTokenPredModel
+from nest_ssl.nest.model import EncDecDenoiseMaskedTokenPredModel
 
 
 @pytest.fixture(scope="module")
