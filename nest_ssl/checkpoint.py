@@ -32,6 +32,7 @@ class TrainState:
     epoch: int = 0
     micro: int = 0                  # micro-batches of the current accumulation window already run
     last_val: float = math.nan      # the latest validation loss
+    last_probe: dict = field(default_factory=dict)  # the latest probe scores (probe_cer, ...), when trainer.probe runs
     bad_streak: int = 0             # consecutive skipped (non-finite) optimizer steps
     skipped_steps: int = 0          # skipped optimizer steps in all
     topk: list = field(default_factory=list)  # [[val_loss, path], ...] of the top-k checkpoint files, best first

@@ -33,7 +33,8 @@ class CheckpointCallbackParams:
     filepath: Optional[str] = None  # deprecated in NeMo
     dirpath: Optional[str] = None
     filename: Optional[str] = None
-    monitor: Optional[Literal["val_loss"]] = "val_loss"  # None: no top-k files, only -last
+    monitor: Optional[Literal["val_loss", "probe_cer", "probe_wer", "probe_acc"]] = "val_loss"  # None: only -last
+    # (probe_* are ours: trainer.probe's scores; probe_acc wants mode: max)
     verbose: Optional[bool] = True
     save_last: Optional[bool] = True
     save_top_k: Optional[int] = 3
@@ -136,8 +137,9 @@ class TopK:
 
 class CheckpointWriter:
     """exp_manager's checkpoint policy: after each validation (and at the end of the run) the `-last` checkpoint
-    replaces the previous one, a top-k file is written when val_loss earns one (files falling out of the top k are
-    deleted), and with always_save_nemo the best model also goes to `<prefix or name>.nemo`.
+    replaces the previous one, a top-k file is written when the monitored score (val_loss, or a trainer.probe score
+    right after the probe ran) earns one (files falling out of the top k are deleted), and with always_save_nemo the
+    best model also goes to `<prefix or name>.nemo`.
 
     Rank 0 writes and every rank waits at a barrier; `sync=False` is for a rank that failed alone: it writes the
     `-last` file itself (model and optimizer are replicated) without the barrier and without touching the top k."""
@@ -151,22 +153,28 @@ class CheckpointWriter:
         self.parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
         self.saved_step = -1  # the step of the latest save: the end of the run does not write it twice
 
-    def save(self, state: ckpt.TrainState, loader_state: dict, sync: bool = True) -> Optional[Path]:
-        """Write the checkpoints for `state`; returns the -last path (None on ranks that do not write)."""
+    def save(self, state: ckpt.TrainState, loader_state: dict, sync: bool = True, rank: bool = True) -> Optional[Path]:
+        """Write the checkpoints for `state`; returns the -last path (None on ranks that do not write). rank=False:
+        the monitored score is not new (e.g. a probe score at a validation step), so no top-k file."""
         self.saved_step, last = state.step, None
         if self.enabled and (self.is_main or not sync):
-            last = self._write(state, loader_state, sync)
+            last = self._write(state, loader_state, sync and rank)
         if sync:
             distributed.barrier()
         return last
 
-    def _write(self, state: ckpt.TrainState, loader_state: dict, sync: bool) -> Path:
-        stem = format_name(self.ccp.filename, self.name, {"val_loss": state.last_val, "step": state.step,
-                                                          "epoch": state.epoch})
-        top_path, dropped = self.dir / f"{stem}.ckpt", []
-        is_top = sync and math.isfinite(state.last_val) and self.topk.better(state.topk, state.last_val)
+    @property
+    def monitors_probe(self) -> bool:
+        return str(self.ccp.monitor).startswith("probe_")
+
+    def _write(self, state: ckpt.TrainState, loader_state: dict, rank: bool) -> Path:
+        scores = {"probe_cer": math.nan, "probe_wer": math.nan, "probe_acc": math.nan, **state.last_probe,
+                  "val_loss": state.last_val}
+        stem = format_name(self.ccp.filename, self.name, {**scores, "step": state.step, "epoch": state.epoch})
+        top_path, dropped, score = self.dir / f"{stem}.ckpt", [], scores.get(self.ccp.monitor, math.nan)
+        is_top = rank and math.isfinite(score) and self.topk.better(state.topk, score)
         if is_top:
-            state.topk, dropped = self.topk.add(state.topk, state.last_val, str(top_path))
+            state.topk, dropped = self.topk.add(state.topk, score, str(top_path))
         saved = ckpt.state(**self.parts, train_state=dataclasses.replace(state, micro=0), loader_state=loader_state,
                            config=self.config)
         if is_top:

@@ -20,8 +20,10 @@ from typing import Any, Literal, Optional, Union
 from nest_ssl.config import apply_overrides, config_file_from_args, from_dict, load_yaml, resolve, to_yaml
 from nest_ssl.data.config import DatasetConfig
 from nest_ssl.exp_manager import ExpManagerConfig
+from nest_ssl.health import HealthConfig
 from nest_ssl.nemo_compat import validate_targets
 from nest_ssl.optim import OptimConfig
+from nest_ssl.probe import ProbeConfig
 
 Precision = Literal[32, "32", "32-true", 16, "16", "16-mixed", "bf16", "bf16-mixed"]
 
@@ -57,6 +59,8 @@ class TrainerConfig:
     compile: bool = False             # torch.compile each encoder layer (ConformerEncoder.compile_layers)
     compile_backend: str = "inductor"  # torch.compile backend (tests use aot_eager: no C++ compiler needed)
     fit_scan: bool = False            # run the largest batch once at start-up (nest_ssl/fit_scan.py)
+    health: HealthConfig = field(default_factory=HealthConfig)  # health metrics at each log step (health.py)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)     # frozen-encoder probe every N steps (probe.py)
 
     def __post_init__(self):
         if self.accumulate_grad_batches < 1:

@@ -35,9 +35,11 @@ from nest_ssl.config import to_yaml
 from nest_ssl.data.loader import build_loader
 from nest_ssl.export import init_from_pretrained
 from nest_ssl.fit_scan import fit_scan, largest_batch
+from nest_ssl.health import HealthMonitor, grad_norms
 from nest_ssl.metrics import make_logger
 from nest_ssl.nemo_compat import build_model
 from nest_ssl.optim import build_optimizer, build_scheduler
+from nest_ssl.probe import run_probe
 from nest_ssl.run_config import TrainerConfig, build_run_config
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: preempted, checkpoint written, requeue me (scripts/slurm/*.sbatch check it)
@@ -194,6 +196,7 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
         raise ValueError("model.optim is required (e.g. name: adamw, lr: 5.0, sched: {name: NoamAnnealing, ...})")
     if run.model.train_ds is None:
         raise ValueError("model.train_ds is required")
+    check_probe_monitor(em_cfg.checkpoint_callback_params.monitor, tc)
     name = em_cfg.name or run.name
 
     # ---- distributed, seeds, model, optimizer, data ---------------------------------------------------
@@ -201,6 +204,7 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
     random.seed(run.seed), np.random.seed(run.seed), torch.manual_seed(run.seed)
     torch.backends.cudnn.benchmark = bool(tc.benchmark)
     model = build_model(plain["model"]).to(dist.device)
+    health_monitor = HealthMonitor(model, tc.health)  # forward hooks: sums on the device, read on log steps only
     if tc.compile:
         compile_encoder(model, tc.compile_backend)
     init_lines = init_from_pretrained(model, plain)  # NeMo's init_from_*: strict=False; a resume below overrides it
@@ -264,6 +268,7 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
 
     if val_loader is not None and tc.num_sanity_val_steps and saved is None:
         validate(step_model, val_loader, dist, run.seed, amp_dtype, limit=tc.num_sanity_val_steps, device_mix=val_mix)
+        health_monitor.collect("val")  # the sanity batches are not part of the first validation's metrics
 
     # ---- the loop -------------------------------------------------------------------------------------
     limits, accum, sample_rate = Limits.of(tc), tc.accumulate_grad_batches, run.model.sample_rate
@@ -291,6 +296,7 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
         state.micro, lr = 0, optimizer.param_groups[0]["lr"]
         if scaler is not None:
             scaler.unscale_(optimizer)
+        groups = grad_norms(model) if tc.health.enabled and (state.step + 1) % tc.log_every_n_steps == 0 else None
         grad_norm = clip_gradients(model, tc)
         loss_val, grad_norm, tok, bad, preempted = step_stats(window_loss, grad_norm, tokens, scaler is None,
                                                                preempt.requested(), dist.device)
@@ -323,19 +329,33 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
         if state.step % tc.log_every_n_steps == 0:
             values = window.metrics(loss_val, lr, grad_norm, dist.device)
             values["skipped_samples"], values["skipped_steps"] = len(train_loader.bad_samples), state.skipped_steps
-            log.scalars(state.step, {**values, "global_step": state.step, "epoch": state.epoch})
+            health = health_monitor.collect("train", groups)
+            log.scalars(state.step, {**values, "global_step": state.step, "epoch": state.epoch,
+                                     **{f"health/{k}": v for k, v in health.items()}})
             log.progress(state.step, tc.max_steps, {"loss": values["train_loss"], "lr": lr,
-                                                    "audio_s/s": values["audio_seconds_per_second"]})
+                                                    "audio_s/s": values["audio_seconds_per_second"],
+                                                    "acc": health.get("masked_acc_0")})
+            for alarm in health_monitor.alarms(health):
+                log.info(f"step {state.step}: health: {alarm}")
             window = LogWindow.start()
-        if val_loader is not None and val_due(tc, train_loader.start, state.epoch, len(train_loader)):
+        probed = tc.probe.enabled and state.step % tc.probe.every_n_steps == 0
+        if probed:  # rank 0 probes the frozen encoder; every rank gets its scores (top-k must agree)
+            state.last_probe = dist_utils.broadcast_object(probe_scores(model, tc) if dist.is_main else None)
+            log.scalars(state.step, state.last_probe)
+            log.info(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in state.last_probe.items()
+                                                         if not k.startswith("probe/")))
+        validated = val_loader is not None and val_due(tc, train_loader.start, state.epoch, len(train_loader))
+        if validated:
             try:
                 state.last_val = validate(step_model, val_loader, dist, run.seed, amp_dtype, device_mix=val_mix)
             except Exception as err:
                 on_data_error(err)
                 raise
-            log.scalars(state.step, {"val_loss": state.last_val})
+            val_health = {f"val_health/{k}": v for k, v in health_monitor.collect("val").items()}
+            log.scalars(state.step, {"val_loss": state.last_val, **val_health})
             log.info(f"step {state.step}: val_loss {state.last_val:.4f}")
-            writer.save(state, train_loader.state_dict())
+        if validated or (probed and writer.monitors_probe):
+            writer.save(state, train_loader.state_dict(), rank=probed if writer.monitors_probe else validated)
         if preempted:
             log.info(f"step {state.step}: preemption signal; checkpointing and exiting with {REQUEUE_EXIT_CODE}")
             if writer.saved_step != state.step:
@@ -352,6 +372,24 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
     dist_utils.teardown()
     return {"exit_code": exit_code, "losses": history, "step": state.step, "epoch": state.epoch,
             "log_dir": str(logdir), "val_loss": state.last_val, "skipped_steps": state.skipped_steps}
+
+
+def check_probe_monitor(monitor, tc: TrainerConfig) -> None:
+    """A checkpoint monitor on a probe score needs the probe running the task that produces it."""
+    if not str(monitor).startswith("probe_"):
+        return
+    task = "classification" if monitor == "probe_acc" else "ctc"
+    if not tc.probe.enabled or tc.probe.task != task:
+        raise ValueError(f"exp_manager.checkpoint_callback_params.monitor={monitor!r} needs trainer.probe.enabled: "
+                         f"true with trainer.probe.task: {task} (now enabled={tc.probe.enabled}, "
+                         f"task={tc.probe.task!r})")
+
+
+def probe_scores(model: nn.Module, tc: TrainerConfig) -> dict:
+    """trainer.probe's scalars: the score(s), the head's final training loss, the layer weights."""
+    result = run_probe(model, tc.probe)
+    weights = {f"probe/layer_weight_{s}": w for s, w in zip(result["states"], result["layer_weights"])}
+    return {k: v for k, v in result.items() if k.startswith("probe_")} | weights
 
 
 def clip_gradients(model: nn.Module, tc: TrainerConfig) -> torch.Tensor:
