@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 
 DEMO_DIR ?= demo_out
 
-.PHONY: install test lint demo bench bench-train clean
+.PHONY: install test lint demo probe-demo bench bench-train clean
 
 install: $(STAMP)
 
@@ -35,6 +35,12 @@ demo: install
 		model.validation_ds.noise_manifest=$(DEMO_DIR)/data/noise_manifest.json \
 		exp_manager.exp_dir=$(DEMO_DIR)/experiments
 	@echo "TensorBoard: $(BIN)/tensorboard --logdir $(DEMO_DIR)/experiments"
+
+# Frozen-encoder probe on a synthetic labelled corpus: a random-init encoder vs the `make demo` model (trained first
+# when there is none), CTC character CER/WER and speaker accuracy.
+probe-demo: install
+	test -n "$$(find $(DEMO_DIR)/experiments -name '*.nemo' 2>/dev/null)" || $(MAKE) demo
+	$(BIN)/python scripts/probe.py --demo --demo-dir $(DEMO_DIR)/probe --demo-runs $(DEMO_DIR)/experiments
 
 # Kernel micro-benchmarks (Triton rows need a CUDA GPU; on CPU only the torch providers run).
 bench: install

@@ -5,9 +5,10 @@ micro-batch, adds a few device tensors to per-phase sums ("train" while the mode
 
 - masked / unmasked top-1 accuracy per codebook: argmax of the decoder's log-probs vs the quantizer's token, on the
   tokens the loss selects (mask mean > mask_threshold) and on fully unmasked valid tokens;
-- target histograms per codebook -> coverage (fraction of the `num_classes` codes seen in the window), entropy (nats)
-  and perplexity (exp(entropy)); the same for the argmax predictions on masked tokens, and the mean prediction
-  entropy (entropy of the predicted distribution, averaged over masked tokens);
+- target histograms per codebook -> coverage (fraction of the `num_classes` codes seen in the window), entropy (nats),
+  perplexity (exp(entropy)) and majority (the most frequent code's share: the accuracy of always guessing it); the
+  same for the argmax predictions on masked tokens, and the mean prediction entropy (entropy of the predicted
+  distribution, averaged over masked tokens);
 - collapse detectors: for a few encoder layers, the variance of the output across time and batch relative to its
   second moment (sum_d Var_frames(x_d) / sum_d E_frames[x_d^2]: 0 when every frame is the same vector, ~1 for
   frames scattered around their mean), and the effective rank (exp of the entropy of the normalised singular values,
@@ -39,7 +40,7 @@ class HealthConfig:
     enabled: bool = True
     layers: Optional[list] = None   # encoder layer indices for the variance detector; None: first, middle, last
     rank_frames: int = 256          # frames per micro-batch (strided subsample) for the effective rank
-    min_frame_var: float = 0.01     # relative frame variance below this at any watched layer: collapse alarm
+    min_frame_var: float = 1e-3     # relative frame variance below this at any watched layer: collapse alarm
     min_eff_rank: float = 2.0       # effective rank of the final layer below this: collapse alarm
     min_target_perplexity: float = 2.0  # a codebook's target perplexity below this: degenerate targets alarm
 
@@ -265,6 +266,7 @@ def derive(s: dict) -> dict:
                 hist = s[f"{kind}_hist"][h]
                 ent = entropy(hist)
                 m[f"{kind}_coverage_{h}"] = (hist > 0).double().mean()
+                m[f"{kind}_majority_{h}"] = hist.max() / hist.sum().clamp_min(1)  # the most frequent code's share
                 m[f"{kind}_entropy_{h}"], m[f"{kind}_perplexity_{h}"] = ent, ent.exp()
     for k in [k for k in s if k.startswith("moments_")]:
         m[f"frame_var_{k[len('moments_'):]}"] = relative_frame_variance(s[k])

@@ -2,7 +2,9 @@
 
 Rank 0 gets a `Logger`; other ranks a `NullLogger` with the same methods, so the loop has no rank branches.
 Tag names follow NeMo where NeMo has one (`train_loss`, `learning_rate`, `val_loss`, `global_step`); ours are
-`grad_norm`, `audio_seconds_per_second`, `tokens_masked`, `gpu_memory` (GiB, peak) and `skipped_samples`.
+`grad_norm`, `audio_seconds_per_second`, `tokens_masked`, `gpu_memory` (GiB, peak) and `skipped_samples`, the
+`health/*` and `val_health/*` metrics of nest_ssl/health.py, and trainer.probe's `probe_cer`, `probe_wer`,
+`probe_acc`, `probe_train_loss` and `probe/layer_weight_<i>`.
 """
 
 from __future__ import annotations

@@ -46,6 +46,7 @@ def test_token_stats_match_a_hand_computation():
     assert float(m["target_coverage_0"]) == pytest.approx(2 / 3)
     assert float(m["target_entropy_0"]) == pytest.approx(h([1 / 3, 2 / 3]))
     assert float(m["target_perplexity_0"]) == pytest.approx(math.exp(h([1 / 3, 2 / 3])))
+    assert float(m["target_majority_0"]) == pytest.approx(2 / 3)
     # predictions on masked tokens: [0, 1] -> coverage 2/3, perplexity 2
     assert float(m["pred_coverage_0"]) == pytest.approx(2 / 3)
     assert float(m["pred_perplexity_0"]) == pytest.approx(2.0)
