@@ -63,7 +63,7 @@ def main(argv=None) -> int:
         import torch
         model = load_pretrained(args.checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
         result = probe.run_probe(model, cfg)
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # bad config / manifest / labels; a missing or unreadable file
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=1) if args.json else format_rows([{"encoder": args.checkpoint, "task": args.task,

@@ -1,6 +1,9 @@
 """Frozen-encoder probe (nest_ssl/probe.py): scoring helpers by hand, the probe learns the synthetic corpus and is
 reproducible, it leaves the model and the RNG as they were, and the tarred char dataset serves the same items."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,3 +73,14 @@ def test_tarred_char_dataset_serves_the_plain_items(corpus, tmp_path):
     a = sorted((x[2].tolist(), x[0].sum().item()) for x in plain)
     b = sorted((x[2].tolist(), x[0].sum().item()) for x in tarred)
     assert a == b and len(a) == 16
+
+
+def test_cli_scores_a_saved_model(corpus, tmp_path):
+    from nest_ssl.export import save_nemo
+    model = tiny_model()
+    save_nemo(model, json.loads((PARITY / "nest_tiny" / "config.json").read_text())["model"], tmp_path / "m.nemo")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "probe.py"
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "m.nemo"), "--train-manifest", corpus["train"],
+                          "--eval-manifest", corpus["eval"], "--steps", "5", "--json"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert 0.0 <= json.loads(run.stdout)["probe_cer"]
