@@ -2,7 +2,6 @@
 no host sync in the step, and the 2-rank reduction equal to one rank on the union batch."""
 import json
 import math
-import socket
 
 import pytest
 import torch
@@ -134,12 +133,6 @@ def test_monitored_step_has_no_host_sync(monkeypatch):
     assert mode.found == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _eval_window(model, batch, masks) -> dict:
     mon = health.HealthMonitor(model, health.HealthConfig(rank_frames=10_000))  # no subsampling: exact union
     model.eval()
@@ -148,10 +141,11 @@ def _eval_window(model, batch, masks) -> dict:
     return mon.collect("val")
 
 
-def _rank_worker(rank, world, port, out_dir):
+def _rank_worker(rank, world, out_dir):
     import torch.distributed as dist
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a file store, not a TCP port: a port picked free can be taken by another process before rank 0 binds it
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
     batch, masks = _union_inputs()
     half = slice(2 * rank, 2 * rank + 2)
     part = AudioNoiseBatch(**{k: getattr(batch, k)[half] for k in ("audio", "audio_len", "noise", "noise_len",
@@ -170,7 +164,7 @@ def _union_inputs():
 
 @pytest.mark.slow
 def test_two_rank_reduction_equals_one_rank_on_the_union_batch(tmp_path):
-    mp.spawn(_rank_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     batch, masks = _union_inputs()
     single = _eval_window(tiny_model(), batch, masks)
     per_rank = [torch.load(tmp_path / f"health_rank{r}.pt") for r in range(2)]
