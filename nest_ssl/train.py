@@ -371,7 +371,8 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
     log.close()
     dist_utils.teardown()
     return {"exit_code": exit_code, "losses": history, "step": state.step, "epoch": state.epoch,
-            "log_dir": str(logdir), "val_loss": state.last_val, "skipped_steps": state.skipped_steps}
+            "log_dir": str(logdir), "val_loss": state.last_val, "skipped_steps": state.skipped_steps,
+            "probe": state.last_probe}
 
 
 def check_probe_monitor(monitor, tc: TrainerConfig) -> None:
