@@ -29,6 +29,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_T, BLOCK_C = (16, 16) if INTERPRET else (64, 64)
 
 
+def static_cases():
+    """(kernel, constexprs, num_warps, num_stages, pointer types) of every launch, for kernels/static_report.py."""
+    k = dict(K=9, LEFT=4, BLOCK_T=64, BLOCK_C=64)
+    blocks = dict(BLOCK_T=64, BLOCK_C=64)
+    return [("_glu_dwconv_fwd", dict(k, HAS_BIAS=True, FOLDED=False), 4, 3, None),
+            ("_glu_dwconv_fwd", dict(k, HAS_BIAS=False, FOLDED=True), 4, 3, dict(y_ptr="act")),
+            ("_affine_silu_fwd", blocks, 4, 3, None),
+            ("_affine_silu_bwd", dict(blocks, SECOND=False), 4, 3, None),
+            ("_affine_silu_bwd", dict(blocks, SECOND=True), 4, 3, None),
+            ("_dwconv_glu_bwd", k, 4, 3, None)]
+
+
 @triton.jit
 def _glu_at(h_row, tt, offs_c, valid, cmask, C):
     m = valid[:, None] & cmask[None, :]

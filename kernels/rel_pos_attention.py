@@ -35,14 +35,23 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 
 
-def _configs():
-    # The interpreter cannot autotune; tiny blocks keep its (numpy) launches cheap. BLOCK_W >= BLOCK_M + BLOCK_N - 1
-    # (the p window of one tile), a power of two; BLOCK_M == BLOCK_N wastes the least of it.
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_W": 32})]
+def gpu_configs(kernel=None, block_d=None, dtype=None):
+    """Autotune candidates on GPU. BLOCK_W >= BLOCK_M + BLOCK_N - 1 (the p window of one tile), a power of two;
+    BLOCK_M == BLOCK_N wastes the least of it."""
     cfgs = [(64, 64, 128, 4, 2), (64, 64, 128, 8, 3), (64, 32, 128, 4, 2), (32, 32, 64, 4, 2), (128, 64, 256, 8, 2)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_W": w}, num_warps=nw, num_stages=ns)
             for m, n, w, nw, ns in cfgs]
+
+
+# The kernels kernels/static_report.py compiles, with the DROPOUT values training and evaluation use.
+STATIC_KERNELS = [("_fwd_kernel", (True, False)), ("_bwd_dkdv_kernel", (True,)), ("_bwd_dq_kernel", (True,))]
+
+
+def _configs():
+    # The interpreter cannot autotune; tiny blocks keep its (numpy) launches cheap.
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_W": 32})]
+    return gpu_configs()
 
 
 @triton.jit
@@ -175,8 +184,8 @@ def _bwd_tile(Q, K, V, P, U, VB, DO, LSE, DELTA, seed, bh, h, m0, n0, qkv_base, 
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DK, DV, seed, T, H, D, stride_pb, sm_scale, qk_scale,
-                     ctx_l, ctx_r, dropout_p, T_BUCKET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _bwd_dkdv_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DK, DV, DBIAS, seed, T, H, D, stride_pb, sm_scale,
+                     qk_scale, ctx_l, ctx_r, dropout_p, T_BUCKET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                      IEEE: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -190,6 +199,7 @@ def _bwd_dkdv_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DK, DV, seed, T, H,
     prec: tl.constexpr = "ieee" if IEEE else "tf32"
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    ds_cols = tl.zeros((BLOCK_N,), tl.float32)  # sum_i ds[i, j]: d(pos_bias_u) = sum_j ds_cols[j] k[j]
     # Query rows that may see this key block: i in [j - R, j + L] (context swapped relative to the forward).
     lo, hi = _key_range(n0, n0 + BLOCK_N, length, ctx_r, ctx_l, BLOCK_M)
     for m0 in range(lo, hi, BLOCK_M):
@@ -198,17 +208,22 @@ def _bwd_dkdv_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DK, DV, seed, T, H,
             ctx_l, ctx_r, dropout_p, BLOCK_M, BLOCK_N, BLOCK_W, BLOCK_D, DROPOUT, UPCAST, IEEE)
         dv += tl.dot(tl.trans(pdrop.to(do.dtype)), do, input_precision=prec)
         dk += tl.dot(tl.trans(ds.to(qu.dtype)), qu, input_precision=prec)
+        ds_cols += tl.sum(ds, 0)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     ptrs = qkv_base + offs_n[:, None] * D + offs_d[None, :]
     mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
     tl.store(DK + ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+    k = tl.load(K + ptrs, mask=mask, other=0.0).to(tl.float32)
+    # One (d_k,) partial of d(pos_bias_u) per program, summed on the host (no atomics).
+    tl.store(DBIAS + (bh.to(tl.int64) * ((T + 15) // 16) + pid_n) * D + offs_d,
+             tl.sum(ds_cols[:, None] * k, 0) * sm_scale, mask=offs_d < D)
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DQU, DQV, DP, seed, T, H, D, stride_pb, stride_dpb,
-                   sm_scale, qk_scale, ctx_l, ctx_r, dropout_p, T_BUCKET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _bwd_dq_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DQ, DP, DBIAS, seed, T, H, D, stride_pb, sm_scale,
+                   qk_scale, ctx_l, ctx_r, dropout_p, T_BUCKET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                    IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -219,7 +234,9 @@ def _bwd_dq_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DQU, DQV, DP, seed, T
     m0 = pid_m * BLOCK_M
     qkv_base = bh.to(tl.int64) * T * D
     p_base = b.to(tl.int64) * stride_pb + h.to(tl.int64) * (2 * T - 1) * D
-    dp_base = b.to(tl.int64) * stride_dpb + h.to(tl.int64) * (2 * T - 1) * D
+    # dp is per batch row even when p is shared (the host sums it): programs of other batch rows never add into the
+    # same rows, only this (b, h)'s query blocks, which reach a shared window at different loop iterations.
+    dp_base = bh.to(tl.int64) * (2 * T - 1) * D
     prec: tl.constexpr = "ieee" if IEEE else "tf32"
     offs_d = tl.arange(0, BLOCK_D)
     ii = tl.arange(0, BLOCK_M)[:, None]
@@ -227,24 +244,39 @@ def _bwd_dq_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DQU, DQV, DP, seed, T
     jidx = cc - (BLOCK_M - 1) + ii  # inverse skew: window column c of row ii holds key jj = c - (BLOCK_M-1) + ii
     jin = (jidx >= 0) & (jidx < BLOCK_N)
     jidx = tl.minimum(tl.maximum(jidx, 0), BLOCK_N - 1)
-    dqu = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    dqv = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)  # d(q + u) + d(q + v_bias): one accumulator
     lo, hi = _key_range(m0, m0 + BLOCK_M, length, ctx_l, ctx_r, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         ds, pdrop, qu, qv, k, pw, do, offs_w = _bwd_tile(
             Q, K, V, P, U, VB, DO, LSE, DELTA, seed, bh, h, m0, n0, qkv_base, p_base, T, D, length, qk_scale,
             ctx_l, ctx_r, dropout_p, BLOCK_M, BLOCK_N, BLOCK_W, BLOCK_D, DROPOUT, UPCAST, IEEE)
         dsw = tl.where(jin, tl.gather(ds, jidx, axis=1), 0.0).to(qv.dtype)  # (BLOCK_M, BLOCK_W)
-        dqu += tl.dot(ds.to(k.dtype), k, input_precision=prec)
-        dqv += tl.dot(dsw, pw, input_precision=prec)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=prec)
+        dq += tl.dot(dsw, pw, input_precision=prec)
         dpw = tl.dot(tl.trans(dsw), qv, input_precision=prec) * sm_scale  # (BLOCK_W, BLOCK_D)
         wmask = ((offs_w[:, None] >= 0) & (offs_w[:, None] < 2 * T - 1)) & (offs_d[None, :] < D)
-        tl.atomic_add(DP + dp_base + offs_w[:, None] * D + offs_d[None, :], dpw, mask=wmask)
+        # Relaxed: only the sum matters, so no fences around the add (acq_rel would wrap each in MEMBAR.GPU).
+        tl.atomic_add(DP + dp_base + offs_w[:, None] * D + offs_d[None, :], dpw, mask=wmask, sem="relaxed")
     offs_m = m0 + tl.arange(0, BLOCK_M)
     ptrs = qkv_base + offs_m[:, None] * D + offs_d[None, :]
     mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
-    tl.store(DQU + ptrs, dqu * sm_scale, mask=mask)
-    tl.store(DQV + ptrs, dqv * sm_scale, mask=mask)
+    dq = dq * sm_scale
+    tl.store(DQ + ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
+    # sum_i (dq_u[i] + dq_v[i]) of this block in fp32: with the u part from the dkdv kernel it gives d(pos_bias_v).
+    tl.store(DBIAS + (bh.to(tl.int64) * ((T + 15) // 16) + pid_m) * D + offs_d, tl.sum(dq, 0), mask=offs_d < D)
+
+
+@triton.jit
+def _bwd_preprocess(O, DO, DELTA, T, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta[i] = rowsum(dO * O) = rowsum(P * dP) (dropout included): the softmax backward's row term."""
+    bh = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
+    ptrs = bh.to(tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :]
+    o = tl.load(O + ptrs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
 
 
 @triton.jit
@@ -269,7 +301,7 @@ def _maybe_tune(kernel, reset=None):
 
 _fwd = _maybe_tune(_fwd_kernel)
 _bwd_dkdv = _maybe_tune(_bwd_dkdv_kernel)
-_bwd_dq = _maybe_tune(_bwd_dq_kernel, reset=["DP"])
+_bwd_dq = _maybe_tune(_bwd_dq_kernel)
 
 
 def _launch(kernel, blocks_of, bh, *args, _axis="rows", **consts):
@@ -333,19 +365,23 @@ class RelPosAttentionFunction(torch.autograd.Function):
         B, H, T, D = q.shape
         do = do.contiguous()
         consts, sm_scale = _common(q, p, ctx_l, ctx_r, dropout_p)
-        delta = (do.float() * o.float()).sum(-1)  # (B, H, T): rowsum(P * dP) = rowsum(dO * O), dropout included
+        delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+        _bwd_preprocess[(triton.cdiv(T, 64), B * H)](o, do, delta, T, D, BLOCK_M=64, BLOCK_D=consts["BLOCK_D"])
         args = (q, k, v, p, u.contiguous(), vb.contiguous(), lengths, do, lse, delta)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        _launch(_bwd_dkdv, T, B * H, *args, dk, dv, seed, sm_scale=sm_scale, qk_scale=sm_scale * LOG2E,
+        # Per-program (d_k,) partials of the bias gradients, cdiv(T, 16) rows per (b, h): enough for any block >= 16.
+        du_part = torch.zeros((B * H, triton.cdiv(T, 16), D), device=q.device, dtype=torch.float32)
+        _launch(_bwd_dkdv, T, B * H, *args, dk, dv, du_part, seed, sm_scale=sm_scale, qk_scale=sm_scale * LOG2E,
                 _axis="keys", **consts)
-        dqu = torch.empty(q.shape, device=q.device, dtype=torch.float32)
-        dqv = torch.empty_like(dqu)
-        dp = torch.zeros(p.shape, device=p.device, dtype=torch.float32)  # fp32: filled by atomics
-        _launch(_bwd_dq, T, B * H, *args, dqu, dqv, dp, seed, stride_dpb=consts["stride_pb"], sm_scale=sm_scale,
-                qk_scale=sm_scale * LOG2E, **consts)
-        dq = (dqu + dqv).to(q.dtype)
-        du = dqu.sum((0, 2)).to(u.dtype)  # (H, d_k): the bias is shared by every batch row and query
-        dvb = dqv.sum((0, 2)).to(vb.dtype)
+        dq = torch.empty_like(q)
+        dq_part = torch.zeros_like(du_part)
+        dp = torch.zeros((B, H, 2 * T - 1, D), device=p.device, dtype=torch.float32)  # per batch row, see the kernel
+        _launch(_bwd_dq, T, B * H, *args, dq, dp, dq_part, seed, sm_scale=sm_scale, qk_scale=sm_scale * LOG2E,
+                **consts)
+        du = du_part.view(B, H, -1, D).sum((0, 2))  # (H, d_k): the bias is shared by every batch row and query
+        dvb = (dq_part.view(B, H, -1, D).sum((0, 2)) - du).to(vb.dtype)
+        du = du.to(u.dtype)
+        dp = dp.sum(0, keepdim=True) if p.shape[0] == 1 else dp
         return dq, dk, dv, dp.to(p.dtype), du, dvb, None, None, None, None, None
 
 
