@@ -35,23 +35,31 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 
 
-def gpu_configs(kernel=None, block_d=None, dtype=None):
-    """Autotune candidates on GPU. BLOCK_W >= BLOCK_M + BLOCK_N - 1 (the p window of one tile), a power of two;
-    BLOCK_M == BLOCK_N wastes the least of it."""
-    cfgs = [(64, 64, 128, 4, 2), (64, 64, 128, 8, 3), (64, 32, 128, 4, 2), (32, 32, 64, 4, 2), (128, 64, 256, 8, 2)]
+# Autotune candidates per kernel (BLOCK_M, BLOCK_N, BLOCK_W, num_warps, num_stages), chosen from the sm_90 static
+# report (kernels/results/sm90_static.csv): 4-warp 64x64 tiles spill 1-2.5 KB per thread in every kernel and are gone.
+# BLOCK_W >= BLOCK_M + BLOCK_N - 1 (the p window of one tile), a power of two; BLOCK_M == BLOCK_N wastes the least.
+CONFIGS = {"_fwd_kernel": [(64, 64, 128, 8, 3), (32, 32, 64, 4, 2)],
+           "_bwd_dkdv_kernel": [(32, 32, 64, 8, 2), (64, 64, 128, 8, 2)],
+           "_bwd_dq_kernel": [(32, 32, 64, 8, 2), (64, 64, 128, 8, 2)]}
+PIN_ENV = "NEST_SSL_PIN_KERNEL_CONFIGS"  # "1": autotune nothing, use each kernel's first config (bounded compiles)
+
+
+def gpu_configs(kernel):
+    cfgs = CONFIGS[kernel][:1] if os.environ.get(PIN_ENV) == "1" else CONFIGS[kernel]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_W": w}, num_warps=nw, num_stages=ns)
             for m, n, w, nw, ns in cfgs]
 
 
 # The kernels kernels/static_report.py compiles, with the DROPOUT values training and evaluation use.
 STATIC_KERNELS = [("_fwd_kernel", (True, False)), ("_bwd_dkdv_kernel", (True,)), ("_bwd_dq_kernel", (True,))]
+STATIC_FIXED = [("_bwd_preprocess", dict(BLOCK_M=64), 4, 3)]  # (kernel, constexprs, num_warps, num_stages)
 
 
-def _configs():
+def _configs(kernel):
     # The interpreter cannot autotune; tiny blocks keep its (numpy) launches cheap.
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_W": 32})]
-    return gpu_configs()
+    return gpu_configs(kernel)
 
 
 @triton.jit
@@ -267,14 +275,14 @@ def _bwd_dq_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DQ, DP, DBIAS, seed, 
 
 
 @triton.jit
-def _bwd_preprocess(O, DO, DELTA, T, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bwd_preprocess(OUT, DO, DELTA, T, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """delta[i] = rowsum(dO * O) = rowsum(P * dP) (dropout included): the softmax backward's row term."""
     bh = tl.program_id(1)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
     ptrs = bh.to(tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :]
-    o = tl.load(O + ptrs, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(OUT + ptrs, mask=mask, other=0.0).to(tl.float32)
     do = tl.load(DO + ptrs, mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
 
@@ -296,7 +304,8 @@ def _maybe_tune(kernel, reset=None):
     if INTERPRET:
         return kernel
     # Keyed on T rounded up to a power of two: training sees a new T almost every batch, tuning each is too slow.
-    return triton.autotune(_configs(), key=["T_BUCKET", "BLOCK_D", "DROPOUT"], reset_to_zero=reset)(kernel)
+    return triton.autotune(_configs(kernel.__name__), key=["T_BUCKET", "BLOCK_D", "DROPOUT"],
+                           reset_to_zero=reset)(kernel)
 
 
 _fwd = _maybe_tune(_fwd_kernel)
@@ -306,7 +315,7 @@ _bwd_dq = _maybe_tune(_bwd_dq_kernel)
 
 def _launch(kernel, blocks_of, bh, *args, _axis="rows", **consts):
     """Autotuned launch on GPU; the interpreter gets its single config explicitly. Grid: (blocks along _axis, B*H)."""
-    meta = dict(_configs()[0].kwargs) if INTERPRET else {}
+    meta = dict(_configs(None)[0].kwargs) if INTERPRET else {}
     key = "BLOCK_M" if _axis == "rows" else "BLOCK_N"
     kernel[lambda m: (triton.cdiv(blocks_of, m[key]), bh)](*args, **consts, **meta)
 

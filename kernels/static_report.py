@@ -78,12 +78,15 @@ def cases() -> list[Case]:
     for dtype in ("bf16", "fp32"):
         for block_d in (64, 128):
             for kernel, dropouts in attn.STATIC_KERNELS:
-                for cfg in attn.gpu_configs(kernel, block_d, dtype):
+                for cfg in attn.gpu_configs(kernel):
                     for dropout in dropouts:
                         consts = dict(cfg.kwargs, BLOCK_D=block_d, DROPOUT=dropout, UPCAST=False,
                                       IEEE=dtype == "fp32")
                         out.append(Case(kernel, "attn", attn.__name__, dtype, block_d, consts, cfg.num_warps,
                                         cfg.num_stages))
+            for kernel, consts, warps, stages in attn.STATIC_FIXED:
+                out.append(Case(kernel, "attn", attn.__name__, dtype, block_d, dict(consts, BLOCK_D=block_d), warps,
+                                stages))
         for kernel, consts, warps, stages, ptrs in conv.static_cases():
             out.append(Case(kernel, "conv", conv.__name__, dtype, consts["BLOCK_C"], consts, warps, stages, ptrs))
     return out
@@ -163,7 +166,7 @@ def _sass_loop(cubin: bytes) -> dict:
     instrs = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     index = {addr: i for i, (addr, _) in enumerate(instrs)}
     best = (0, 0)
-    for i, (addr, ins) in enumerate(instrs):
+    for i, (_, ins) in enumerate(instrs):
         target = re.search(r"\bBRA\s+(0x[0-9a-f]+)", ins)
         start = index.get(int(target.group(1), 16)) if target else None
         if start is not None and start <= i and i + 1 - start > best[1] - best[0]:

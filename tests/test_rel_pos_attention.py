@@ -35,8 +35,8 @@ def _att_mask(lengths, T, ctx=(-1, -1)):
 
 
 def _rel_err(a, b):
-    # Floor 0.1 (the gradients here are O(1)): a structurally zero gradient (T=1, a softmax over one key: every gradient but dv) is compared on an
-    # absolute scale; the kernel's delta = rowsum(dO * O) cancels dP to rounding, not to the bit.
+    # Floor 0.1 (the gradients here are O(1)): a structurally zero gradient (T=1, a softmax over one key: all but
+    # dv) is compared on an absolute scale; the kernel's delta = rowsum(dO * O) cancels dP to rounding, not to the bit.
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(0.1)).item()
 
 
