@@ -10,11 +10,14 @@ BatchNorm statistics cover every B x T position, padding included, as NeMo does;
 nn.BatchNorm1d (momentum, unbiased running variance). Reference: `nest_ssl.conformer.conv_module.
 glu_dwconv_norm_silu_torch` (tests compare against it).
 
-Kernels: A (`_glu_dwconv_fwd`) fuses GLU + mask + depthwise conv + bias and writes per-(row block, channel) partial
-sums of y and y^2 (no atomics, deterministic); the host turns them into mean/var (fp64), all-reducing them first when a
-SyncBatchNorm process group is given; B (`_affine_silu_fwd`) applies the normalisation + SiLU. Eval mode folds BN into
-a per-channel scale/shift and runs kernel A alone with SiLU fused. Backward: `_affine_silu_bwd` (BN/SiLU backward,
-with partial sums for dgamma/dbeta), then `_dwconv_glu_bwd` (transpose conv + GLU backward + mask, and dw partials).
+Kernels: A (`_glu_dwconv_fwd`) loads a halo tile of BLOCK_H rows of h once, evaluates the GLU and its sigmoid once per
+element, and forms the K taps as row shifts of that tile in registers (`tl.gather`); it adds the bias and writes
+per-(row block, channel) sum and centred second moment of y (no atomics, deterministic); the host turns them into
+mean/var (fp64 Chan combine), all-reducing them first when a SyncBatchNorm process group is given; B
+(`_affine_silu_fwd`) applies the normalisation + SiLU. Eval mode folds BN into a per-channel scale/shift and runs kernel
+A alone with SiLU fused. Backward: `_affine_silu_bwd` (BN/SiLU backward, with partial sums for dgamma/dbeta), then
+`_dwconv_glu_bwd`: a dy halo tile gives the transposed conv, then an h halo tile gives the GLU backward and the
+depthwise-weight partials, each tile loaded once and each GLU evaluated once.
 
 Limits: batch_norm only (layer/group norm use the torch path); CUDA, or CPU under TRITON_INTERPRET=1. The variance
 comes from sums of y and y^2 in fp32 per block, combined in fp64.

@@ -15,8 +15,26 @@ Reference: `nest_ssl.conformer.attention.rel_pos_attention_torch` (tests compare
 How the position term stays on chip: for a (BLOCK_M query x BLOCK_N key) tile the needed p rows
 form one window of BLOCK_M + BLOCK_N - 1 consecutive rows. We compute the (BLOCK_M x BLOCK_W) product
 (q + v_bias) . window^T and skew it into the score tile with `tl.gather` (column BLOCK_M - 1 - ii + jj).
-The backward un-skews d(score) into the window with the inverse gather and accumulates dp with fp32
-atomics (tiles on one diagonal share a window). Nothing of size T x T or T x (2T - 1) is ever stored.
+The backward un-skews d(score) into the window with the inverse gather and accumulates dp with relaxed fp32
+atomics (tiles on one diagonal share a window) into a per-batch-row buffer, so only one (b, h)'s query blocks ever
+add into the same rows; the host sums it over the batch when p is shared. Nothing of size T x T or T x (2T - 1) is
+ever stored.
+
+Backward: `_bwd_preprocess` computes delta = rowsum(dO * O); `_bwd_dkdv_kernel` (a program per key block) and
+`_bwd_dq_kernel` (a program per query block) each recompute their score tiles. dq has one fp32 accumulator for
+d(q + u) + d(q + v_bias), stored in q's dtype; the bias gradients come from per-program (d_k,) partials (the column
+sums of dS against k, and the row sums of dq), so no (B, H, T, d_k) fp32 tensor is allocated. Memory beyond the
+inputs and gradients: lse and delta (B, H, T) fp32 and the dp buffer (B, H, 2T - 1, d_k) fp32, all O(T).
+
+Cost model per (b, h), dense (no padding), W = BLOCK_W = 2 * BLOCK_M (the window doubles the position product):
+    forward   FLOPs  2T^2 d (q.k) + 2T^2 d W/BLOCK_N (q.window) + 2T^2 d (P.v)                    = 8 T^2 d
+    backward  FLOPs  dkdv: recompute 8 + dP 2 + dk 2 + dv 2; dq: recompute 8 + dP 2 + dq 6 + dp 4  = 34 T^2 d
+    HBM bytes forward 4 T d s (q, k, v, out; p is shared by the batch and stays in L2) + 4 T (lse), s = itemsize;
+              backward 9 T d s (q, k, v, o, dO in; dq, dk, dv out) + 8 (2T - 1) d (dp buffer written, then summed)
+NEST-L training call (B 16, H 8, T 750, d 64, bf16): 3.7e10 + 1.5e11 FLOPs, 49 MB + 0.2 GB; ideal on an H100 SXM
+(989 TFLOP/s dense bf16, 3.35 TB/s) 37 us forward / 158 us backward, compute-bound; on an H200 (989 TFLOP/s,
+4.8 TB/s) the same compute bound. The eager path does 6 T^2 d forward FLOPs but stores (B, H, T, T) fp32 tensors,
+0.29 GB each at this shape.
 
 Dropout: Philox (`tl.rand`) keyed by `seed`, counter (b*H + h) << 32 | (i*T + j); the backward and
 `dropout_mask_debug` regenerate the same bits. Softmax statistics are kept as a base-2 logsumexp (B, H, T).
@@ -35,19 +53,39 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 
 
-# Autotune candidates per kernel (BLOCK_M, BLOCK_N, BLOCK_W, num_warps, num_stages), chosen from the sm_90 static
-# report (kernels/results/sm90_static.csv): 4-warp 64x64 tiles spill 1-2.5 KB per thread in every kernel and are gone.
-# BLOCK_W >= BLOCK_M + BLOCK_N - 1 (the p window of one tile), a power of two; BLOCK_M == BLOCK_N wastes the least.
-CONFIGS = {"_fwd_kernel": [(64, 64, 128, 8, 3), (32, 32, 64, 4, 2)],
-           "_bwd_dkdv_kernel": [(32, 32, 64, 8, 2), (64, 64, 128, 8, 2)],
-           "_bwd_dq_kernel": [(32, 32, 64, 8, 2), (64, 64, 128, 8, 2)]}
+# Autotune candidates (BLOCK_M, BLOCK_N, BLOCK_W, num_warps, num_stages) per kernel and (dtype, BLOCK_D), chosen from
+# the sm_90 static report (kernels/results/sm90_static.csv): the backward's 64x64 tiles spill 0.6-2.6 KB per thread
+# and fp32 64x64 forward tiles need up to 336 KB of shared memory, so they are gone; 32-row tiles at 8 warps spill
+# least. BLOCK_W >= BLOCK_M + BLOCK_N - 1 (the p window of one tile), a power of two. The first entry is the one
+# NEST_SSL_PIN_KERNEL_CONFIGS=1 pins.
+_SMALL = (16, 16, 32, 4, 2)
+CONFIGS = {
+    "_fwd_kernel": {("bf16", 64): [(64, 64, 128, 8, 3), (32, 32, 64, 4, 2)], ("bf16", 128): [(32, 32, 64, 4, 2)],
+                    ("fp32", 64): [_SMALL], ("fp32", 128): [_SMALL]},
+    "_bwd_dkdv_kernel": {("bf16", 64): [(32, 32, 64, 8, 2), (32, 16, 64, 8, 2)], ("bf16", 128): [(32, 16, 64, 8, 2)],
+                         ("fp32", 64): [(32, 16, 64, 8, 2)], ("fp32", 128): [(32, 16, 64, 8, 2)]},
+    "_bwd_dq_kernel": {("bf16", 64): [(32, 16, 64, 8, 2), (32, 32, 64, 8, 2)], ("bf16", 128): [(32, 16, 64, 8, 2)],
+                       ("fp32", 64): [(32, 16, 64, 8, 2)], ("fp32", 128): [_SMALL]},
+}
 PIN_ENV = "NEST_SSL_PIN_KERNEL_CONFIGS"  # "1": autotune nothing, use each kernel's first config (bounded compiles)
 
 
-def gpu_configs(kernel):
-    cfgs = CONFIGS[kernel][:1] if os.environ.get(PIN_ENV) == "1" else CONFIGS[kernel]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_W": w}, num_warps=nw, num_stages=ns)
-            for m, n, w, nw, ns in cfgs]
+def _config(m, n, w, nw, ns):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_W": w}, num_warps=nw, num_stages=ns)
+
+
+def gpu_configs(kernel, dtype, block_d):
+    """The candidates for one launch; bf16 and fp16 share their lists (same operand width); d_k <= 64 uses 64's."""
+    table = CONFIGS[kernel][("fp32" if dtype == "fp32" else "bf16", 64 if block_d <= 64 else 128)]
+    return [_config(*c) for c in (table[:1] if os.environ.get(PIN_ENV) == "1" else table)]
+
+
+def _prune(kernel_name):
+    def prune(configs, named_args, **kwargs):
+        dtype = "fp32" if kwargs["IEEE"] else "bf16"
+        wanted = {str(c) for c in gpu_configs(kernel_name, dtype, kwargs["BLOCK_D"])}
+        return [c for c in configs if str(c) in wanted]
+    return prune
 
 
 # The kernels kernels/static_report.py compiles, with the DROPOUT values training and evaluation use.
@@ -59,7 +97,8 @@ def _configs(kernel):
     # The interpreter cannot autotune; tiny blocks keep its (numpy) launches cheap.
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_W": 32})]
-    return gpu_configs(kernel)
+    configs = {c: None for table in CONFIGS[kernel].values() for c in table}  # the union, in order, once each
+    return [_config(*c) for c in configs]
 
 
 @triton.jit
@@ -300,12 +339,13 @@ def _dropout_mask_kernel(OUT, seed, T, dropout_p, BLOCK: tl.constexpr):
                  mask=(offs_m[:, None] < T) & (offs_n[None, :] < T))
 
 
-def _maybe_tune(kernel, reset=None):
+def _maybe_tune(kernel):
     if INTERPRET:
         return kernel
     # Keyed on T rounded up to a power of two: training sees a new T almost every batch, tuning each is too slow.
-    return triton.autotune(_configs(kernel.__name__), key=["T_BUCKET", "BLOCK_D", "DROPOUT"],
-                           reset_to_zero=reset)(kernel)
+    # The pruner keeps the candidates of this launch's (dtype, BLOCK_D) from CONFIGS.
+    return triton.autotune(_configs(kernel.__name__), key=["T_BUCKET", "BLOCK_D", "DROPOUT", "IEEE"],
+                           prune_configs_by={"early_config_prune": _prune(kernel.__name__)})(kernel)
 
 
 _fwd = _maybe_tune(_fwd_kernel)

@@ -38,7 +38,7 @@ OUT = HERE / "results" / "sm90_static.csv"
 SOURCES = ("rel_pos_attention.py", "conv_module.py", "static_report.py")
 COLUMNS = ["kernel", "dtype", "block_d", "config", "num_warps", "num_stages", "regs", "spill_store", "spill_load",
            "smem", "ctas_per_sm", "warps_per_sm", "wgmma", "sass_total", "sass_loop", "membar_loop",
-           "atomics_loop", "clean",
+           "membar_gpu_loop", "atomics_loop", "clean",
            "src_sha256"]
 SM90 = dict(regs=65536, smem_sm=233472, smem_cta=232448, warps=64, ctas=32, reserved_smem=1024)
 FLOOR = {"attn": 8, "conv": 16}  # resident warps per SM, see the module docstring
@@ -78,7 +78,7 @@ def cases() -> list[Case]:
     for dtype in ("bf16", "fp32"):
         for block_d in (64, 128):
             for kernel, dropouts in attn.STATIC_KERNELS:
-                for cfg in attn.gpu_configs(kernel):
+                for cfg in attn.gpu_configs(kernel, dtype, block_d):
                     for dropout in dropouts:
                         consts = dict(cfg.kwargs, BLOCK_D=block_d, DROPOUT=dropout, UPCAST=False,
                                       IEEE=dtype == "fp32")
@@ -121,6 +121,8 @@ def compile_case(case: Case) -> dict:
         kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                 options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
     text = log.getvalue()
+    # The kernel's own figures (the log may also list device functions it calls).
+    text = text[text.index(f"Compiling entry function '{case.name}'"):]
     regs, spills = re.search(r"Used (\d+) registers", text), re.search(r"(\d+) bytes spill stores, (\d+) bytes spill "
                                                                         r"loads", text)
     if regs is None or spills is None:
@@ -158,7 +160,8 @@ def _tool(name: str) -> str:
 
 
 def _sass_loop(cubin: bytes) -> dict:
-    """Instructions, MEMBARs and atomics (ATOM/RED) in the longest loop of the SASS (a branch to an earlier label)."""
+    """Instructions, MEMBARs (all, and GPU/system scope: the fences acq_rel atomics bring) and atomics (ATOM/RED) in
+    the longest loop of the SASS (a branch to an earlier instruction)."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -173,6 +176,7 @@ def _sass_loop(cubin: bytes) -> dict:
             best = (start, i + 1)
     body = [ins for _, ins in instrs[best[0]:best[1]]]
     return dict(sass_total=len(instrs), sass_loop=len(body), membar_loop=sum("MEMBAR" in s for s in body),
+                membar_gpu_loop=sum(bool(re.search(r"MEMBAR\S*\.(GPU|SYS)", s)) for s in body),
                 atomics_loop=sum(bool(re.search(r"\b(ATOM|RED)[A-Z]*\.", s)) for s in body))
 
 

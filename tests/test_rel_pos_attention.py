@@ -171,3 +171,15 @@ def test_gpu_memory_is_linear_in_T():
     out.sum().backward()
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base < 4 * 8 * 750 * 750 * 4 / 4
+
+
+def test_autotune_pruner_keeps_the_configs_of_the_launch_dtype_and_head_dim(monkeypatch):
+    import importlib
+    m = importlib.import_module("nest_ssl.kernels.rel_pos_attention")
+    union = [m._config(*c) for c in {c: None for table in m.CONFIGS["_bwd_dq_kernel"].values() for c in table}]
+    prune = m._prune("_bwd_dq_kernel")
+    for (dtype, block_d), table in m.CONFIGS["_bwd_dq_kernel"].items():
+        kept = prune(union, {}, IEEE=dtype == "fp32", BLOCK_D=block_d)
+        assert [str(c) for c in kept] == [str(m._config(*c)) for c in table]
+    monkeypatch.setenv(m.PIN_ENV, "1")  # gpu-check: one config per kernel
+    assert len(prune(union, {}, IEEE=False, BLOCK_D=64)) == 1
