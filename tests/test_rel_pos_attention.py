@@ -183,3 +183,17 @@ def test_autotune_pruner_keeps_the_configs_of_the_launch_dtype_and_head_dim(monk
         assert [str(c) for c in kept] == [str(m._config(*c)) for c in table]
     monkeypatch.setenv(m.PIN_ENV, "1")  # gpu-check: one config per kernel
     assert len(prune(union, {}, IEEE=False, BLOCK_D=64)) == 1
+
+
+def test_memory_is_linear_in_T_and_far_below_eager(triton_interpret):
+    """kernels/memory_report.py's live-tensor tracker: on CPU with the kernels running (small shape), and counting
+    the allocations at NEST-L training shapes (B 16, H 8, d_k 64, bf16) on the meta device."""
+    import importlib
+    mem = importlib.import_module("nest_ssl.kernels.memory_report")
+    B, H, T, d = 2, 2, 40, 16
+    eager, _ = mem.peak_fwd_bwd("eager", B, H, T, d, dtype=torch.float32, device="cpu")
+    kernel, largest = mem.peak_fwd_bwd("triton", B, H, T, d, dtype=torch.float32, device="cpu")
+    assert kernel < eager and largest < B * H * T * T * 4  # no T x T tensor
+    peaks = {T: [mem.peak_fwd_bwd(path, 16, 8, T, 64)[0] for path in ("eager", "triton")] for T in (250, 750)}
+    assert peaks[750][1] / peaks[750][0] < 0.15  # measured 0.107 (eager 1154 MiB, triton 124 MiB)
+    assert peaks[750][1] / peaks[250][1] < 3.2 < peaks[750][0] / peaks[250][0]  # linear vs quadratic in T
