@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from nest_ssl.conformer.kernel_select import check_kernels_used
+from nest_ssl.conformer.kernel_check import check_kernels_used
 
 
 def main(argv=None) -> int:

@@ -54,6 +54,6 @@ def test_missing_outdir_is_a_usage_error():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_kernel_check_refuses_when_auto_does_not_pick_triton():
-    from nest_ssl.conformer.kernel_select import check_kernels_used
+    from nest_ssl.conformer.kernel_check import check_kernels_used
     with pytest.raises(RuntimeError, match="not the ones used.*auto: parameters on cpu"):
         check_kernels_used(torch.device("cpu"), d_model=32, n_heads=2, frames=160)
