@@ -17,7 +17,8 @@ mean/var (fp64 Chan combine), all-reducing them first when a SyncBatchNorm proce
 (`_affine_silu_fwd`) applies the normalisation + SiLU. Eval mode folds BN into a per-channel scale/shift and runs kernel
 A alone with SiLU fused. Backward: `_affine_silu_bwd` (BN/SiLU backward, with partial sums for dgamma/dbeta), then
 `_dwconv_glu_bwd`: a dy halo tile gives the transposed conv, then an h halo tile gives the GLU backward and the
-depthwise-weight partials, each tile loaded once and each GLU evaluated once.
+depthwise-weight partials, each tile loaded once and each GLU evaluated once. The intermediates y (conv output) and
+dy (its gradient) are stored in h's dtype (bf16 under autocast); every sum and statistic is accumulated in fp32.
 
 Limits: batch_norm only (layer/group norm use the torch path); CUDA, or CPU under TRITON_INTERPRET=1. The variance
 comes from sums of y and y^2 in fp32 per block, combined in fp64.
@@ -44,15 +45,15 @@ def _halo_rows(K: int) -> int:
 
 
 def static_cases():
-    """(kernel, constexprs, num_warps, num_stages, pointer types) of every launch, for kernels/static_report.py."""
+    """(kernel, constexprs, num_warps, num_stages) of every launch, for kernels/static_report.py."""
     k = dict(K=9, LEFT=4, BLOCK_H=_halo_rows(9), BLOCK_C=HALO_C)
     blocks = dict(BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
-    return [("_glu_dwconv_fwd", dict(k, HAS_BIAS=True, FOLDED=False), NUM_WARPS, 3, None),
-            ("_glu_dwconv_fwd", dict(k, HAS_BIAS=False, FOLDED=True), NUM_WARPS, 3, dict(y_ptr="act")),
-            ("_affine_silu_fwd", blocks, NUM_WARPS, 3, None),
-            ("_affine_silu_bwd", dict(blocks, SECOND=False), NUM_WARPS, 3, None),
-            ("_affine_silu_bwd", dict(blocks, SECOND=True), NUM_WARPS, 3, None),
-            ("_dwconv_glu_bwd", k, NUM_WARPS, 3, None)]
+    return [("_glu_dwconv_fwd", dict(k, HAS_BIAS=True, FOLDED=False), NUM_WARPS, 3),
+            ("_glu_dwconv_fwd", dict(k, HAS_BIAS=False, FOLDED=True), NUM_WARPS, 3),
+            ("_affine_silu_fwd", blocks, NUM_WARPS, 3),
+            ("_affine_silu_bwd", dict(blocks, SECOND=False), NUM_WARPS, 3),
+            ("_affine_silu_bwd", dict(blocks, SECOND=True), NUM_WARPS, 3),
+            ("_dwconv_glu_bwd", k, NUM_WARPS, 3)]
 
 
 @triton.jit
@@ -145,7 +146,7 @@ def _affine_silu_bwd(y_ptr, dout_ptr, dy_ptr, part_ptr, scale_ptr, shift_ptr, me
         sum_dzx = tl.load(sums_ptr + C + offs_c, mask=cmask, other=0.0)[None, :]
         # scale = gamma * rstd
         dy = scale * (dz - sum_dz * inv_n - xhat * sum_dzx * inv_n)
-        tl.store(dy_ptr + ptrs, dy, mask=m)
+        tl.store(dy_ptr + ptrs, dy.to(dy_ptr.dtype.element_ty), mask=m)
     else:
         row = part_ptr + pr * 2 * C
         tl.store(row + offs_c, tl.sum(dz, axis=0), mask=cmask)
@@ -234,7 +235,9 @@ class _ConvModuleCore(torch.autograd.Function):
         block_h = _halo_rows(K)
         n_tb = triton.cdiv(T, block_h - (K - 1))
         grid = (B, n_tb, triton.cdiv(C, HALO_C))
-        y = torch.empty(B, T, C, device=h.device, dtype=torch.float32)
+        # y in h's dtype (bf16 under autocast): half the bytes written here and read three times later; the BN
+        # statistics come from the kernel's fp32 accumulator, so they are exact either way.
+        y = torch.empty(B, T, C, device=h.device, dtype=h.dtype)
         part = torch.empty(B * n_tb, 2, C, device=h.device, dtype=torch.float32)
         dummy = w.new_empty(1, dtype=torch.float32)
         _glu_dwconv_fwd[grid](h, lengths, w, bias if bias is not None else dummy, y, part, dummy, dummy, T, C,
@@ -266,7 +269,7 @@ class _ConvModuleCore(torch.autograd.Function):
         n_rb = triton.cdiv(R, BLOCK_T)
         grid_r = (n_rb, triton.cdiv(C, BLOCK_C))
         part = torch.empty(n_rb, 2, C, device=h.device, dtype=torch.float32)
-        dy = torch.empty(B, T, C, device=h.device, dtype=torch.float32)
+        dy = torch.empty(B, T, C, device=h.device, dtype=h.dtype)  # as y: read twice, in h's dtype
         _affine_silu_bwd[grid_r](y, dout, dy, part, scale, shift, mean, rstd, part, R, C, 0.0, SECOND=False,
                                  BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
         local = part.sum(0)  # (2, C): sum dz, sum dz * xhat on this rank
@@ -279,7 +282,7 @@ class _ConvModuleCore(torch.autograd.Function):
         _dwconv_glu_bwd[(B, n_tb, triton.cdiv(C, HALO_C))](h, lengths, w, dy, dh, dw_part, T, C, n_tb, K=K, LEFT=left,
                                                             BLOCK_H=_halo_rows(K), BLOCK_C=HALO_C, num_warps=NUM_WARPS)
         dw = dw_part.sum(0).t().reshape(w_shape).to(w_dtype)  # (K, C) -> (C, 1, K)
-        dbias = dy.sum((0, 1)).to(w_dtype) if has_bias else None
+        dbias = dy.sum((0, 1), dtype=torch.float32).to(w_dtype) if has_bias else None
         return dh, None, dw, dbias, dgamma, dbeta, None, None, None, None, None, None
 
 

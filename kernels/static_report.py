@@ -45,7 +45,7 @@ FLOOR = {"attn": 8, "conv": 16}  # resident warps per SM, see the module docstri
 PTR_TYPES = {  # pointer arguments: "act" = the activation dtype, else a fixed Triton type
     "attn": dict(Q="act", K="act", V="act", P="act", DO="act", OUT="act", DK="act", DV="act", DQ="act", U="fp32",
                  VB="fp32", LEN="i32", LSE="fp32", DELTA="fp32", DP="fp32", DBIAS="fp32", DQU="fp32", DQV="fp32"),
-    "conv": dict(h_ptr="act", dout_ptr="act", dh_ptr="act", out_ptr="act", len_ptr="i32"),
+    "conv": dict(h_ptr="act", dout_ptr="act", dh_ptr="act", out_ptr="act", y_ptr="act", dy_ptr="act", len_ptr="i32"),
 }
 FLOAT_SCALARS = {"sm_scale", "qk_scale", "dropout_p", "inv_n", "momentum", "eps", "unbiased"}
 
@@ -60,7 +60,6 @@ class Case:
     consts: dict
     num_warps: int
     num_stages: int
-    ptrs: dict | None = None  # pointer types that differ from PTR_TYPES for this case
 
 
 def source_hash() -> str:
@@ -87,14 +86,14 @@ def cases() -> list[Case]:
             for kernel, consts, warps, stages in attn.STATIC_FIXED:
                 out.append(Case(kernel, "attn", attn.__name__, dtype, block_d, dict(consts, BLOCK_D=block_d), warps,
                                 stages))
-        for kernel, consts, warps, stages, ptrs in conv.static_cases():
-            out.append(Case(kernel, "conv", conv.__name__, dtype, consts["BLOCK_C"], consts, warps, stages, ptrs))
+        for kernel, consts, warps, stages in conv.static_cases():
+            out.append(Case(kernel, "conv", conv.__name__, dtype, consts["BLOCK_C"], consts, warps, stages))
     return out
 
 
 def _signature(fn, case: Case) -> dict:
     act = {"bf16": "bf16", "fp32": "fp32"}[case.dtype]
-    sig, types = {}, {**PTR_TYPES[case.family], **(case.ptrs or {})}
+    sig, types = {}, PTR_TYPES[case.family]
     for arg in fn.arg_names:
         if arg in case.consts:
             sig[arg] = "constexpr"

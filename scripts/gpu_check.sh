@@ -36,9 +36,9 @@ unset TRITON_INTERPRET
 # name | time limit (s) | command. Limits sum to 450 s (7.5 min) plus start-up.
 STEPS=(
   "kernels_used|60|$PY scripts/gpu_kernels_used.py --out $OUTDIR/kernels_used.json"
-  "gpu_tests|210|$PY -m pytest -q -m gpu -p no:cacheprovider --junitxml=$OUTDIR/gpu_tests.xml tests/test_rel_pos_attention.py tests/test_conv_module_kernel.py tests/test_encoder_kernels.py"
+  "gpu_tests|180|$PY -m pytest -q -m gpu -p no:cacheprovider --junitxml=$OUTDIR/gpu_tests.xml tests/test_rel_pos_attention.py tests/test_conv_module_kernel.py tests/test_encoder_kernels.py"
   "bench|90|$PY kernels/bench.py --kernel all --providers torch,triton --dtype bf16 --T 250,750 --tokens 12000 --out $OUTDIR/bench.csv"
-  "train|90|$PY scripts/benchmark_train.py --config configs/nest_fast-conformer_l.yaml --modes eager,triton --batch 8 --seconds 20 --dtype bf16 --steps 3 --warmup 2 --csv $OUTDIR/train.csv"
+  "train|120|$PY scripts/benchmark_train.py --config configs/nest_fast-conformer_l.yaml --modes eager,triton --batch 8 --seconds 20 --dtype bf16 --steps 3 --warmup 2 --csv $OUTDIR/train.csv"
 )
 # Compiles with pinned configs: attention fwd (dropout on/off) + preprocess + dkdv + dq per (dtype, head-dim block):
 # tests 2 dtypes x 2 blocks (d 44/64 share 64, d 128) + bench and train bf16 d64 (shared) -> 5 x 4 = 20; conv: 5

@@ -23,3 +23,16 @@ def test_quick_cpu_bench_writes_rows_for_both_kernels(tmp_path):
     # GB/s only where the timed code is the code whose bytes are counted (the core between the two GEMMs)
     assert all(float(r["gbps"]) > 0 for r in rows if r["kernel"] == "conv_core")
     assert all(r["gbps"] == "nan" for r in rows if r["kernel"] != "conv_core")
+
+
+def test_triton_modes_fail_on_cpu_instead_of_falling_back():
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    train = subprocess.run([sys.executable, "scripts/benchmark_train.py", "--config", "configs/nest_tiny_cpu.yaml",
+                            "--modes", "triton", "--device", "cpu"], capture_output=True, text=True, timeout=300,
+                           cwd=ROOT, env=env)
+    assert train.returncode == 2 and "needs a CUDA GPU" in train.stderr
+    enc = subprocess.run([sys.executable, "scripts/benchmark_encoder.py", "--config", "configs/nest_tiny_cpu.yaml",
+                          "--device", "cpu", "--dtype", "fp32", "--batch", "1", "--seconds", "1", "--steps", "1",
+                          "--warmup", "0", "--attention-impl", "triton"], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT, env=env)
+    assert enc.returncode != 0 and "need a CUDA device" in enc.stderr
