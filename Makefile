@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 
 DEMO_DIR ?= demo_out
 
-.PHONY: install test lint demo probe-demo bench bench-train clean
+.PHONY: install test lint demo probe-demo bench bench-train kernel-report gpu-check clean
 
 install: $(STAMP)
 
@@ -50,6 +50,15 @@ bench: install
 BENCH_TRAIN_ARGS ?= --modes eager,triton,triton+compile
 bench-train: install
 	$(BIN)/python scripts/benchmark_train.py $(BENCH_TRAIN_ARGS)
+
+# sm_90 compile report of every kernel configuration (no GPU needed; minutes of CPU): kernels/results/sm90_static.csv
+kernel-report: install
+	PYTHONPATH=. $(BIN)/python kernels/static_report.py
+
+# The one GPU check (CUDA GPU, no network, no install: installed torch/triton, repo root on PYTHONPATH); < 8 minutes.
+GPU_CHECK_OUT ?= gpu_check_out
+gpu-check:
+	PYTHON=$${PYTHON:-python3} scripts/gpu_check.sh $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

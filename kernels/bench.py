@@ -35,6 +35,12 @@ KERNELS = {
                         quick=dict(dims=dict(C=16, K=9), T=(25, 50), tokens=100)),
     "conv_module_xl": dict(dims=dict(C=1024, K=9), T=(125, 375, 750, 1500), tokens=48000,
                            quick=dict(dims=dict(C=32, K=9), T=(25,), tokens=50)),
+    # The part between the two GEMMs alone (GLU, depthwise conv, BatchNorm, SiLU): its GB/s is the bytes this code
+    # must move divided by its own time. The two pointwise GEMMs are timed on their own as conv_gemms.
+    "conv_core": dict(dims=dict(C=512, K=9), T=(125, 375, 750, 1500), tokens=48000,
+                      quick=dict(dims=dict(C=16, K=9), T=(25,), tokens=50)),
+    "conv_gemms": dict(dims=dict(C=512, K=9), T=(125, 375, 750, 1500), tokens=48000,
+                       quick=dict(dims=dict(C=16, K=9), T=(25,), tokens=50)),
 }
 REGISTRY = {}  # kernel -> {provider: (builder, needs_gpu)}
 
@@ -174,9 +180,41 @@ def conv_triton(T, batch, dtype, device, dims):
 REGISTRY["conv_module_xl"] = REGISTRY["conv_module"]  # same providers, XL width
 
 
+def _core_setup(T, batch, dtype, device, dims):
+    mod, x, pad = _conv_setup(T, batch, dtype, device, dims, "torch")
+    h = (torch.randn(batch, T, 2 * dims["C"], device=device) * 0.5).to(dtype).requires_grad_()  # (B, T, 2C)
+    return mod, h, pad, [h, mod.depthwise_conv.weight, mod.batch_norm.weight, mod.batch_norm.bias]
+
+
+@register("conv_core", "torch")
+def core_torch(T, batch, dtype, device, dims):
+    from nest_ssl.conformer.conv_module import glu_dwconv_norm_silu_torch
+    mod, h, pad, leaves = _core_setup(T, batch, dtype, device, dims)
+    return (lambda: glu_dwconv_norm_silu_torch(h, pad, mod.depthwise_conv, mod.batch_norm, mod.context)), leaves
+
+
+@register("conv_core", "triton", needs_gpu=True)
+def core_triton(T, batch, dtype, device, dims):
+    from nest_ssl.kernels.conv_module import conv_glu_dw_bn_silu
+    mod, h, pad, leaves = _core_setup(T, batch, dtype, device, dims)
+    lengths = (~pad).sum(1)
+    dw = mod.depthwise_conv
+    return (lambda: conv_glu_dw_bn_silu(h, lengths, dw.weight, dw.bias, mod.batch_norm, mod.context)), leaves
+
+
+@register("conv_gemms", "torch")
+def gemms_torch(T, batch, dtype, device, dims):
+    """pointwise_conv1 (C -> 2C) and pointwise_conv2 (C -> C) alone: the module time the core does not cover."""
+    mod, x, _ = _conv_setup(T, batch, dtype, device, dims, "torch")
+    w1, w2 = mod.pointwise_conv1.weight.squeeze(-1), mod.pointwise_conv2.weight.squeeze(-1)
+    c = dims["C"]
+    return (lambda: F.linear(F.linear(x, w1, mod.pointwise_conv1.bias)[..., :c], w2, mod.pointwise_conv2.bias)), \
+        [x, *mod.parameters()]
+
+
 def _conv_min_bytes(T, batch, dtype, dims, mode):
-    """Least HBM traffic of the path between the two GEMMs: fwd reads h (2C) and writes the output (C); bwd reads h,
-    the output gradient and y (C), writes dh (2C). Weights and per-channel statistics are negligible."""
+    """Least HBM traffic of the path between the two GEMMs (conv_core): fwd reads h (2C) and writes the output (C);
+    bwd reads h, the output gradient and y (C), writes dh (2C). Weights and per-channel statistics are negligible."""
     item = torch.tensor([], dtype=dtype).element_size()
     per_frame = {"fwd": 3, "bwd": 7, "fwd+bwd": 10}[mode] * dims["C"] * item
     return per_frame * T * batch
@@ -245,7 +283,7 @@ def _env(device):
 
 def run_bench(kernel, providers, modes, Ts, tokens, dtype, device, dims, reps):
     env, rows = _env(device), []
-    copy_gbps = _copy_bandwidth(device) if kernel.startswith("conv_module") else float("nan")
+    copy_gbps = _copy_bandwidth(device) if kernel == "conv_core" else float("nan")
     for T in Ts:
         batch = max(1, tokens // T)
         for name in providers:
@@ -257,15 +295,18 @@ def run_bench(kernel, providers, modes, Ts, tokens, dtype, device, dims, reps):
                 try:
                     fn, inputs = builder(T, batch, DTYPES[dtype], device, dims)
                     p50, p20, p80, peak = _time(_mode_fn(fn, inputs, mode), device, reps)
-                except Exception as e:  # one provider failing (OOM, no compiler) must not stop the others
+                except Exception as e:  # a baseline failing (OOM, no compiler) must not stop the others
+                    if name == "triton":  # our kernels: a failure is a failure, never a skipped row
+                        raise
                     print(f"skip {kernel}/{name}/{mode}/T={T}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                     continue
                 finally:
                     if device == "cuda":
                         torch.cuda.empty_cache()
                 prov = name if not dims.get("dropout") else f"{name}+drop{dims['dropout']}"
+                # Only where the timed code is the code the bytes count: the whole module's time includes GEMMs.
                 gbps = _conv_min_bytes(T, batch, DTYPES[dtype], dims, mode) / p50 / 1e6 \
-                    if kernel.startswith("conv_module") else float("nan")
+                    if kernel == "conv_core" else float("nan")
                 rows.append(dict(kernel=kernel, provider=prov, mode=mode, T=T, batch=batch, dtype=dtype,
                                  ms_p50=f"{p50:.4f}", ms_p20=f"{p20:.4f}", ms_p80=f"{p80:.4f}",
                                  peak_mem_mb=f"{peak:.1f}", gbps=f"{gbps:.4g}", copy_gbps=f"{copy_gbps:.4g}",
@@ -342,7 +383,13 @@ def main(argv=None):
         if args.dropout is not None:
             dims["dropout"] = args.dropout
         Ts = [int(t) for t in args.T.split(",")] if args.T else list(spec["T"])
-        provs = sorted(REGISTRY[name]) if args.providers == "all" else args.providers.split(",")
+        # A kernel runs the asked providers it has (conv_gemms has only torch); an unknown provider is an error.
+        provs = sorted(REGISTRY[name]) if args.providers == "all" else \
+            [p for p in args.providers.split(",") if p in REGISTRY[name]]
+        unknown = set(args.providers.split(",")) - {p for k in kernels for p in REGISTRY[k]} - {"all"}
+        if unknown:
+            raise ValueError(f"--providers: {sorted(unknown)} unknown; allowed: "
+                             f"{sorted({p for k in kernels for p in REGISTRY[k]})}")
         rows += run_bench(name, provs, modes, Ts, args.tokens or spec["tokens"], dtype, device, dims,
                           args.reps)
     out = Path(args.out or RESULTS / ("bench_quick.csv" if args.quick else "bench.csv"))

@@ -15,8 +15,26 @@ Reference: `nest_ssl.conformer.attention.rel_pos_attention_torch` (tests compare
 How the position term stays on chip: for a (BLOCK_M query x BLOCK_N key) tile the needed p rows
 form one window of BLOCK_M + BLOCK_N - 1 consecutive rows. We compute the (BLOCK_M x BLOCK_W) product
 (q + v_bias) . window^T and skew it into the score tile with `tl.gather` (column BLOCK_M - 1 - ii + jj).
-The backward un-skews d(score) into the window with the inverse gather and accumulates dp with fp32
-atomics (tiles on one diagonal share a window). Nothing of size T x T or T x (2T - 1) is ever stored.
+The backward un-skews d(score) into the window with the inverse gather and accumulates dp with relaxed fp32
+atomics (tiles on one diagonal share a window) into a per-batch-row buffer, so only one (b, h)'s query blocks ever
+add into the same rows; the host sums it over the batch when p is shared. Nothing of size T x T or T x (2T - 1) is
+ever stored.
+
+Backward: `_bwd_preprocess` computes delta = rowsum(dO * O); `_bwd_dkdv_kernel` (a program per key block) and
+`_bwd_dq_kernel` (a program per query block) each recompute their score tiles. dq has one fp32 accumulator for
+d(q + u) + d(q + v_bias), stored in q's dtype; the bias gradients come from per-program (d_k,) partials (the column
+sums of dS against k, and the row sums of dq), so no (B, H, T, d_k) fp32 tensor is allocated. Memory beyond the
+inputs and gradients: lse and delta (B, H, T) fp32 and the dp buffer (B, H, 2T - 1, d_k) fp32, all O(T).
+
+Cost model per (b, h), dense (no padding), W = BLOCK_W = 2 * BLOCK_M (the window doubles the position product):
+    forward   FLOPs  2T^2 d (q.k) + 2T^2 d W/BLOCK_N (q.window) + 2T^2 d (P.v)                    = 8 T^2 d
+    backward  FLOPs  dkdv: recompute 8 + dP 2 + dk 2 + dv 2; dq: recompute 8 + dP 2 + dq 6 + dp 4  = 34 T^2 d
+    HBM bytes forward 4 T d s (q, k, v, out; p is shared by the batch and stays in L2) + 4 T (lse), s = itemsize;
+              backward 9 T d s (q, k, v, o, dO in; dq, dk, dv out) + 8 (2T - 1) d (dp buffer written, then summed)
+NEST-L training call (B 16, H 8, T 750, d 64, bf16): 3.7e10 + 1.5e11 FLOPs, 49 MB + 0.2 GB; ideal on an H100 SXM
+(989 TFLOP/s dense bf16, 3.35 TB/s) 37 us forward / 158 us backward, compute-bound; on an H200 (989 TFLOP/s,
+4.8 TB/s) the same compute bound. The eager path does 6 T^2 d forward FLOPs but stores (B, H, T, T) fp32 tensors,
+0.29 GB each at this shape.
 
 Dropout: Philox (`tl.rand`) keyed by `seed`, counter (b*H + h) << 32 | (i*T + j); the backward and
 `dropout_mask_debug` regenerate the same bits. Softmax statistics are kept as a base-2 logsumexp (B, H, T).
@@ -35,14 +53,52 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 
 
-def _configs():
-    # The interpreter cannot autotune; tiny blocks keep its (numpy) launches cheap. BLOCK_W >= BLOCK_M + BLOCK_N - 1
-    # (the p window of one tile), a power of two; BLOCK_M == BLOCK_N wastes the least of it.
+# Autotune candidates (BLOCK_M, BLOCK_N, BLOCK_W, num_warps, num_stages) per kernel and (dtype, BLOCK_D), chosen from
+# the sm_90 static report (kernels/results/sm90_static.csv): the backward's 64x64 tiles spill 0.6-2.6 KB per thread
+# and fp32 64x64 forward tiles need up to 336 KB of shared memory, so they are gone; 32-row tiles at 8 warps spill
+# least. BLOCK_W >= BLOCK_M + BLOCK_N - 1 (the p window of one tile), a power of two. The first entry is the one
+# NEST_SSL_PIN_KERNEL_CONFIGS=1 pins.
+_SMALL = (16, 16, 32, 4, 2)
+CONFIGS = {
+    "_fwd_kernel": {("bf16", 64): [(64, 64, 128, 8, 3), (32, 32, 64, 4, 2)], ("bf16", 128): [(32, 32, 64, 4, 2)],
+                    ("fp32", 64): [_SMALL], ("fp32", 128): [_SMALL]},
+    "_bwd_dkdv_kernel": {("bf16", 64): [(32, 32, 64, 8, 2), (32, 16, 64, 8, 2)], ("bf16", 128): [(32, 16, 64, 8, 2)],
+                         ("fp32", 64): [(32, 16, 64, 8, 2)], ("fp32", 128): [(32, 16, 64, 8, 2)]},
+    "_bwd_dq_kernel": {("bf16", 64): [(32, 16, 64, 8, 2), (32, 32, 64, 8, 2)], ("bf16", 128): [(32, 16, 64, 8, 2)],
+                       ("fp32", 64): [(32, 16, 64, 8, 2)], ("fp32", 128): [_SMALL]},
+}
+PIN_ENV = "NEST_SSL_PIN_KERNEL_CONFIGS"  # "1": autotune nothing, use each kernel's first config (bounded compiles)
+
+
+def _config(m, n, w, nw, ns):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_W": w}, num_warps=nw, num_stages=ns)
+
+
+def gpu_configs(kernel, dtype, block_d):
+    """The candidates for one launch; bf16 and fp16 share their lists (same operand width); d_k <= 64 uses 64's."""
+    table = CONFIGS[kernel][("fp32" if dtype == "fp32" else "bf16", 64 if block_d <= 64 else 128)]
+    return [_config(*c) for c in (table[:1] if os.environ.get(PIN_ENV) == "1" else table)]
+
+
+def _prune(kernel_name):
+    def prune(configs, named_args, **kwargs):
+        dtype = "fp32" if kwargs["IEEE"] else "bf16"
+        wanted = {str(c) for c in gpu_configs(kernel_name, dtype, kwargs["BLOCK_D"])}
+        return [c for c in configs if str(c) in wanted]
+    return prune
+
+
+# The kernels kernels/static_report.py compiles, with the DROPOUT values training and evaluation use.
+STATIC_KERNELS = [("_fwd_kernel", (True, False)), ("_bwd_dkdv_kernel", (True,)), ("_bwd_dq_kernel", (True,))]
+STATIC_FIXED = [("_bwd_preprocess", dict(BLOCK_M=64), 4, 3)]  # (kernel, constexprs, num_warps, num_stages)
+
+
+def _configs(kernel):
+    # The interpreter cannot autotune; tiny blocks keep its (numpy) launches cheap.
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_W": 32})]
-    cfgs = [(64, 64, 128, 4, 2), (64, 64, 128, 8, 3), (64, 32, 128, 4, 2), (32, 32, 64, 4, 2), (128, 64, 256, 8, 2)]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_W": w}, num_warps=nw, num_stages=ns)
-            for m, n, w, nw, ns in cfgs]
+    configs = {c: None for table in CONFIGS[kernel].values() for c in table}  # the union, in order, once each
+    return [_config(*c) for c in configs]
 
 
 @triton.jit
@@ -175,8 +231,8 @@ def _bwd_tile(Q, K, V, P, U, VB, DO, LSE, DELTA, seed, bh, h, m0, n0, qkv_base, 
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DK, DV, seed, T, H, D, stride_pb, sm_scale, qk_scale,
-                     ctx_l, ctx_r, dropout_p, T_BUCKET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _bwd_dkdv_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DK, DV, DBIAS, seed, T, H, D, stride_pb, sm_scale,
+                     qk_scale, ctx_l, ctx_r, dropout_p, T_BUCKET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                      IEEE: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -190,6 +246,7 @@ def _bwd_dkdv_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DK, DV, seed, T, H,
     prec: tl.constexpr = "ieee" if IEEE else "tf32"
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    ds_cols = tl.zeros((BLOCK_N,), tl.float32)  # sum_i ds[i, j]: d(pos_bias_u) = sum_j ds_cols[j] k[j]
     # Query rows that may see this key block: i in [j - R, j + L] (context swapped relative to the forward).
     lo, hi = _key_range(n0, n0 + BLOCK_N, length, ctx_r, ctx_l, BLOCK_M)
     for m0 in range(lo, hi, BLOCK_M):
@@ -198,17 +255,22 @@ def _bwd_dkdv_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DK, DV, seed, T, H,
             ctx_l, ctx_r, dropout_p, BLOCK_M, BLOCK_N, BLOCK_W, BLOCK_D, DROPOUT, UPCAST, IEEE)
         dv += tl.dot(tl.trans(pdrop.to(do.dtype)), do, input_precision=prec)
         dk += tl.dot(tl.trans(ds.to(qu.dtype)), qu, input_precision=prec)
+        ds_cols += tl.sum(ds, 0)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     ptrs = qkv_base + offs_n[:, None] * D + offs_d[None, :]
     mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
     tl.store(DK + ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=mask)
+    k = tl.load(K + ptrs, mask=mask, other=0.0).to(tl.float32)
+    # One (d_k,) partial of d(pos_bias_u) per program, summed on the host (no atomics).
+    tl.store(DBIAS + (bh.to(tl.int64) * ((T + 15) // 16) + pid_n) * D + offs_d,
+             tl.sum(ds_cols[:, None] * k, 0) * sm_scale, mask=offs_d < D)
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DQU, DQV, DP, seed, T, H, D, stride_pb, stride_dpb,
-                   sm_scale, qk_scale, ctx_l, ctx_r, dropout_p, T_BUCKET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _bwd_dq_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DQ, DP, DBIAS, seed, T, H, D, stride_pb, sm_scale,
+                   qk_scale, ctx_l, ctx_r, dropout_p, T_BUCKET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
                    IEEE: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -219,7 +281,9 @@ def _bwd_dq_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DQU, DQV, DP, seed, T
     m0 = pid_m * BLOCK_M
     qkv_base = bh.to(tl.int64) * T * D
     p_base = b.to(tl.int64) * stride_pb + h.to(tl.int64) * (2 * T - 1) * D
-    dp_base = b.to(tl.int64) * stride_dpb + h.to(tl.int64) * (2 * T - 1) * D
+    # dp is per batch row even when p is shared (the host sums it): programs of other batch rows never add into the
+    # same rows, only this (b, h)'s query blocks, which reach a shared window at different loop iterations.
+    dp_base = bh.to(tl.int64) * (2 * T - 1) * D
     prec: tl.constexpr = "ieee" if IEEE else "tf32"
     offs_d = tl.arange(0, BLOCK_D)
     ii = tl.arange(0, BLOCK_M)[:, None]
@@ -227,24 +291,39 @@ def _bwd_dq_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DQU, DQV, DP, seed, T
     jidx = cc - (BLOCK_M - 1) + ii  # inverse skew: window column c of row ii holds key jj = c - (BLOCK_M-1) + ii
     jin = (jidx >= 0) & (jidx < BLOCK_N)
     jidx = tl.minimum(tl.maximum(jidx, 0), BLOCK_N - 1)
-    dqu = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    dqv = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)  # d(q + u) + d(q + v_bias): one accumulator
     lo, hi = _key_range(m0, m0 + BLOCK_M, length, ctx_l, ctx_r, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
         ds, pdrop, qu, qv, k, pw, do, offs_w = _bwd_tile(
             Q, K, V, P, U, VB, DO, LSE, DELTA, seed, bh, h, m0, n0, qkv_base, p_base, T, D, length, qk_scale,
             ctx_l, ctx_r, dropout_p, BLOCK_M, BLOCK_N, BLOCK_W, BLOCK_D, DROPOUT, UPCAST, IEEE)
         dsw = tl.where(jin, tl.gather(ds, jidx, axis=1), 0.0).to(qv.dtype)  # (BLOCK_M, BLOCK_W)
-        dqu += tl.dot(ds.to(k.dtype), k, input_precision=prec)
-        dqv += tl.dot(dsw, pw, input_precision=prec)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=prec)
+        dq += tl.dot(dsw, pw, input_precision=prec)
         dpw = tl.dot(tl.trans(dsw), qv, input_precision=prec) * sm_scale  # (BLOCK_W, BLOCK_D)
         wmask = ((offs_w[:, None] >= 0) & (offs_w[:, None] < 2 * T - 1)) & (offs_d[None, :] < D)
-        tl.atomic_add(DP + dp_base + offs_w[:, None] * D + offs_d[None, :], dpw, mask=wmask)
+        # Relaxed: only the sum matters, so no fences around the add (acq_rel would wrap each in MEMBAR.GPU).
+        tl.atomic_add(DP + dp_base + offs_w[:, None] * D + offs_d[None, :], dpw, mask=wmask, sem="relaxed")
     offs_m = m0 + tl.arange(0, BLOCK_M)
     ptrs = qkv_base + offs_m[:, None] * D + offs_d[None, :]
     mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
-    tl.store(DQU + ptrs, dqu * sm_scale, mask=mask)
-    tl.store(DQV + ptrs, dqv * sm_scale, mask=mask)
+    dq = dq * sm_scale
+    tl.store(DQ + ptrs, dq.to(DQ.dtype.element_ty), mask=mask)
+    # sum_i (dq_u[i] + dq_v[i]) of this block in fp32: with the u part from the dkdv kernel it gives d(pos_bias_v).
+    tl.store(DBIAS + (bh.to(tl.int64) * ((T + 15) // 16) + pid_m) * D + offs_d, tl.sum(dq, 0), mask=offs_d < D)
+
+
+@triton.jit
+def _bwd_preprocess(OUT, DO, DELTA, T, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta[i] = rowsum(dO * O) = rowsum(P * dP) (dropout included): the softmax backward's row term."""
+    bh = tl.program_id(1)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
+    ptrs = bh.to(tl.int64) * T * D + offs_m[:, None] * D + offs_d[None, :]
+    o = tl.load(OUT + ptrs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
 
 
 @triton.jit
@@ -260,21 +339,23 @@ def _dropout_mask_kernel(OUT, seed, T, dropout_p, BLOCK: tl.constexpr):
                  mask=(offs_m[:, None] < T) & (offs_n[None, :] < T))
 
 
-def _maybe_tune(kernel, reset=None):
+def _maybe_tune(kernel):
     if INTERPRET:
         return kernel
     # Keyed on T rounded up to a power of two: training sees a new T almost every batch, tuning each is too slow.
-    return triton.autotune(_configs(), key=["T_BUCKET", "BLOCK_D", "DROPOUT"], reset_to_zero=reset)(kernel)
+    # The pruner keeps the candidates of this launch's (dtype, BLOCK_D) from CONFIGS.
+    return triton.autotune(_configs(kernel.__name__), key=["T_BUCKET", "BLOCK_D", "DROPOUT", "IEEE"],
+                           prune_configs_by={"early_config_prune": _prune(kernel.__name__)})(kernel)
 
 
 _fwd = _maybe_tune(_fwd_kernel)
 _bwd_dkdv = _maybe_tune(_bwd_dkdv_kernel)
-_bwd_dq = _maybe_tune(_bwd_dq_kernel, reset=["DP"])
+_bwd_dq = _maybe_tune(_bwd_dq_kernel)
 
 
 def _launch(kernel, blocks_of, bh, *args, _axis="rows", **consts):
     """Autotuned launch on GPU; the interpreter gets its single config explicitly. Grid: (blocks along _axis, B*H)."""
-    meta = dict(_configs()[0].kwargs) if INTERPRET else {}
+    meta = dict(_configs(None)[0].kwargs) if INTERPRET else {}
     key = "BLOCK_M" if _axis == "rows" else "BLOCK_N"
     kernel[lambda m: (triton.cdiv(blocks_of, m[key]), bh)](*args, **consts, **meta)
 
@@ -333,19 +414,23 @@ class RelPosAttentionFunction(torch.autograd.Function):
         B, H, T, D = q.shape
         do = do.contiguous()
         consts, sm_scale = _common(q, p, ctx_l, ctx_r, dropout_p)
-        delta = (do.float() * o.float()).sum(-1)  # (B, H, T): rowsum(P * dP) = rowsum(dO * O), dropout included
+        delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+        _bwd_preprocess[(triton.cdiv(T, 64), B * H)](o, do, delta, T, D, BLOCK_M=64, BLOCK_D=consts["BLOCK_D"])
         args = (q, k, v, p, u.contiguous(), vb.contiguous(), lengths, do, lse, delta)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        _launch(_bwd_dkdv, T, B * H, *args, dk, dv, seed, sm_scale=sm_scale, qk_scale=sm_scale * LOG2E,
+        # Per-program (d_k,) partials of the bias gradients, cdiv(T, 16) rows per (b, h): enough for any block >= 16.
+        du_part = torch.zeros((B * H, triton.cdiv(T, 16), D), device=q.device, dtype=torch.float32)
+        _launch(_bwd_dkdv, T, B * H, *args, dk, dv, du_part, seed, sm_scale=sm_scale, qk_scale=sm_scale * LOG2E,
                 _axis="keys", **consts)
-        dqu = torch.empty(q.shape, device=q.device, dtype=torch.float32)
-        dqv = torch.empty_like(dqu)
-        dp = torch.zeros(p.shape, device=p.device, dtype=torch.float32)  # fp32: filled by atomics
-        _launch(_bwd_dq, T, B * H, *args, dqu, dqv, dp, seed, stride_dpb=consts["stride_pb"], sm_scale=sm_scale,
-                qk_scale=sm_scale * LOG2E, **consts)
-        dq = (dqu + dqv).to(q.dtype)
-        du = dqu.sum((0, 2)).to(u.dtype)  # (H, d_k): the bias is shared by every batch row and query
-        dvb = dqv.sum((0, 2)).to(vb.dtype)
+        dq = torch.empty_like(q)
+        dq_part = torch.zeros_like(du_part)
+        dp = torch.zeros((B, H, 2 * T - 1, D), device=p.device, dtype=torch.float32)  # per batch row, see the kernel
+        _launch(_bwd_dq, T, B * H, *args, dq, dp, dq_part, seed, sm_scale=sm_scale, qk_scale=sm_scale * LOG2E,
+                **consts)
+        du = du_part.view(B, H, -1, D).sum((0, 2))  # (H, d_k): the bias is shared by every batch row and query
+        dvb = (dq_part.view(B, H, -1, D).sum((0, 2)) - du).to(vb.dtype)
+        du = du.to(u.dtype)
+        dp = dp.sum(0, keepdim=True) if p.shape[0] == 1 else dp
         return dq, dk, dv, dp.to(p.dtype), du, dvb, None, None, None, None, None
 
 

@@ -102,6 +102,8 @@ def run_mode(config, overrides, mode, batch, seconds, dtype, steps, warmup, devi
             waits.append(t_data)
             audio.append(audio_s)
             utts.append(data.audio.shape[0])
+    if mode.startswith("triton") and 0 in model.encoder.kernel_calls().values():  # the row must be what it says
+        raise RuntimeError(f"mode {mode}: a Triton kernel never ran ({model.encoder.kernel_calls()})")
     step_s = statistics.median(times)
     audio_s = sum(audio) / sum(times)
     if real:  # the rows describe what the loader delivered: mean batch and mean utterance length

@@ -58,13 +58,18 @@ def main(argv=None) -> int:
             torch.cuda.synchronize(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+    calls = enc.kernel_calls()
+    for kind, impl in (("attention", args.attention_impl), ("conv", args.conv_impl)):
+        if impl == "triton" and calls[kind] == 0:  # explicit triton: the figure must be the kernel's
+            raise RuntimeError(f"--{kind}-impl triton: the kernel never ran ({calls})")
     step = statistics.median(times)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     result = {"config": args.config, "overrides": args.overrides, "batch": args.batch, "seconds": args.seconds,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "threads": torch.get_num_threads(), "dtype": args.dtype, "attention_impl": args.attention_impl,
-              "conv_impl": args.conv_impl, "step_ms": round(step * 1e3, 1),
+              "conv_impl": args.conv_impl,
+              "kernels": {k: impl for k, (impl, _) in enc.kernel_impls.items()}, "step_ms": round(step * 1e3, 1),
               "audio_s_per_s": round(args.batch * args.seconds / step, 1), "peak_mem_gb": round(peak, 3)}
     print(json.dumps(result) if args.json else
           f"encoder fwd+bwd: {result['audio_s_per_s']} audio-s/s ({result['step_ms']} ms/step, batch {args.batch} x "

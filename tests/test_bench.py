@@ -16,7 +16,23 @@ def test_quick_cpu_bench_writes_rows_for_both_kernels(tmp_path):
     assert "Triton rows need a GPU" in run.stdout
     with open(out) as f:
         rows = list(csv.DictReader(f))
-    assert {r["kernel"] for r in rows} == {"rel_pos_attention", "conv_module", "conv_module_xl"}
+    assert {r["kernel"] for r in rows} == {"rel_pos_attention", "conv_module", "conv_module_xl", "conv_core",
+                                           "conv_gemms"}
     assert {r["mode"] for r in rows} == {"fwd", "fwd+bwd"}
     assert all(float(r["ms_p50"]) > 0 and r["git_sha"] and r["gpu_name"] == "cpu" for r in rows)
-    assert all(float(r["gbps"]) > 0 for r in rows if r["kernel"].startswith("conv_module"))
+    # GB/s only where the timed code is the code whose bytes are counted (the core between the two GEMMs)
+    assert all(float(r["gbps"]) > 0 for r in rows if r["kernel"] == "conv_core")
+    assert all(r["gbps"] == "nan" for r in rows if r["kernel"] != "conv_core")
+
+
+def test_triton_modes_fail_on_cpu_instead_of_falling_back():
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
+    train = subprocess.run([sys.executable, "scripts/benchmark_train.py", "--config", "configs/nest_tiny_cpu.yaml",
+                            "--modes", "triton", "--device", "cpu"], capture_output=True, text=True, timeout=300,
+                           cwd=ROOT, env=env)
+    assert train.returncode == 2 and "needs a CUDA GPU" in train.stderr
+    enc = subprocess.run([sys.executable, "scripts/benchmark_encoder.py", "--config", "configs/nest_tiny_cpu.yaml",
+                          "--device", "cpu", "--dtype", "fp32", "--batch", "1", "--seconds", "1", "--steps", "1",
+                          "--warmup", "0", "--attention-impl", "triton"], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT, env=env)
+    assert enc.returncode != 0 and "need a CUDA device" in enc.stderr

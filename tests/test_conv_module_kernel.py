@@ -4,6 +4,7 @@ CPU under TRITON_INTERPRET=1 at tiny shapes; padded batches, kernel sizes 5/9/31
 context, fp32 and bf16, eval (BN folded), and SyncBatchNorm statistics on a 2-process gloo group."""
 import copy
 import os
+import socket
 
 import pytest
 import torch
@@ -111,7 +112,7 @@ def test_bad_shapes_raise_value_errors(triton_interpret):
         conv_glu_dw_bn_silu(torch.randn(2, 5, 2 * C), torch.tensor([5, 5]), dw.weight, dw.bias, bn, (2, 2))
 
 
-def _sync_worker(rank, world, port, h, lengths, state, queue):
+def _sync_worker(rank, world, port, h, lengths, state, queue, done):
     os.environ["TRITON_INTERPRET"] = "1"
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
     from nest_ssl.kernels.conv_module import conv_glu_dw_bn_silu
@@ -122,9 +123,19 @@ def _sync_worker(rank, world, port, h, lengths, state, queue):
     out = conv_glu_dw_bn_silu(hs, lengths[rank::world], dw.weight, dw.bias, bn, (4, 4),
                               process_group=torch.distributed.group.WORLD)
     out.sum().backward()
-    queue.put((rank, out.detach(), hs.grad, bn.running_mean.clone(), bn.weight.grad.clone(), dw.weight.grad.clone()))
+    # Plain numpy arrays travel by value: a torch tensor would go through shared memory that the parent can only
+    # map while this process is alive. The worker also stays up until the parent says it has the results.
+    results = [t.detach().numpy().copy() for t in (out, hs.grad, bn.running_mean, bn.weight.grad, dw.weight.grad)]
+    queue.put((rank, results))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
+    done.wait(timeout=180)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_sync_batchnorm_on_two_gloo_ranks_equals_the_union_batch(triton_interpret):
@@ -135,14 +146,19 @@ def test_sync_batchnorm_on_two_gloo_ranks_equals_the_union_batch(triton_interpre
     ref = glu_dwconv_norm_silu_torch(h_ref, pad, dw, bn, (4, 4))
     ref.sum().backward()
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = 29500 + os.getpid() % 1000
-    procs = [ctx.Process(target=_sync_worker, args=(r, 2, port, h, lengths, state, queue)) for r in range(2)]
+    queue, done = ctx.Queue(), ctx.Event()
+    port = _free_port()  # a fixed port collides with other test processes on the machine
+    procs = [ctx.Process(target=_sync_worker, args=(r, 2, port, h, lengths, state, queue, done)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict((r[0], r[1:]) for r in (queue.get(timeout=120) for _ in procs))
-    for p in procs:
-        p.join(timeout=60)
+    try:
+        results = dict(queue.get(timeout=240) for _ in procs)
+    finally:
+        done.set()
+        for p in procs:
+            p.join(timeout=60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    results = {r: [torch.from_numpy(a) for a in arrays] for r, arrays in results.items()}
     for rank in range(2):
         out, dh, running_mean, _, _ = results[rank]
         close(out, ref[rank::2])

@@ -28,6 +28,11 @@ def test_triton_kernels_in_the_encoder_match_torch(triton_interpret, train):
     state = ConformerEncoder(ConformerEncoderConfig(**TINY)).state_dict()
     ref_enc, ref, ref_len = _run("torch", x, lengths, train, state)
     enc, out, out_len = _run("triton", x, lengths, train, state)
+    assert enc.kernel_impls == {"attention": ("triton", "requested"), "conv": ("triton", "requested")}
+    # The kernels really ran, once per layer (not the torch path under a triton label). Eval-mode BatchNorm with
+    # gradients is the one case the conv kernel does not implement (its folded eval kernel has no backward).
+    assert enc.kernel_calls() == {"attention": 2, "conv": 2 if train else 0}
+    assert ref_enc.kernel_calls() == {"attention": 0, "conv": 0}
     assert torch.equal(out_len, ref_len)
     for b, n in enumerate(out_len.tolist()):
         torch.testing.assert_close(out[b, :, :n], ref[b, :, :n], rtol=1e-4, atol=1e-5)
@@ -52,7 +57,45 @@ def test_compiled_layers_run_the_triton_kernels_as_they_are(triton_interpret):
     enc.compile_layers(backend="aot_eager")
     out, _ = enc(x, lengths)
     out.square().mean().backward()
+    assert enc.kernel_calls() == {"attention": 2, "conv": 2}
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     grads = dict(ref_enc.named_parameters())
     for name, p in enc.named_parameters():
         torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_eval_without_gradients_runs_the_folded_conv_kernel(triton_interpret):
+    enc = ConformerEncoder(ConformerEncoderConfig(**TINY, attention_impl="triton", conv_impl="triton")).eval()
+    with torch.no_grad():
+        enc(torch.randn(2, 80, 136), torch.tensor([136, 77]))
+    assert enc.kernel_calls() == {"attention": 2, "conv": 2}
+
+
+def test_explicit_triton_without_importable_kernels_raises_with_the_import_error(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "triton", None)  # as if Triton were not installed
+    monkeypatch.delitem(sys.modules, "nest_ssl.kernels.rel_pos_attention", raising=False)
+    monkeypatch.delitem(sys.modules, "nest_ssl.kernels.conv_module", raising=False)
+    with pytest.raises(ImportError, match="Triton attention kernel .* does not import: .*triton"):
+        ConformerEncoder(ConformerEncoderConfig(**TINY, attention_impl="triton", conv_impl="torch"))
+    enc = ConformerEncoder(ConformerEncoderConfig(**TINY, attention_impl="auto", conv_impl="auto"))
+    assert enc.kernel_impls["attention"][0] == "torch"  # auto never fails
+
+
+def test_auto_resolves_once_per_device_and_logs_why(caplog):
+    import logging
+    with caplog.at_level(logging.INFO, logger="nest_ssl.conformer.encoder"):
+        enc = ConformerEncoder(ConformerEncoderConfig(**TINY))
+        enc.float()  # same device and choice: resolved again, not logged again
+    assert enc.kernel_impls == {"attention": ("torch", "auto: parameters on cpu (the kernels need CUDA)"),
+                                "conv": ("torch", "auto: parameters on cpu (the kernels need CUDA)")}
+    lines = [r.getMessage() for r in caplog.records if "encoder kernels" in r.getMessage()]
+    assert lines == ["encoder kernels on cpu: attention=torch (auto: parameters on cpu (the kernels need CUDA)), "
+                     "conv=torch (auto: parameters on cpu (the kernels need CUDA))"]
+    enc = ConformerEncoder(ConformerEncoderConfig(**TINY, conv_norm_type="layer_norm"))
+    assert enc.kernel_impls["conv"] == ("torch", "auto: conv_norm_type='layer_norm' (the kernel implements batch_norm)")
+
+
+def test_triton_attention_needs_rel_pos():
+    with pytest.raises(ValueError, match="attention_impl='triton' supports self_attention_model='rel_pos' only"):
+        ConformerEncoder(ConformerEncoderConfig(**TINY, self_attention_model="abs_pos", attention_impl="triton"))

@@ -35,7 +35,9 @@ def _att_mask(lengths, T, ctx=(-1, -1)):
 
 
 def _rel_err(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+    # Floor 0.1 (the gradients here are O(1)): a structurally zero gradient (T=1, a softmax over one key: all but
+    # dv) is compared on an absolute scale; the kernel's delta = rowsum(dO * O) cancels dP to rounding, not to the bit.
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(0.1)).item()
 
 
 def _compare(inputs, lengths, ctx, tol, dropout_p=0.0, seed=None, device="cpu"):
@@ -169,3 +171,29 @@ def test_gpu_memory_is_linear_in_T():
     out.sum().backward()
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - base < 4 * 8 * 750 * 750 * 4 / 4
+
+
+def test_autotune_pruner_keeps_the_configs_of_the_launch_dtype_and_head_dim(monkeypatch):
+    import importlib
+    m = importlib.import_module("nest_ssl.kernels.rel_pos_attention")
+    union = [m._config(*c) for c in {c: None for table in m.CONFIGS["_bwd_dq_kernel"].values() for c in table}]
+    prune = m._prune("_bwd_dq_kernel")
+    for (dtype, block_d), table in m.CONFIGS["_bwd_dq_kernel"].items():
+        kept = prune(union, {}, IEEE=dtype == "fp32", BLOCK_D=block_d)
+        assert [str(c) for c in kept] == [str(m._config(*c)) for c in table]
+    monkeypatch.setenv(m.PIN_ENV, "1")  # gpu-check: one config per kernel
+    assert len(prune(union, {}, IEEE=False, BLOCK_D=64)) == 1
+
+
+def test_memory_is_linear_in_T_and_far_below_eager(triton_interpret):
+    """kernels/memory_report.py's live-tensor tracker: on CPU with the kernels running (small shape), and counting
+    the allocations at NEST-L training shapes (B 16, H 8, d_k 64, bf16) on the meta device."""
+    import importlib
+    mem = importlib.import_module("nest_ssl.kernels.memory_report")
+    B, H, T, d = 2, 2, 40, 16
+    eager, _ = mem.peak_fwd_bwd("eager", B, H, T, d, dtype=torch.float32, device="cpu")
+    kernel, largest = mem.peak_fwd_bwd("triton", B, H, T, d, dtype=torch.float32, device="cpu")
+    assert kernel < eager and largest < B * H * T * T * 4  # no T x T tensor
+    peaks = {T: [mem.peak_fwd_bwd(path, 16, 8, T, 64)[0] for path in ("eager", "triton")] for T in (250, 750)}
+    assert peaks[750][1] / peaks[750][0] < 0.15  # measured 0.107 (eager 1154 MiB, triton 124 MiB)
+    assert peaks[750][1] / peaks[250][1] < 3.2 < peaks[750][0] / peaks[250][0]  # linear vs quadratic in T

@@ -4,12 +4,13 @@
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .kernel_select import KernelCall, import_kernel
 
 INF_VAL = 10000.0  # NeMo replaces masked scores by -INF_VAL (not -inf)
 
@@ -39,15 +40,6 @@ def rel_pos_attention_torch(q, k, v, p, pos_bias_u, pos_bias_v, att_mask, dropou
     return torch.matmul(attn, v)
 
 
-@functools.cache  # a missing Triton is looked up once, not on every layer call
-def _triton_attention():
-    try:
-        from nest_ssl.kernels.rel_pos_attention import rel_pos_attention
-    except Exception:  # no triton / kernel not importable: the torch path serves
-        return None
-    return torch.compiler.disable(rel_pos_attention)  # under trainer.compile: runs as is, the graph breaks around it
-
-
 class RelPositionMultiHeadAttention(nn.Module):
     """Registration order = NeMo's key order: pos_bias_u/v (own params) before the linears."""
 
@@ -67,7 +59,7 @@ class RelPositionMultiHeadAttention(nn.Module):
         self.linear_out = nn.Linear(n_feat, n_feat, bias=use_bias)
         self.dropout = nn.Dropout(dropout_rate)
         self.linear_pos = nn.Linear(n_feat, n_feat, bias=False)
-        self.attention_impl = attention_impl  # "torch" | "triton", resolved by the encoder
+        self.attention_impl = attention_impl  # "torch" | "triton" ("auto" is resolved by the encoder)
 
     @property
     def attention_impl(self) -> str:
@@ -75,9 +67,12 @@ class RelPositionMultiHeadAttention(nn.Module):
 
     @attention_impl.setter
     def attention_impl(self, value: str) -> None:
-        # The kernel is looked up when the encoder sets the implementation (outside any compiled region), not in
-        # forward, where torch.compile would trace the cached lookup.
-        self._impl, self._kernel = value, (_triton_attention() if value == "triton" else None)
+        # Set at construction or by the encoder when its device is known, never in forward (torch.compile would
+        # trace it). "triton" raises ImportError with the cause when the kernel does not import.
+        if value not in ("torch", "triton"):
+            raise ValueError(f"attention_impl={value!r}; allowed: 'torch', 'triton'")
+        self._impl = value
+        self._kernel = KernelCall("attention", import_kernel("attention")) if value == "triton" else None
 
     def forward(self, x, att_mask, pos_emb, lengths=None, att_context_size=(-1, -1)):
         """x (B, T, d), att_mask (B, T, T) bool, pos_emb (1, 2T-1, d) -> (B, T, d)."""
@@ -86,9 +81,10 @@ class RelPositionMultiHeadAttention(nn.Module):
         k = self.linear_k(x).view(b, t, self.h, self.d_k).transpose(1, 2)
         v = self.linear_v(x).view(b, t, self.h, self.d_k).transpose(1, 2)
         p = self.linear_pos(pos_emb).view(pos_emb.size(0), -1, self.h, self.d_k).transpose(1, 2)  # (1, H, 2T-1, d_k)
-        kernel = self._kernel if lengths is not None else None
-        if kernel is not None:
-            ctx = kernel(q, k, v, p, self.pos_bias_u, self.pos_bias_v, lengths, tuple(att_context_size),
+        if self._kernel is not None:
+            if lengths is None:  # the kernel builds its mask from lengths; att_mask alone cannot be honoured
+                raise ValueError("attention_impl='triton' needs `lengths` (the encoder passes them)")
+            ctx = self._kernel(q, k, v, p, self.pos_bias_u, self.pos_bias_v, lengths, tuple(att_context_size),
                          dropout_p=self.dropout.p, training=self.training)
         else:
             ctx = rel_pos_attention_torch(q, k, v, p, self.pos_bias_u, self.pos_bias_v, att_mask, self.dropout.p,

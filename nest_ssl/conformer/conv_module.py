@@ -6,12 +6,12 @@ shapes and names, so state_dicts are unchanged.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from .kernel_select import KernelCall, import_kernel
 
 
 def glu_dwconv_norm_silu_torch(h: torch.Tensor, pad_mask: torch.Tensor, depthwise: nn.Conv1d, norm: nn.Module,
@@ -24,15 +24,6 @@ def glu_dwconv_norm_silu_torch(h: torch.Tensor, pad_mask: torch.Tensor, depthwis
     else:  # BatchNorm1d / GroupNorm take (B, C, T); BN counts padded frames, as NeMo does
         x = norm(x)
     return F.silu(x).transpose(1, 2)  # (B, T, C)
-
-
-@functools.cache  # a missing Triton is looked up once, not on every layer call
-def _triton_conv():
-    try:
-        from nest_ssl.kernels.conv_module import conv_glu_dw_bn_silu
-    except Exception:  # no triton: the torch path serves
-        return None
-    return torch.compiler.disable(conv_glu_dw_bn_silu)  # under trainer.compile: runs as is, the graph breaks around it
 
 
 def _sync_group(bn: nn.Module):
@@ -79,10 +70,7 @@ class ConformerConvolution(nn.Module):
         self.batch_norm = _norm(norm_type, d_model)  # NeMo names it batch_norm whatever the norm type
         self.activation = nn.SiLU()
         self.pointwise_conv2 = nn.Conv1d(d_model, d_model, 1, bias=use_bias)
-        if conv_impl == "triton" and norm_type != "batch_norm":
-            raise ValueError(f"conv_impl='triton' supports conv_norm_type='batch_norm' only (got {norm_type!r}); "
-                             "use conv_impl: torch or auto")
-        self.conv_impl = conv_impl  # "torch" | "triton" (the encoder resolves "auto" per forward)
+        self.conv_impl = conv_impl  # "torch" | "triton" ("auto" is resolved by the encoder)
 
     @property
     def conv_impl(self) -> str:
@@ -90,18 +78,25 @@ class ConformerConvolution(nn.Module):
 
     @conv_impl.setter
     def conv_impl(self, value: str) -> None:
-        # Looked up here, outside any compiled region (see RelPositionMultiHeadAttention.attention_impl).
-        self._impl, self._kernel = value, (_triton_conv() if value == "triton" else None)
+        # Set at construction or by the encoder when its device is known, never in forward (see
+        # RelPositionMultiHeadAttention.attention_impl).
+        if value not in ("torch", "triton"):
+            raise ValueError(f"conv_impl={value!r}; allowed: 'torch', 'triton'")
+        if value == "triton" and not isinstance(self.batch_norm, _BatchNorm):
+            raise ValueError(f"conv_impl='triton' supports conv_norm_type='batch_norm' only (got "
+                             f"{type(self.batch_norm).__name__}); use conv_impl: torch or auto")
+        self._impl = value
+        self._kernel = KernelCall("conv", import_kernel("conv")) if value == "triton" else None
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
         """x (B, T, C), pad_mask (B, T) True = padded -> (B, T, C)."""
         h = F.linear(x, self.pointwise_conv1.weight.squeeze(-1), self.pointwise_conv1.bias)  # (B, T, 2C)
-        kernel = self._kernel
-        # The eval-mode kernel folds BN and has no backward: gradients through eval-mode BN take the torch path.
+        # The eval-mode kernel folds BN and has no backward: gradients through eval-mode BN take the torch path
+        # (the only case where conv_impl='triton' runs torch; KernelCall.calls shows how often the kernel ran).
         grads = torch.is_grad_enabled() and (h.requires_grad or self.depthwise_conv.weight.requires_grad)
-        if kernel is not None and isinstance(self.batch_norm, _BatchNorm) and (self.batch_norm.training or not grads):
-            y = kernel(h, (~pad_mask).sum(1), self.depthwise_conv.weight, self.depthwise_conv.bias, self.batch_norm,
-                       self.context, _sync_group(self.batch_norm))
+        if self._kernel is not None and (self.batch_norm.training or not grads):
+            y = self._kernel(h, (~pad_mask).sum(1), self.depthwise_conv.weight, self.depthwise_conv.bias,
+                             self.batch_norm, self.context, _sync_group(self.batch_norm))
         else:
             y = glu_dwconv_norm_silu_torch(h, pad_mask, self.depthwise_conv, self.batch_norm, self.context)
         return F.linear(y, self.pointwise_conv2.weight.squeeze(-1), self.pointwise_conv2.bias)

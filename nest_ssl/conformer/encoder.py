@@ -14,12 +14,12 @@ from torch import nn
 
 from nest_ssl.checks import check_lengths
 
+from .kernel_select import IMPLS, resolve
 from .layer import ConformerLayer
 from .pos_enc import PositionalEncoding, RelPositionalEncoding
 from .subsampling import ConvSubsampling
 
 log = logging.getLogger(__name__)
-IMPLS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -98,6 +98,9 @@ def _check(cfg: ConformerEncoderConfig) -> None:
     ctx = list(cfg.att_context_size)
     if len(ctx) != 2 or isinstance(ctx[0], list):
         raise ValueError(f"model.encoder.att_context_size={cfg.att_context_size!r}; expected [left, right]")
+    if cfg.attention_impl == "triton" and cfg.self_attention_model != "rel_pos":
+        raise ValueError(f"model.encoder.attention_impl='triton' supports self_attention_model='rel_pos' only "
+                         f"(got {cfg.self_attention_model!r}); allowed: attention_impl torch or auto")
     if cfg.conv_impl == "triton" and cfg.conv_norm_type != "batch_norm":
         raise ValueError(f"model.encoder.conv_impl='triton' supports conv_norm_type='batch_norm' only "
                          f"(got {cfg.conv_norm_type!r}); allowed: conv_impl torch or auto")
@@ -130,7 +133,40 @@ class ConformerEncoder(nn.Module):
         self.out_proj = nn.Linear(d, cfg.feat_out) if cfg.feat_out > 0 else None
         self.layer_drop_probs = compute_stochastic_depth_drop_probs(
             cfg.n_layers, cfg.stochastic_depth_drop_prob, cfg.stochastic_depth_mode, cfg.stochastic_depth_start_layer)
-        self._logged_impl = False
+        self.kernel_impls: dict[str, tuple[str, str]] = {}  # kind -> (impl, why); see _select_kernels
+        self._select_kernels()
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to() / .cuda() / to_empty() all come through here: the device is known now, so choose the kernels again.
+        out = super()._apply(fn, *args, **kwargs)
+        self._select_kernels()
+        return out
+
+    def _select_kernels(self) -> None:
+        """Resolve attention_impl / conv_impl for the parameters' device (never in forward) and set every layer."""
+        device = next(self.parameters()).device
+        cfg = self.cfg
+        impls = {"attention": resolve("attention", cfg.attention_impl, device, None if cfg.self_attention_model ==
+                                      "rel_pos" else f"self_attention_model={cfg.self_attention_model!r}"),
+                 "conv": resolve("conv", cfg.conv_impl, device, None if cfg.conv_norm_type == "batch_norm" else
+                                 f"conv_norm_type={cfg.conv_norm_type!r} (the kernel implements batch_norm)")}
+        for layer in self.layers:
+            if cfg.self_attention_model == "rel_pos":
+                layer.self_attn.attention_impl = impls["attention"][0]
+            layer.conv.conv_impl = impls["conv"][0]
+        if impls != self.kernel_impls:
+            log.info("encoder kernels on %s: %s", device.type,
+                     ", ".join(f"{k}={impl} ({why})" for k, (impl, why) in impls.items()))
+        self.kernel_impls = impls
+
+    def kernel_calls(self) -> dict[str, int]:
+        """How many times each Triton kernel ran in this encoder (0 for a kind on the torch path)."""
+        calls = {"attention": 0, "conv": 0}
+        for layer in self.layers:
+            for kind, mod in (("attention", layer.self_attn), ("conv", layer.conv)):
+                kernel = getattr(mod, "_kernel", None)
+                calls[kind] += kernel.calls if kernel is not None else 0
+        return calls
 
     def _check_input(self, audio_signal: torch.Tensor, length: torch.Tensor) -> None:
         if audio_signal.dim() != 3 or audio_signal.size(1) != self.cfg.feat_in:
@@ -150,22 +186,6 @@ class ConformerEncoder(nn.Module):
         dynamic=True: utterance lengths change every batch, one graph serves them all."""
         for layer in self.layers:
             layer.compile(backend=backend, dynamic=True)
-
-    def _impl(self, x: torch.Tensor) -> tuple[str, str]:
-        """(attention, conv) implementation: "auto" = Triton on CUDA when it imports (conv: BatchNorm only)."""
-        from .attention import _triton_attention
-        from .conv_module import _triton_conv
-
-        att, conv = self.cfg.attention_impl, self.cfg.conv_impl
-        if att == "auto":
-            att = "triton" if x.is_cuda and _triton_attention() is not None else "torch"
-        if conv == "auto":
-            bn = self.cfg.conv_norm_type == "batch_norm"
-            conv = "triton" if x.is_cuda and bn and _triton_conv() is not None else "torch"
-        if not self._logged_impl:
-            log.info("encoder kernels: attention=%s conv=%s", att, conv)
-            self._logged_impl = True
-        return att, conv
 
     def att_masks(self, length: torch.Tensor, t: int):
         """-> pad_mask (B, T'), att_mask (B, T', T'), both True = masked; limited context as NeMo's 'regular'."""
@@ -188,9 +208,7 @@ class ConformerEncoder(nn.Module):
         x, length = self.pre_encode(audio_signal.transpose(1, 2), length.long())  # (B, T', d)
         x, pos_emb = self.pos_enc(x)
         pad_mask, att_mask = self.att_masks(length, x.size(1))
-        att_impl, conv_impl = self._impl(x)
         for layer, p_drop in zip(self.layers, self.layer_drop_probs):
-            layer.self_attn.attention_impl, layer.conv.conv_impl = att_impl, conv_impl
             out = layer(x, att_mask, pos_emb, pad_mask, length, tuple(self.cfg.att_context_size))
             if self.training and p_drop > 0:  # stochastic depth, NeMo's formula
                 out = 0 * out + x if torch.rand(1) < p_drop else (out - x) / (1 - p_drop) + x
