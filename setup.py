@@ -1,5 +1,7 @@
 from setuptools import setup
 
+ONNX = ["onnx>=1.16", "onnxscript>=0.1", "onnxruntime>=1.18"]
+
 setup(
     name="nest_ssl",
     version="0.1.0",
@@ -18,8 +20,9 @@ setup(
         "tensorboard>=2.14",
         "triton>=3.0; platform_system == 'Linux'",
     ],
+    # dev includes the onnx extra so that `make test` exercises the ONNX export and its onnxruntime check.
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist>=3", "ruff>=0.5"],
-        "onnx": ["onnx>=1.16", "onnxscript>=0.1", "onnxruntime>=1.18"],
+        "dev": ["pytest>=8", "pytest-xdist>=3", "ruff>=0.5", *ONNX],
+        "onnx": ONNX,
     },
 )

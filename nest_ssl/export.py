@@ -320,14 +320,46 @@ def load_exported(path: str | os.PathLike):
     return torch.export.load(str(path)).module()
 
 
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def load_onnx(path: str | os.PathLike):
+    """A callable (x, lengths) -> (encoded, encoded_len) that runs a saved `.onnx` file with onnxruntime on the CPU
+    (torch tensors in and out, on the inputs' device)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(x: torch.Tensor, lengths: torch.Tensor):
+        enc, enc_len = session.run(None, {"x": x.cpu().numpy(), "lengths": lengths.cpu().numpy()})
+        return torch.from_numpy(enc).to(x.device), torch.from_numpy(enc_len).to(x.device)
+    return run
+
+
+def _exported_callable(exported) -> tuple:
+    """(callable, what it is) for a `.onnx` / `.pt2` path, an ExportedProgram or any callable."""
+    if isinstance(exported, (str, os.PathLike)) and str(exported).endswith(".onnx"):
+        import onnxruntime
+
+        return load_onnx(exported), f"{exported} with onnxruntime {onnxruntime.__version__}"
+    if isinstance(exported, (str, os.PathLike)):
+        return load_exported(exported), f"{exported} with torch.export.load"
+    if isinstance(exported, torch.export.ExportedProgram):
+        return exported.module(), "the in-memory torch.export program"
+    return exported, "a callable"
+
+
 def verify_export(model: nn.Module, exported, with_preprocessor: bool = False, n: int = 5, device: str = "cpu",
                   max_batch: int = 4, max_time: int | None = None, seed: int = 0) -> dict:
-    """Run `exported` (a callable, an ExportedProgram or a .pt2 path) and eager on `n` random batches with random
-    lengths; rel err = max|exported - eager| / max|eager| over valid frames, worst over the batches."""
-    if isinstance(exported, (str, os.PathLike)):
-        exported = load_exported(exported)
-    elif isinstance(exported, torch.export.ExportedProgram):
-        exported = exported.module()
+    """Run `exported` (a callable, an ExportedProgram, a .pt2 path, or a .onnx path run by onnxruntime) and eager on
+    `n` random batches with random lengths; rel err = max|exported - eager| / max|eager| over valid frames, worst
+    over the batches. The report's `checked` says what was run."""
+    exported, checked = _exported_callable(exported)
     eager = EncoderForExport(model, with_preprocessor).to(device)
     hop = eager.preprocessor.hop_length if with_preprocessor else 1
     max_time = max_time or 200 * hop
@@ -346,7 +378,7 @@ def verify_export(model: nn.Module, exported, with_preprocessor: bool = False, n
         valid = (torch.arange(ref.shape[-1], device=ref.device)[None, :] < ref_len[:, None])[:, None, :]
         d = ((got - ref).abs() * valid).max()
         worst = max(worst, float(d / (ref.abs() * valid).max().clamp_min(1e-30)))
-    return {"max_rel_err": worst, "lengths_equal": lengths_ok, "batches": n, "device": str(device)}
+    return {"max_rel_err": worst, "lengths_equal": lengths_ok, "batches": n, "device": str(device), "checked": checked}
 
 
 # ---- NeMo's init_from_* keys -------------------------------------------------------------------------------

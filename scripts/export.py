@@ -8,9 +8,11 @@
 
 The checkpoint may be a `.nemo`, a NeMo Lightning `.ckpt` or one of our training checkpoints. Inputs of the exported
 program: (x, lengths) with x = features (B, feat_in, T) or, with --with-preprocessor, audio (B, samples); outputs
-(encoded (B, d_model, T'), encoded_len (B,)). Batch and time are dynamic. `--format ckpt` writes our training
-checkpoint; from a NeMo `.ckpt` it keeps the AdamW state, scheduler and step (resume it with
-exp_manager.resume_from_checkpoint).
+(encoded (B, d_model, T'), encoded_len (B,)). Batch and time are dynamic. `--verify N` runs the written file (a .pt2
+through torch.export.load, a .onnx through onnxruntime) and eager on N random batches and says which file it ran;
+without onnxruntime an ONNX export is checked through the torch program it came from, and the output says so.
+`--format ckpt` writes our training checkpoint; from a NeMo `.ckpt` it keeps the AdamW state, scheduler and step
+(resume it with exp_manager.resume_from_checkpoint).
 """
 import argparse
 import sys
@@ -23,18 +25,26 @@ def main(argv=None) -> int:
     p.add_argument("--format", choices=("pt2", "onnx", "nemo", "ckpt"), default="pt2")
     p.add_argument("--with-preprocessor", action="store_true", help="take audio instead of features")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]; the program is exported for this device")
-    p.add_argument("--verify", type=int, default=3, metavar="N", help="compare with eager on N random batches (0: off)")
+    p.add_argument("--verify", type=int, default=3, metavar="N",
+                   help="run the written file and eager on N random batches and compare (0: off)")
     p.add_argument("--max-time", type=int, default=None, help="largest T (features) or samples (audio) to export for")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an unreadable checkpoint")
     args = p.parse_args(argv)
 
     import torch  # after argument parsing: --help is instant
 
     from nest_ssl import export
 
-    if args.format == "ckpt":
-        print(f"wrote {export.to_training_checkpoint(args.checkpoint, args.out)}")
-        return 0
-    model = export.load_pretrained(args.checkpoint, map_location=args.device)
+    try:
+        if args.format == "ckpt":
+            print(f"wrote {export.to_training_checkpoint(args.checkpoint, args.out)}")
+            return 0
+        model = export.load_pretrained(args.checkpoint, map_location=args.device)
+    except (ValueError, FileNotFoundError) as e:  # a missing, malformed or unsafe file (NemoFileError: ValueError)
+        if args.debug:
+            raise
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
     if args.format == "nemo":
         print(f"wrote {export.save_nemo(model, model.model_cfg, args.out)}")
         return 0
@@ -46,9 +56,15 @@ def main(argv=None) -> int:
         return 1
     print(f"wrote {info['path']} ({args.format}) in {info['seconds']:.1f} s; torch {torch.__version__}")
     if args.verify > 0:
-        rep = export.verify_export(model, info["program"], args.with_preprocessor, n=args.verify, device=args.device)
-        print(f"verify on {rep['device']}: {rep['batches']} random batches, max rel err {rep['max_rel_err']:.3e}, "
-              f"lengths {'equal' if rep['lengths_equal'] else 'DIFFER'}")
+        # Check the written file itself; only an ONNX file without onnxruntime falls back to the torch program.
+        target = info["path"]
+        if args.format == "onnx" and not export.onnxruntime_available():
+            target = info["program"]
+            print(f"note: onnxruntime is not installed, so {info['path']} itself is not run; verifying the torch "
+                  "program it was converted from (pip install onnxruntime to check the file)")
+        rep = export.verify_export(model, target, args.with_preprocessor, n=args.verify, device=args.device)
+        print(f"verify {rep['checked']} against eager on {rep['device']}: {rep['batches']} random batches, "
+              f"max rel err {rep['max_rel_err']:.3e}, lengths {'equal' if rep['lengths_equal'] else 'DIFFER'}")
         if not rep["lengths_equal"] or rep["max_rel_err"] > 1e-4:
             return 1
     return 0

@@ -1,31 +1,48 @@
-"""NEST pretraining entry point (NeMo's masked_token_pred_pretrain.py flags).
+"""usage: pretrain.py (--config FILE | --config-path DIR --config-name NAME | FILE) [OVERRIDE ...] [--debug]
 
-    python scripts/pretrain.py --config-path configs --config-name nest_fast-conformer \
+NEST pretraining entry point, with the flags of NeMo's masked_token_pred_pretrain.py.
+
+    python scripts/pretrain.py --config-path configs --config-name nest_fast-conformer \\
         model.train_ds.manifest_filepath=train.json model.validation_ds.manifest_filepath=val.json
     torchrun --nproc_per_node 8 scripts/pretrain.py --config configs/nest_fast-conformer.yaml trainer.max_steps=1000
 
-Exit codes: 0 done; 1 config error (nothing was started); 75 preempted (checkpoint written: requeue the job).
+OVERRIDE: Hydra's syntax: a.b=1 (set), +a.new=1 (add), ++a.b=1 (set or add), ~a.b (delete).
+--debug: show the Python traceback of a config or data error (by default one line names the key or file:line).
+
+Exit codes: 0 done; 1 config or data error (one line on stderr); 75 preempted (checkpoint written: requeue the job).
 """
 
 import sys
 
-from nest_ssl.config import ConfigError, config_file_from_args
+from nest_ssl.config import config_file_from_args
 from nest_ssl.run_config import load_config
 from nest_ssl.train import train
 
+# Errors a person fixes in the config or the data: ValueError (ConfigError and every bad-value error of the
+# package), a missing file, an owner module that cannot import.
+USER_ERRORS = (ValueError, FileNotFoundError, ImportError)
+
+
+def one_line(err: BaseException) -> str:
+    notes = " ".join(getattr(err, "__notes__", []))
+    return " ".join(f"{err} {notes}".split())
+
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip())
+        return 0
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     try:
-        path, overrides = config_file_from_args(sys.argv[1:] if argv is None else argv)
+        path, overrides = config_file_from_args(argv)
         plain, _ = load_config(path, overrides)
-    except ValueError as e:  # ConfigError is a ValueError
-        print(f"config error: {e}", file=sys.stderr)
-        return 1
-
-    try:
         return train(plain)["exit_code"]
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
 
 

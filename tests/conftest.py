@@ -16,6 +16,10 @@ torch.set_num_threads(1)
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU-only machines)")
     config.addinivalue_line("markers", "slow: slower CPU test (still run by make test)")
+    # Triton's interpreter (TRITON_INTERPRET=1) turns 1-element arrays into scalars, which NumPy >= 1.25 deprecates:
+    # hundreds of identical warnings per run that are not ours. Only that message from that module is dropped.
+    config.addinivalue_line("filterwarnings", "ignore:Conversion of an array with ndim > 0 to a scalar"
+                                              ":DeprecationWarning:triton.runtime.interpreter")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -239,3 +239,28 @@ def test_checkpoint_config_interpolations_are_resolved(tmp_path, encoder_impl):
     torch.save({"state_dict": model.state_dict(), "config": {"model": cfg}}, tmp_path / "c.ckpt")
     got_cfg, _ = export.read_checkpoint(tmp_path / "c.ckpt")
     assert got_cfg["preprocessor"]["sample_rate"] == 16000
+
+
+def test_export_cli_verifies_the_onnx_file_itself_with_onnxruntime(tmp_path, encoder_impl, capsys):
+    if not export.onnx_available() or not export.onnxruntime_available():
+        pytest.skip("needs the onnx extra (onnx, onnxscript, onnxruntime)")
+    import runpy
+
+    import onnx
+    from onnx import numpy_helper
+
+    model = tiny_model(encoder_impl)
+    src, out = export.save_nemo(model, model.model_cfg, tmp_path / "a.nemo"), tmp_path / "enc.onnx"
+    main = runpy.run_path(str(PARITY.parents[2] / "scripts" / "export.py"))["main"]
+    assert main([str(src), "--out", str(out), "--format", "onnx", "--verify", "1", "--max-time", "4000"]) == 0
+    assert f"verify {out} with onnxruntime" in capsys.readouterr().out
+
+    # A damaged file must show up in the check: it is the file that runs, not the torch program it came from.
+    proto = onnx.load(str(out))
+    for t in proto.graph.initializer:
+        w = numpy_helper.to_array(t)
+        if w.dtype == np.float32 and w.size > 1:
+            t.CopyFrom(numpy_helper.from_array(w * 1.5, t.name))
+    onnx.save(proto, str(out))
+    rep = export.verify_export(model, out, n=1, max_time=64)
+    assert rep["checked"].startswith(f"{out} with onnxruntime") and rep["max_rel_err"] > 1e-2

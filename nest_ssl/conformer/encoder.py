@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from nest_ssl.checks import check_lengths
+from nest_ssl.config import ConfigError
 
 from .kernel_select import IMPLS, resolve
 from .layer import ConformerLayer
@@ -64,6 +65,12 @@ class ConformerEncoderConfig:
     sync_max_audio_length: bool = True
     attention_impl: str = "auto"  # ours: auto | torch | triton (auto = triton on CUDA when it imports)
     conv_impl: str = "auto"  # ours: auto | torch | triton
+
+    def __post_init__(self):
+        for key in ("feat_in", "n_layers", "d_model", "n_heads"):
+            value = getattr(self, key)
+            if isinstance(value, int) and value < 1:  # a `???` is reported when it is used
+                raise ConfigError(f"model.encoder.{key}={value}; must be >= 1")
 
 
 def compute_stochastic_depth_drop_probs(num_layers: int, p: float = 0.0, mode: str = "linear",

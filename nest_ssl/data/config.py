@@ -65,14 +65,17 @@ class DatasetConfig:
     prefetch_factor: int | None = None
     persistent_workers: bool = False
 
-    def validate(self, path: str = "train_ds") -> DatasetConfig:
+    def validate(self, path: str = "model.train_ds") -> DatasetConfig:
         """Raise ValueError naming the key for values we cannot honour; returns self."""
         def bad(key, allowed=None):
             val = getattr(self, key)
             extra = f"; allowed: {allowed}" if allowed else ""
             raise ValueError(f"{path}.{key}={val!r} is invalid{extra}")
 
-        if self.manifest_filepath in (None, "???", "") and not self.is_tarred:
+        if self.manifest_filepath == "???" and not self.is_tarred:
+            raise ValueError(f"{path}.manifest_filepath is mandatory ('???') but was not set; set it in the YAML or "
+                             f"on the command line ({path}.manifest_filepath=...)")
+        if self.manifest_filepath in (None, "") and not self.is_tarred:
             bad("manifest_filepath")
         if self.use_lhotse:
             raise ValueError(f"{path}.use_lhotse=True is not supported by nest_ssl (use manifests or tarred shards)")

@@ -107,19 +107,21 @@ class DataLoaderWrapper:
 
 def build_dataloader(ds_cfg: DatasetConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0, augmentor=None,
                      is_train: bool = True) -> DataLoaderWrapper:
-    c = ds_cfg.validate("train_ds" if is_train else "validation_ds")
+    where = "model.train_ds" if is_train else "model.validation_ds"
+    c = ds_cfg.validate(where)
     report = ManifestReport()  # bad lines of the noise and data manifests alike
-    noise = read_manifests(c.noise_manifest, report=report, skip_bad=c.skip_bad_samples) if c.noise_manifest else []
+    noise = _read_manifests(f"{where}.noise_manifest", c.noise_manifest, report=report,
+                            skip_bad=c.skip_bad_samples) if c.noise_manifest else []
     # is_concat: one dataset per manifest; otherwise all manifests form one dataset (nested bucket lists flatten)
     groups = [[m] for m in split_paths(c.manifest_filepath)] if c.is_concat else [split_paths(c.manifest_filepath)]
     sharded = c.is_tarred and "_OP_" in str(c.manifest_filepath) and "_CL_" in str(c.manifest_filepath)
     if sharded:  # sharded manifests: expanded and split over ranks exactly like the tar shards they describe
         groups = [shard_list(c.manifest_filepath, rank, world_size, c.tarred_shard_strategy)]
-    parts = [read_manifests(g, c.min_duration, c.max_duration, c.max_utts, report=report, skip_bad=c.skip_bad_samples,
-                            measure=_measure(c)) for g in groups]
+    parts = [_read_manifests(f"{where}.manifest_filepath", g, c.min_duration, c.max_duration, c.max_utts,
+                             report=report, skip_bad=c.skip_bad_samples, measure=_measure(c)) for g in groups]
     entries = [e for p in parts for e in p]
     if not entries:
-        raise ValueError(f"manifest_filepath={c.manifest_filepath!r}: no items left after the duration filter "
+        raise ValueError(f"{where}.manifest_filepath={c.manifest_filepath!r}: no items left after the duration filter "
                          f"({len(report.filtered)} outside [{c.min_duration}, {c.max_duration}] s, "
                          f"{len(report.bad)} bad lines)")
     ds = AudioNoiseDataset(entries, noise, c.sample_rate, c.min_audio_len_secs, c.pad_audio_mode,
@@ -129,6 +131,7 @@ def build_dataloader(ds_cfg: DatasetConfig, *, rank: int = 0, world_size: int = 
         shards = shard_list(c.tarred_audio_filepaths, rank, world_size, c.tarred_shard_strategy)
         tds = TarredAudioNoiseDataset(ds, shards, c.shuffle_n if c.shuffle else 0, seed + 7919 * rank)
         n = _tarred_batches(c, entries, sharded, rank, world_size)
+        _check_batches(n, n, len(entries), c, world_size, where)
         return _with_report(DataLoaderWrapper(c, tds, collate, None, n), report)
     sampler = BatchSampler(ds.durations(), c.batch_size, shuffle=c.shuffle, drop_last=c.drop_last, rank=rank,
                            world_size=world_size, seed=seed, batch_duration=c.batch_duration,
@@ -136,8 +139,31 @@ def build_dataloader(ds_cfg: DatasetConfig, *, rank: int = 0, world_size: int = 
                            concat_sizes=[len(p) for p in parts] if c.is_concat else None,
                            concat_temperature=c.concat_sampling_temperature,
                            concat_probs=c.concat_sampling_probabilities if c.concat_sampling_technique == "random"
-                           else None)
+                           else None, even=is_train)
+    _check_batches(len(sampler), len(sampler.global_batches()), len(entries), c, world_size, where)
     return _with_report(DataLoaderWrapper(c, ds, collate, sampler, len(sampler)), report)
+
+
+def _read_manifests(key: str, *args, **kwargs):
+    """read_manifests with the config key in the error (the message already names the file or file:line)."""
+    try:
+        return read_manifests(*args, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from e
+
+
+def _check_batches(per_rank: int, total: int, items: int, c: DatasetConfig, world_size: int, where: str) -> None:
+    """An epoch without a training batch would loop forever, and an empty validation set would report a loss of
+    nothing: both stop here, at start-up, with the numbers that led to them."""
+    training = where == "model.train_ds"
+    if (per_rank if training else total) > 0:
+        return
+    size = f"batch_duration={c.batch_duration}" if c.batch_duration is not None else f"batch_size={c.batch_size}"
+    cut = f", cut to a multiple of the world size {world_size}" if training and world_size > 1 else ""
+    raise ValueError(f"{where}: 0 {'training' if training else 'validation'} batches per epoch"
+                     f"{' on each rank' if training and world_size > 1 else ''}: {items} items with {size}, "
+                     f"drop_last={c.drop_last} give {total} batch(es){cut}; lower {size.split('=')[0]}, set "
+                     f"drop_last: false, or add data{' or use fewer ranks' if world_size > 1 else ''}")
 
 
 def _tarred_batches(c: DatasetConfig, entries, sharded: bool, rank: int, world_size: int) -> int:

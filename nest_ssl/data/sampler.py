@@ -1,9 +1,11 @@
 """Batch samplers for map-style datasets: fixed batch size or a duration budget, rank-sharded, resumable.
 
-An epoch's batch list is a pure function of (seed, epoch), computed identically on every rank; the global list
-is cut to a multiple of world_size and rank r takes batches r, r+W, ... so every rank has the same number of
-batches (no DDP hang). `state_dict()` stores (epoch, batches already yielded); a resumed sampler continues with
-the next unseen batch.
+An epoch's batch list is a pure function of (seed, epoch), computed identically on every rank, and rank r takes
+batches r, r+W, ... For training (`even=True`) the last batch is filled by wrapping around (unless drop_last) and
+the global list is cut to a multiple of world_size, so every rank makes the same number of steps (no DDP hang).
+For validation (`even=False`) every item is in exactly one batch on exactly one rank: the last batch may be short
+and a rank may get one batch fewer (validation has no collective per batch). `state_dict()` stores (epoch, batches
+already yielded); a resumed sampler continues with the next unseen batch.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ class BatchSampler:
     def __init__(self, durations: list[float | None], batch_size: int, *, shuffle: bool, drop_last: bool,
                  rank: int = 0, world_size: int = 1, seed: int = 0, batch_duration: float | None = None,
                  num_buckets: int = 30, bucket_buffer_size: int = 10000, concat_sizes: list[int] | None = None,
-                 concat_temperature: float = 1.0, concat_probs=None):
+                 concat_temperature: float = 1.0, concat_probs=None, even: bool = True):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
         if batch_duration is not None and any(d is None for d in durations):
@@ -41,7 +43,7 @@ class BatchSampler:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.batch_duration, self.num_buckets, self.buffer = batch_duration, num_buckets, bucket_buffer_size
         self.concat_sizes, self.concat_temperature, self.concat_probs = concat_sizes, concat_temperature, concat_probs
-        self.epoch, self.start = 0, 0
+        self.even, self.epoch, self.start = even, 0, 0
 
     def set_epoch(self, epoch: int):
         if epoch != self.epoch:
@@ -56,6 +58,8 @@ class BatchSampler:
     def _fixed(self, order: list[int]) -> list[list[int]]:
         bs = self.batch_size
         if not self.drop_last and len(order) % bs:
+            if not self.even:  # a short last batch: each item once
+                return [order[i: i + bs] for i in range(0, len(order), bs)]
             # wrap around, like DistributedSampler's padding (several times over when len(order) < bs)
             order = (order * (bs // len(order) + 2))[: -(-len(order) // bs) * bs]
         return [order[i: i + bs] for i in range(0, len(order) - bs + 1, bs)]
@@ -80,12 +84,16 @@ class BatchSampler:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         return batches
 
-    def epoch_batches(self) -> list[list[int]]:
-        """This rank's batches for the current epoch (all of them, ignoring the resume position)."""
+    def global_batches(self) -> list[list[int]]:
+        """Every rank's batches of the current epoch, before the cut to a multiple of world_size."""
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = self._order(g)
-        batches = self._bucketed(order, g) if self.batch_duration else self._fixed(order)
-        usable = len(batches) // self.world_size * self.world_size
+        return self._bucketed(order, g) if self.batch_duration else self._fixed(order)
+
+    def epoch_batches(self) -> list[list[int]]:
+        """This rank's batches for the current epoch (all of them, ignoring the resume position)."""
+        batches = self.global_batches()
+        usable = len(batches) // self.world_size * self.world_size if self.even else len(batches)
         return batches[self.rank: usable: self.world_size]
 
     def __len__(self) -> int:
