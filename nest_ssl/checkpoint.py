@@ -10,9 +10,11 @@ still truncated (a copied or damaged one) is skipped in favour of the previous c
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
 import random
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,11 @@ import numpy as np
 import torch
 
 FORMAT_VERSION = 1
+DISK_FULL_EXIT_CODE = 74  # EX_IOERR: a checkpoint could not be written for lack of space (scripts/pretrain.py)
+
+
+class DiskFullError(OSError):
+    """No space left for a checkpoint: the partial file is removed, the previous checkpoints are untouched."""
 
 
 @dataclass
@@ -65,14 +72,43 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def tensor_bytes(obj) -> int:
+    """Bytes of every tensor in a nested dict/list: about the size of the checkpoint file."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 // 10 else f"{n / 2**10:.1f} KB"
+
+
 def atomic_save(obj, path: str | os.PathLike) -> None:
+    """torch.save to `<path>.<pid>.tmp`, fsync, rename. On any failure the temp file is removed; a full disk
+    (or quota) becomes a DiskFullError naming the file and the space it needs."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two ranks may save the same file
-    torch.save(obj, tmp)
-    with open(tmp, "rb+") as f:  # the bytes are on disk before the rename makes them visible
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        # A Python file object: a failed write raises OSError with its errno (a path gives torch's bare
+        # "inline_container.cc" RuntimeError).
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # the bytes are on disk before the rename makes them visible
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(path.parent).free
+            raise DiskFullError(e.errno, f"no space left on device writing {path} (needs ~{_size(tensor_bytes(obj))}, "
+                                f"{_size(free)} free); free some space and resume: the previous checkpoints are "
+                                "intact") from e
+        raise
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -88,14 +124,18 @@ def candidates(ckpt_dir: str | os.PathLike) -> list[Path]:
     return sorted(files, key=lambda p: (p.name.endswith("-last.ckpt"), p.stat().st_mtime_ns), reverse=True)
 
 
-def load_latest(ckpt_dir: str | os.PathLike) -> tuple[Optional[Path], Optional[dict]]:
-    """The newest checkpoint that loads; a damaged one is skipped with a warning (falls back to the previous)."""
+def load_latest(ckpt_dir: str | os.PathLike,
+                unreadable: Optional[list] = None) -> tuple[Optional[Path], Optional[dict]]:
+    """The newest checkpoint that loads; a damaged one is skipped with a warning (falls back to the previous) and,
+    when `unreadable` is a list, appended to it as (path, reason)."""
     for path in candidates(ckpt_dir):
         try:
             return path, load(path)
         except Exception as e:  # truncated zip, bad pickle, ...: any unreadable file
-            warnings.warn(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); trying the previous one",
-                          stacklevel=2)
+            reason = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
+            if unreadable is not None:
+                unreadable.append((path, reason))
+            warnings.warn(f"checkpoint {path} is unreadable ({reason}); trying the previous one", stacklevel=2)
     return None, None
 
 

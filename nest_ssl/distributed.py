@@ -12,6 +12,7 @@ import datetime
 import os
 import signal
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -100,6 +101,15 @@ def all_reduce_max_(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
+
+
+def devices_note(tc, world_size: int) -> Optional[str]:
+    """A note when trainer.devices asks for a specific number of devices (more than one) that the launcher did not
+    start. `devices: 1` (the CPU and single-GPU configs) under torchrun is the usual way to scale a config: silent."""
+    if isinstance(tc.devices, int) and tc.devices > 1 and tc.devices * tc.num_nodes != world_size:
+        return (f"note: trainer.devices={tc.devices} x num_nodes={tc.num_nodes} != world size {world_size}; the "
+                "process count comes from torchrun (--nproc_per_node, --nnodes)")
+    return None
 
 
 def barrier() -> None:

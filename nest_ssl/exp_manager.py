@@ -9,11 +9,16 @@ Layout (as NeMo):  <exp_dir or ./nemo_experiments>/<name>[/<version>]/
     config.yaml                                         resolved run config
 With resume_if_exists there is no version dir (NeMo's behaviour); without it version = a datetime string.
 NeMo keys accepted for schema compatibility that have no effect here are listed in run_config.IGNORED_KEYS.
+
+The writer only ever deletes files in its own checkpoint directory whose names it writes (the pattern above, their
+`.<pid>.tmp` temp files, `<name>.nemo.tmp`); top-k entries are file names relative to that directory, so a copied
+run directory never reaches back into the original.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import re
 import time
@@ -68,6 +73,9 @@ class ExpManagerConfig:
     resume_past_end: bool = False
     resume_ignore_no_checkpoint: bool = False
     resume_from_checkpoint: Optional[str] = None
+    # ours: when every checkpoint in the run directory is unreadable, start from step 0 (they and the .nemo are moved
+    # to checkpoints/unreadable-<datetime>/, nothing is overwritten) instead of stopping with an error
+    resume_ignore_unreadable_checkpoints: bool = False
     create_tensorboard_logger: bool = True
     summary_writer_kwargs: Optional[dict] = None
     create_wandb_logger: bool = False         # accepted, ignored (warning)
@@ -99,17 +107,33 @@ def checkpoint_dir(cfg: ExpManagerConfig, logdir: Path) -> Path:
     return Path(cfg.checkpoint_callback_params.dirpath or logdir / "checkpoints")
 
 
+PLACEHOLDER = re.compile(r"\{([A-Za-z_][\w/]*)(:[^}]*)?\}")
+
+
 def format_name(pattern: Optional[str], name: str, metrics: dict) -> str:
     """Lightning's ModelCheckpoint filename: '{val_loss:.3f}' -> 'val_loss=4.431' (auto_insert_metric_name)."""
-    if not pattern:
-        pattern = name + "--{" + "val_loss:.3f}-{step}"
+    pattern = pattern or default_pattern(name)
 
     def sub(m: re.Match) -> str:
         key, spec = m.group(1), m.group(2) or ""
         if key not in metrics:
             raise ValueError(f"checkpoint filename pattern {pattern!r} names {key!r}; available: {sorted(metrics)}")
         return f"{key}=" + format(metrics[key], spec[1:] if spec else "")
-    return re.sub(r"\{([A-Za-z_][\w/]*)(:[^}]*)?\}", sub, pattern)
+    return PLACEHOLDER.sub(sub, pattern)
+
+
+def default_pattern(name: str) -> str:
+    return name + "--{" + "val_loss:.3f}-{step}"
+
+
+def checkpoint_name_re(pattern: Optional[str], name: str) -> re.Pattern:
+    """The checkpoint file names format_name can produce for this pattern (top-k and -last), e.g.
+    `tiny--val_loss=3.372-step=375(-last).ckpt`; group 1 is the stem without `-last`."""
+    pattern, body, end = pattern or default_pattern(name), "", 0
+    for m in PLACEHOLDER.finditer(pattern):
+        body += re.escape(pattern[end:m.start()]) + re.escape(m.group(1)) + "=[^/]*?"
+        end = m.end()
+    return re.compile(f"^({body}{re.escape(pattern[end:])})(-last)?\\.ckpt$")
 
 
 @dataclass
@@ -152,13 +176,55 @@ class CheckpointWriter:
         self.is_main, self.topk = is_main, TopK(ccp.save_top_k if ccp.monitor else 0, ccp.mode)
         self.parts = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
         self.saved_step = -1  # the step of the latest save: the end of the run does not write it twice
+        self.last: Optional[Path] = None  # the latest -last file this process wrote
+        self.ours = checkpoint_name_re(ccp.filename, name)
+        self.nemo_name = f"{ccp.prefix or name}.nemo"
+
+    def _is_ours(self, name: str) -> bool:
+        return bool(self.ours.match(name))
+
+    def _remove(self, name: str) -> None:
+        """Delete one of our checkpoint files, by name, in this run's checkpoint directory only."""
+        name = Path(name).name  # top-k entries of older checkpoints were absolute paths: never follow them out
+        if self._is_ours(name):
+            (self.dir / name).unlink(missing_ok=True)
+
+    def tidy(self, state: ckpt.TrainState) -> list[str]:
+        """At start-up (rank 0): remove temp files a killed save left behind (only names this writer writes) and
+        re-derive the top k from the files on disk: entries whose file is gone are dropped, top-k files the list
+        does not hold (a save killed before it deleted them) are removed. Returns what was removed."""
+        if not self.dir.is_dir():
+            return []
+        tmp = re.compile(f"^(?:{self.ours.pattern[1:-1]}\\.\\d+|{re.escape(self.nemo_name)}(?:\\.\\d+)?)\\.tmp$")
+        state.topk = [[score, Path(p).name] for score, p in state.topk if (self.dir / Path(p).name).is_file()]
+        keep = {name for _, name in state.topk}
+        removed = []
+        for path in sorted(self.dir.iterdir()):
+            m = self.ours.match(path.name)
+            stale = bool(tmp.match(path.name)) or (m is not None and m.group(2) is None and path.name not in keep)
+            if stale and path.is_file():
+                path.unlink()
+                removed.append(path.name)
+        return removed
+
+    def set_aside(self, unreadable: list) -> Path:
+        """Move the unreadable checkpoints and the .nemo to checkpoints/unreadable-<datetime>/: a fresh start then
+        overwrites none of them."""
+        aside = self.dir / time.strftime("unreadable-%Y-%m-%d_%H-%M-%S")
+        if self.is_main:
+            aside.mkdir()
+            for path in [p for p, _ in unreadable] + [self.dir / self.nemo_name]:
+                if Path(path).exists():
+                    Path(path).rename(aside / Path(path).name)
+        distributed.barrier()
+        return aside
 
     def save(self, state: ckpt.TrainState, loader_state: dict, sync: bool = True, rank: bool = True) -> Optional[Path]:
         """Write the checkpoints for `state`; returns the -last path (None on ranks that do not write). rank=False:
         the monitored score is not new (e.g. a probe score at a validation step), so no top-k file."""
         self.saved_step, last = state.step, None
         if self.enabled and (self.is_main or not sync):
-            last = self._write(state, loader_state, sync and rank)
+            last = self.last = self._write(state, loader_state, sync and rank)
         if sync:
             distributed.barrier()
         return last
@@ -173,16 +239,27 @@ class CheckpointWriter:
         stem = format_name(self.ccp.filename, self.name, {**scores, "step": state.step, "epoch": state.epoch})
         top_path, dropped, score = self.dir / f"{stem}.ckpt", [], scores.get(self.ccp.monitor, math.nan)
         is_top = rank and math.isfinite(score) and self.topk.better(state.topk, score)
-        if is_top:
-            state.topk, dropped = self.topk.add(state.topk, score, str(top_path))
+        if is_top:  # names relative to the checkpoint directory
+            state.topk, dropped = self.topk.add(state.topk, score, top_path.name)
         saved = ckpt.state(**self.parts, train_state=dataclasses.replace(state, micro=0), loader_state=loader_state,
                            config=self.config)
         if is_top:
             ckpt.atomic_save(saved, top_path)
-            if self.ccp.always_save_nemo and state.topk[0][1] == str(top_path):
-                save_nemo(self.parts["model"], self.config["model"], self.dir / f"{self.ccp.prefix or self.name}.nemo")
+            if self.ccp.always_save_nemo and Path(state.topk[0][1]).name == top_path.name:
+                self._save_nemo()
         last = self.dir / f"{stem}-last.ckpt"
         ckpt.atomic_save(saved, last)
-        for old in dropped + [p for p in self.dir.glob("*-last.ckpt") if p != last]:
-            Path(old).unlink(missing_ok=True)
+        for old in dropped + [p.name for p in self.dir.glob("*-last.ckpt") if p != last]:
+            self._remove(old)
         return last
+
+    def _save_nemo(self) -> None:
+        path = self.dir / self.nemo_name
+        try:
+            save_nemo(self.parts["model"], self.config["model"], path)
+        except OSError as e:
+            Path(f"{path}.tmp").unlink(missing_ok=True)  # nemo_io's temp file
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ckpt.DiskFullError(e.errno, f"no space left on device writing {path}; free some space and "
+                                         "resume: the previous checkpoints are intact") from e
+            raise

@@ -92,7 +92,7 @@ def validate(step_model, loader, dist, seed: int, amp_dtype, limit: Optional[int
             count += 1
     model.train()
     total, count = dist_utils.all_reduce_sum([float(total), count], dist.device)
-    return total / max(count, 1.0)
+    return total / count if count else math.nan  # no batch at all is "no result", never a loss of 0
 
 
 def val_due(tc: TrainerConfig, batch_in_epoch: int, epoch: int, batches_per_epoch: int) -> bool:
@@ -129,6 +129,12 @@ class Limits:
     def reached(self, state: ckpt.TrainState) -> bool:
         """The loop's exit predicate (besides preemption and errors)."""
         return state.step >= self.max_steps or state.epoch >= self.max_epochs
+
+    def describe(self, state: ckpt.TrainState) -> str:
+        if state.step >= self.max_steps:
+            return f"already at max_steps {int(self.max_steps)}" + (
+                f" (step {state.step})" if state.step != self.max_steps else "")
+        return f"already at max_epochs {int(self.max_epochs)} (step {state.step})"
 
 
 def epoch_batches(loader, state: ckpt.TrainState, limits: Limits, on_error):
@@ -169,6 +175,34 @@ class LogWindow:
         return {"train_loss": loss_mean, "learning_rate": lr, "grad_norm": grad_norm,
                 "audio_seconds_per_second": audio / max(time.time() - self.t0, 1e-9), "tokens_masked": tokens,
                 "gpu_memory": gpu_gib}
+
+
+def fresh_start(writer: em.CheckpointWriter, unreadable: list, em_cfg: em.ExpManagerConfig) -> str:
+    """Every checkpoint of the run directory failed to load: an error listing each, or with
+    exp_manager.resume_ignore_unreadable_checkpoints a start from step 0 that moves them (and the .nemo) aside."""
+    listing = "; ".join(f"{Path(p).name}: {why}" for p, why in unreadable)
+    if not em_cfg.resume_ignore_unreadable_checkpoints:
+        raise ValueError(f"exp_manager.resume_if_exists: none of the {len(unreadable)} checkpoints in {writer.dir} "
+                         f"can be read ({listing}). Restore them, or set exp_manager.resume_ignore_unreadable_"
+                         "checkpoints=true to start from step 0 (they and the .nemo are moved aside, not overwritten)")
+    aside = writer.set_aside(unreadable)
+    return f"starting from step 0: no checkpoint could be read; they and the .nemo were moved to {aside}"
+
+
+def summary(state: ckpt.TrainState, history: list, seconds: float, writer: em.CheckpointWriter) -> str:
+    """The run's last line: what was done and where it is."""
+    t = int(seconds)
+    parts = [f"done: {state.step} steps ({len(history)} in this run, {t // 3600}:{t % 3600 // 60:02d}:{t % 60:02d}), "
+             f"epoch {state.epoch}"]
+    if history:
+        parts.append(f"train_loss {history[-1]:.4f}")
+    if math.isfinite(state.last_val):
+        parts.append(f"val_loss {state.last_val:.4f}")
+    if state.topk:
+        parts.append(f"best {state.topk[0][1]} (val_loss {state.topk[0][0]:.4f})")
+    if writer.last is not None:
+        parts.append(f"last {writer.last.name}")
+    return "; ".join(parts) + (f" in {writer.dir}" if writer.last is not None or state.topk else "")
 
 
 def save_offending_batch(batch, logdir: Path, rank: int) -> Path:
@@ -223,18 +257,28 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
                                  scheduler=scheduler, scaler=scaler)
 
     # ---- resume ---------------------------------------------------------------------------------------
-    saved = None
+    saved, unreadable, init_lines = None, [], init_lines + [dist_utils.devices_note(tc, dist.world_size)]
     if em_cfg.resume_from_checkpoint:
         saved = ckpt.load(em_cfg.resume_from_checkpoint)
     elif em_cfg.resume_if_exists:
-        _, saved = ckpt.load_latest(ckpt_dir)
-        if saved is None and not em_cfg.resume_ignore_no_checkpoint:
+        _, saved = ckpt.load_latest(ckpt_dir, unreadable)
+        if saved is None and unreadable:  # checkpoints exist, none loads: never silently start again
+            init_lines.append(fresh_start(writer, unreadable, em_cfg))
+        elif saved is None and not em_cfg.resume_ignore_no_checkpoint:
             raise FileNotFoundError(f"exp_manager.resume_if_exists: no checkpoint in {ckpt_dir} "
                                     "(set resume_ignore_no_checkpoint: true to start from scratch)")
-    state = ckpt.TrainState()
+    state, limits = ckpt.TrainState(), Limits.of(tc)
     if saved is not None:
         state = ckpt.restore(saved, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         train_loader.load_state_dict(saved["loader"])
+        if limits.reached(state):  # a finished run: say so and leave its directory as it is
+            make_logger(dist.is_main, None, False).info(f"{name}: {limits.describe(state)} in {ckpt_dir}; nothing "
+                                                        "to do (raise trainer.max_steps / max_epochs to go on)")
+            dist_utils.teardown()
+            return {"exit_code": 0, "losses": [], "step": state.step, "epoch": state.epoch, "log_dir": str(logdir),
+                    "val_loss": state.last_val, "skipped_steps": state.skipped_steps}
+    if dist.is_main and (saved is not None or em_cfg.resume_if_exists):
+        init_lines += [f"removed {n} (left by an interrupted save)" for n in writer.tidy(state)]
     if tc.fit_scan:  # before DDP: the scan must not all-reduce gradients
         shape = largest_batch(train_loader, run.model.train_ds)
         init_lines.append(fit_scan(model, shape, run.model.sample_rate, amp_dtype, dist.device))
@@ -248,12 +292,9 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
         (logdir / "config.yaml").write_text(to_yaml(plain))
         tb_dir = logdir / f"version_{len(list(logdir.glob('version_*')))}" if em_cfg.create_tensorboard_logger else None
     log = make_logger(dist.is_main, tb_dir, tc.enable_progress_bar)
-    for line in init_lines:
+    for line in filter(None, init_lines):
         log.info(line)
     n_params = sum(p.numel() for p in model.parameters())
-    if isinstance(tc.devices, int) and tc.devices > 0 and tc.devices * tc.num_nodes != dist.world_size:
-        log.info(f"note: trainer.devices={tc.devices} x num_nodes={tc.num_nodes} != world size {dist.world_size}; "
-                 "the process count comes from torchrun (--nproc_per_node, --nnodes)")
     log.info(f"{name}: {n_params:,} parameters, world size {dist.world_size}, precision {tc.precision}, "
              f"log dir {logdir}" + (f", resumed at step {state.step}" if saved is not None else ""))
 
@@ -270,8 +311,16 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
         validate(step_model, val_loader, dist, run.seed, amp_dtype, limit=tc.num_sanity_val_steps, device_mix=val_mix)
         health_monitor.collect("val")  # the sanity batches are not part of the first validation's metrics
 
+    def on_preemption() -> int:
+        log.info(f"step {state.step}: preemption signal; checkpointing and exiting with {REQUEUE_EXIT_CODE}")
+        if writer.saved_step != state.step:
+            writer.save(state, train_loader.state_dict())
+        if dist.is_main and preempt.file:
+            Path(preempt.file).unlink(missing_ok=True)  # the requeued job must not stop at once
+        return REQUEUE_EXIT_CODE
+
     # ---- the loop -------------------------------------------------------------------------------------
-    limits, accum, sample_rate = Limits.of(tc), tc.accumulate_grad_batches, run.model.sample_rate
+    accum, sample_rate, t_start = tc.accumulate_grad_batches, run.model.sample_rate, time.time()
     history, exit_code, window = [], 0, LogWindow.start()
     window_loss = tokens = torch.zeros((), device=dist.device)  # summed on the device: no sync per micro-batch
     optimizer.zero_grad(set_to_none=True)
@@ -313,6 +362,9 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
                 raise NonFiniteError(f"{state.bad_streak} optimizer steps in a row had a non-finite loss or "
                                      f"gradient (trainer.max_nonfinite_steps={tc.max_nonfinite_steps}); last batch "
                                      f"saved to {path}")
+            if preempted:  # a skipped step still answers the signal
+                exit_code = on_preemption()
+                break
             continue
         state.bad_streak = 0
         if scaler is not None:
@@ -357,16 +409,16 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
         if validated or (probed and writer.monitors_probe):
             writer.save(state, train_loader.state_dict(), rank=probed if writer.monitors_probe else validated)
         if preempted:
-            log.info(f"step {state.step}: preemption signal; checkpointing and exiting with {REQUEUE_EXIT_CODE}")
-            if writer.saved_step != state.step:
-                writer.save(state, train_loader.state_dict())
-            if dist.is_main and preempt.file:
-                Path(preempt.file).unlink(missing_ok=True)  # the requeued job must not stop at once
-            exit_code = REQUEUE_EXIT_CODE
+            exit_code = on_preemption()
         if exit_code or limits.reached(state):
             break
-    if writer.saved_step != state.step:
-        writer.save(state, train_loader.state_dict())  # the end of training
+    if exit_code == 0 and writer.saved_step != state.step:  # the end: the final checkpoint's name carries its own
+        if val_loader is not None:                          # validation, not one from steps before
+            state.last_val = validate(step_model, val_loader, dist, run.seed, amp_dtype, device_mix=val_mix)
+            log.scalars(state.step, {"val_loss": state.last_val})
+        writer.save(state, train_loader.state_dict())
+    if exit_code == 0:
+        log.info(summary(state, history, time.time() - t_start, writer))
 
     log.close()
     dist_utils.teardown()

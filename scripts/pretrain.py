@@ -9,11 +9,13 @@ NEST pretraining entry point, with the flags of NeMo's masked_token_pred_pretrai
 OVERRIDE: Hydra's syntax: a.b=1 (set), +a.new=1 (add), ++a.b=1 (set or add), ~a.b (delete).
 --debug: show the Python traceback of a config or data error (by default one line names the key or file:line).
 
-Exit codes: 0 done; 1 config or data error (one line on stderr); 75 preempted (checkpoint written: requeue the job).
+Exit codes: 0 done; 1 config or data error (one line on stderr); 74 no space left for a checkpoint (the partial file
+is removed, the previous checkpoints are intact); 75 preempted (checkpoint written: requeue the job).
 """
 
 import sys
 
+from nest_ssl.checkpoint import DISK_FULL_EXIT_CODE, DiskFullError
 from nest_ssl.config import config_file_from_args
 from nest_ssl.run_config import load_config
 from nest_ssl.train import train
@@ -39,6 +41,11 @@ def main(argv=None) -> int:
         path, overrides = config_file_from_args(argv)
         plain, _ = load_config(path, overrides)
         return train(plain)["exit_code"]
+    except DiskFullError as e:
+        if debug:
+            raise
+        print(f"error: {e.strerror}", file=sys.stderr)
+        return DISK_FULL_EXIT_CODE
     except USER_ERRORS as e:
         if debug:
             raise

@@ -15,8 +15,8 @@ from nest_ssl import checkpoint as ckpt
 from nest_ssl.config import from_dict
 from nest_ssl.data import build_dataloader
 from nest_ssl.data.config import DatasetConfig
-from nest_ssl.train import train
-from tests.train_support import ddp_worker, factory, make_data, run_config
+from nest_ssl.train import REQUEUE_EXIT_CODE
+from tests.train_support import ddp_worker, make_data, run_config, train_tiny
 
 SR = 16000
 
@@ -77,7 +77,7 @@ def test_train_with_zero_batches_per_epoch_stops_before_any_work(tmp_path):
     cfg = run_config(data, tmp_path / "exp", batch_size=32)  # 16 files
     cfg["model"]["train_ds"]["drop_last"] = True
     with pytest.raises(ValueError, match="0 training batches per epoch: .* items with batch_size=32"):
-        train(cfg, model_factory=factory())
+        train_tiny(cfg)
     assert not (tmp_path / "exp").exists()
 
 
@@ -96,7 +96,23 @@ def test_ddp_validation_with_fewer_batches_than_ranks_equals_single_process(tmp_
         cfgs[run] = run_config(data, tmp_path / run, batch_size=batch, shuffle=False, max_steps=2, val_every=2)
         cfgs[run]["model"]["validation_ds"]["batch_size"] = 4  # the 4 validation files: one batch
     mp.spawn(ddp_worker, args=(2, free_port(), cfgs["ddp"], str(tmp_path)), nprocs=2, join=True)
-    single = train(cfgs["one"], model_factory=factory())
+    single = train_tiny(cfgs["one"])
     state = ckpt.load(next(Path(tmp_path, "ddp", "tiny", "checkpoints").glob("*-last.ckpt")))
     assert state["topk"]["best"][0][0] == pytest.approx(single["val_loss"], rel=1e-5) and single["val_loss"] > 0
     assert torch.isfinite(torch.tensor(single["val_loss"]))
+
+
+def test_a_signal_during_skipped_steps_is_answered(tmp_path):
+    """Every optimizer step is non-finite (skipped): the preemption signal must still end the run."""
+    data = make_data(tmp_path / "demo")
+    cfg = run_config(data, tmp_path / "exp", max_steps=100, val_every=100, max_nonfinite_steps=1000, max_epochs=3)
+    res = train_tiny(cfg, nan_after=0, signal_at=2)
+    assert res["exit_code"] == REQUEUE_EXIT_CODE and res["step"] == 0 and res["skipped_steps"] == 2
+
+
+@pytest.mark.parametrize("devices,world,noted", [(1, 2, False), (-1, 2, False), (8, 2, True), (2, 2, False)])
+def test_devices_note_only_when_an_explicit_multi_device_request_is_not_met(devices, world, noted):
+    from nest_ssl.distributed import devices_note
+    from nest_ssl.run_config import TrainerConfig
+
+    assert (devices_note(TrainerConfig(devices=devices), world) is not None) == noted
