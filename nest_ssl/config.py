@@ -22,7 +22,9 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A config that cannot run: the message names the full key path."""
+    """A config that cannot run: the message names the full key path (`.path` when it is one value's)."""
+
+    path: str | None = None
 
 
 class Missing:
@@ -178,6 +180,7 @@ _INNER = re.compile(r"\$\{([^${}]*)\}")  # an interpolation with no interpolatio
 class _Resolver:
     def __init__(self, root: dict):
         self.root, self.done, self.stack = root, {}, []
+        self.origins: dict[str, str] = {}  # key -> the key whose value it took whole through ${...}
 
     def lookup(self, key: str, ref_from: str) -> Any:
         node, walked = self.root, []
@@ -221,6 +224,8 @@ class _Resolver:
                 return text
             value = self.lookup(m.group(1), path)
             if m.span() == (0, len(text)):
+                key = m.group(1).strip()
+                self.origins[path] = self.origins.get(key, key)
                 return copy.deepcopy(value)  # whole-string: keep int/list/dict type
             if is_missing(value):
                 raise ConfigError(f"{path}: interpolation ${{{m.group(1)}}} refers to a mandatory value ('???')")
@@ -232,6 +237,33 @@ def resolve(tree: dict) -> dict:
     return _Resolver(tree).resolve(tree, "")
 
 
+def missing_keys(tree: Any, path: str = "") -> list[str]:
+    """Full key paths of every `???` left in a plain tree."""
+    if isinstance(tree, dict):
+        return [m for k, v in tree.items() for m in missing_keys(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(tree, list):
+        return [m for i, v in enumerate(tree) for m in missing_keys(v, f"{path}.{i}")]
+    return [path] if is_missing(tree) else []
+
+
+def resolve_with_origins(tree: dict) -> tuple[dict, dict[str, str]]:
+    """resolve(), plus {key: the key its whole value came from through `${}`} (followed to the end of a chain)."""
+    resolver = _Resolver(tree)
+    return resolver.resolve(tree, ""), resolver.origins
+
+
+def blame_origin(err: ConfigError, origins: dict[str, str]) -> ConfigError:
+    """A bad value reached through `${}` is the source key's fault: name that key first."""
+    src = origins.get(err.path or "")
+    if src is None:
+        return err
+    text = str(err)
+    text = f"{src}{text[len(err.path):]}" if text.startswith(err.path) else f"{src}: {text}"
+    blamed = ConfigError(f"{text} (used through ${{{src}}} by {err.path})")
+    blamed.path = src
+    return blamed
+
+
 # ------------------------------------------------------------------------------------------------ typed from_dict
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is None and hasattr(tp, "__name__"):
@@ -240,7 +272,9 @@ def _type_name(tp: Any) -> str:
 
 
 def _bad(path: str, value: Any, tp: Any) -> ConfigError:
-    return ConfigError(f"{path}={value!r}: expected {_type_name(tp)}, got {type(value).__name__}")
+    err = ConfigError(f"{path}={value!r}: expected {_type_name(tp)}, got {type(value).__name__}")
+    err.path = path
+    return err
 
 
 def _convert(tp: Any, value: Any, path: str) -> Any:  # noqa: C901 - one branch per annotation kind
@@ -379,3 +413,7 @@ def config_file_from_args(argv: list[str]) -> tuple[Path, list[str]]:
         raise ConfigError("usage: FILE|--config FILE|--config-path DIR --config-name NAME "
                           "[overrides...]")
     return Path(argv[0]), argv[1:]
+
+
+if __name__ == "__main__":  # the command-line tool moved with the run schema: say where, never exit 0 silently
+    raise SystemExit("the config command is `python -m nest_ssl.run_config FILE [overrides...]` (--help for more)")

@@ -17,7 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from nest_ssl.config import apply_overrides, config_file_from_args, from_dict, load_yaml, resolve, to_yaml
+from nest_ssl.config import (
+    ConfigError,
+    apply_overrides,
+    blame_origin,
+    config_file_from_args,
+    from_dict,
+    load_yaml,
+    missing_keys,
+    resolve_with_origins,
+    to_yaml,
+)
 from nest_ssl.data.config import DatasetConfig
 from nest_ssl.exp_manager import ExpManagerConfig
 from nest_ssl.health import HealthConfig
@@ -186,18 +196,42 @@ def build_run_config(plain: dict) -> RunConfig:
 
 def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> tuple[dict, RunConfig]:
     """YAML file + overrides -> (resolved plain dict, validated RunConfig)."""
-    plain = resolve(apply_overrides(load_yaml(path), overrides))
-    return plain, build_run_config(plain)
+    plain, origins = resolve_with_origins(apply_overrides(load_yaml(path), overrides))
+    try:
+        return plain, build_run_config(plain)
+    except ConfigError as e:
+        blamed = blame_origin(e, origins)
+        if blamed is e:
+            raise
+        raise blamed from e
+
+
+USAGE = """usage: python -m nest_ssl.run_config (FILE | --config FILE | --config-path DIR --config-name NAME)
+                                        [OVERRIDE ...]
+
+Print the resolved run config (interpolations filled in, overrides applied) as YAML after validating it.
+OVERRIDE: Hydra's syntax: a.b=1 (set), +a.new=1 (add), ++a.b=1 (set or add), ~a.b (delete).
+Exit status: 0 valid and complete; 1 a config error, or a mandatory value ('???') still unset (the YAML is printed,
+the unset keys are named on stderr)."""
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(USAGE)
+        return 0
     try:
-        path, overrides = config_file_from_args(sys.argv[1:] if argv is None else argv)
+        path, overrides = config_file_from_args(argv)
         plain, _ = load_config(path, overrides)
     except ValueError as e:  # ConfigError, or an owner's __post_init__
         print(f"config error: {e}", file=sys.stderr)
         return 1
     sys.stdout.write(to_yaml(plain))
+    missing = missing_keys(plain)
+    if missing:
+        print(f"config error: mandatory value ('???') not set: {', '.join(missing)}; set it in the YAML or on the "
+              f"command line ({missing[0]}=...)", file=sys.stderr)
+        return 1
     return 0
 
 

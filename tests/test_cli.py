@@ -169,3 +169,40 @@ def test_export_unreadable_checkpoint_is_one_line(tmp_path, capsys, content):
         path.write_bytes(content)
     assert script_main("export.py")([str(path), "--out", str(tmp_path / "e.pt2")]) == 1
     assert str(path) in error_line(capsys)
+
+
+# ---- the config CLI ------------------------------------------------------------------------------------------
+
+
+def test_config_cli_help_and_exit_1_while_a_mandatory_value_is_unset(capsys):
+    from nest_ssl.run_config import main
+
+    assert main(["--help"]) == 0 and capsys.readouterr().out.startswith("usage:")
+    assert main([str(ROOT / "configs" / "nest_tiny_cpu.yaml")]) == 1
+    out = capsys.readouterr()
+    assert "model.train_ds.manifest_filepath, model.validation_ds.manifest_filepath" in out.err
+    assert "model:" in out.out  # the resolved YAML is still shown
+    argv = [str(ROOT / "configs" / "nest_tiny_cpu.yaml"), "model.train_ds.manifest_filepath=a.json",
+            "model.validation_ds.manifest_filepath=b.json"]
+    assert main(argv) == 0
+
+
+@pytest.mark.parametrize("module", ["nest_ssl.run_config", "nest_ssl.config"])
+def test_python_m_config_with_an_unset_mandatory_value_exits_1(module):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", module, "configs/nest_tiny_cpu.yaml"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    expected = "mandatory value ('???') not set" if module == "nest_ssl.run_config" else "python -m nest_ssl.run_config"
+    assert proc.returncode == 1 and expected in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_wrong_type_reached_through_interpolation_blames_the_source_key(tmp_path, demo, capsys):
+    from nest_ssl.config import ConfigError
+    from nest_ssl.run_config import load_config
+
+    with pytest.raises(ConfigError, match=r"^model.encoder.d_model='abc': expected int.*by model.optim.sched"):
+        load_config(ROOT / "configs" / "nest_tiny_cpu.yaml", ["model.encoder.d_model=abc"])
+    assert script_main("pretrain.py")(pretrain(tmp_path, *manifests(demo), "model.encoder.d_model=abc")) == 1
+    assert error_line(capsys).startswith("error: model.encoder.d_model='abc'")

@@ -262,8 +262,9 @@ def test_cli_prints_resolved_yaml_and_exit_codes():
     assert printed["model"]["num_classes"] == 32 and printed["model"]["decoder"]["num_classes"] == 32
     ckpt = printed["exp_manager"]["checkpoint_callback_params"]
     assert ckpt["filename"] == "SSL-NEST-tiny-cpu--{val_loss:.3f}-{step}"
-    missing = _cli("configs/nest_tiny_cpu.yaml")  # printing works with ??? present
-    assert missing.returncode == 0 and parse_value(missing.stdout)["model"]["train_ds"]["manifest_filepath"] == "???"
+    missing = _cli("configs/nest_tiny_cpu.yaml")  # printing works with ??? present, and the exit status says so
+    assert missing.returncode == 1 and parse_value(missing.stdout)["model"]["train_ds"]["manifest_filepath"] == "???"
+    assert "model.train_ds.manifest_filepath" in missing.stderr
     bad = _cli(str(NEMO_YAML), "model.encoder.d_modle=3")
     assert bad.returncode == 1 and "model.encoder.d_modle" in bad.stderr and bad.stdout == ""
     assert len(bad.stderr.strip().splitlines()) == 1
