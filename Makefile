@@ -6,6 +6,9 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 DEMO_DIR ?= demo_out
+# One intra-op thread: the tiny demo model gains nothing from more, and on a busy machine two spinning threads
+# made 100 steps 8-15x slower (README, Quick start).
+DEMO_THREADS ?= 1
 
 .PHONY: install test lint demo probe-demo bench bench-train kernel-report gpu-check clean
 
@@ -28,7 +31,7 @@ lint: install
 # A bare machine to a pretrained tiny model: synthetic corpus + noise, then a few minutes of CPU pretraining.
 demo: install
 	$(BIN)/python scripts/make_demo_data.py --out $(DEMO_DIR)/data
-	$(BIN)/python scripts/pretrain.py --config configs/nest_tiny_cpu.yaml \
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(BIN)/python scripts/pretrain.py --config configs/nest_tiny_cpu.yaml \
 		model.train_ds.manifest_filepath=$(DEMO_DIR)/data/train_manifest.json \
 		model.train_ds.noise_manifest=$(DEMO_DIR)/data/noise_manifest.json \
 		model.validation_ds.manifest_filepath=$(DEMO_DIR)/data/val_manifest.json \

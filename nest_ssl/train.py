@@ -311,6 +311,16 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
         validate(step_model, val_loader, dist, run.seed, amp_dtype, limit=tc.num_sanity_val_steps, device_mix=val_mix)
         health_monitor.collect("val")  # the sanity batches are not part of the first validation's metrics
 
+    def run_validation() -> None:
+        try:
+            state.last_val = validate(step_model, val_loader, dist, run.seed, amp_dtype, device_mix=val_mix)
+        except Exception as err:
+            on_data_error(err)
+            raise
+        val_health = {f"val_health/{k}": v for k, v in health_monitor.collect("val").items()}
+        log.scalars(state.step, {"val_loss": state.last_val, **val_health})
+        log.info(f"step {state.step}: val_loss {state.last_val:.4f}")
+
     def on_preemption() -> int:
         log.info(f"step {state.step}: preemption signal; checkpointing and exiting with {REQUEUE_EXIT_CODE}")
         if writer.saved_step != state.step:
@@ -398,25 +408,17 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
                                                          if not k.startswith("probe/")))
         validated = val_loader is not None and val_due(tc, train_loader.start, state.epoch, len(train_loader))
         if validated:
-            try:
-                state.last_val = validate(step_model, val_loader, dist, run.seed, amp_dtype, device_mix=val_mix)
-            except Exception as err:
-                on_data_error(err)
-                raise
-            val_health = {f"val_health/{k}": v for k, v in health_monitor.collect("val").items()}
-            log.scalars(state.step, {"val_loss": state.last_val, **val_health})
-            log.info(f"step {state.step}: val_loss {state.last_val:.4f}")
+            run_validation()
         if validated or (probed and writer.monitors_probe):
             writer.save(state, train_loader.state_dict(), rank=probed if writer.monitors_probe else validated)
         if preempted:
             exit_code = on_preemption()
         if exit_code or limits.reached(state):
             break
-    if exit_code == 0 and writer.saved_step != state.step:  # the end: the final checkpoint's name carries its own
-        if val_loader is not None:                          # validation, not one from steps before
-            state.last_val = validate(step_model, val_loader, dist, run.seed, amp_dtype, device_mix=val_mix)
-            log.scalars(state.step, {"val_loss": state.last_val})
-        writer.save(state, train_loader.state_dict())
+    if exit_code == 0 and writer.saved_step != state.step:  # the end: validated first, so the final checkpoint's
+        if val_loader is not None:                          # name carries its own val_loss, not an older one
+            run_validation()
+        writer.save(state, train_loader.state_dict(), rank=val_loader is not None and not writer.monitors_probe)
     if exit_code == 0:
         log.info(summary(state, history, time.time() - t_start, writer))
 
