@@ -98,7 +98,7 @@ def test_ddp_validation_with_fewer_batches_than_ranks_equals_single_process(tmp_
     mp.spawn(ddp_worker, args=(2, free_port(), cfgs["ddp"], str(tmp_path)), nprocs=2, join=True)
     single = train_tiny(cfgs["one"])
     state = ckpt.load(next(Path(tmp_path, "ddp", "tiny", "checkpoints").glob("*-last.ckpt")))
-    assert state["topk"]["best"][0][0] == pytest.approx(single["val_loss"], rel=1e-5) and single["val_loss"] > 0
+    assert state["train_state"]["topk"][0][0] == pytest.approx(single["val_loss"], rel=1e-5) and single["val_loss"] > 0
     assert torch.isfinite(torch.tensor(single["val_loss"]))
 
 
