@@ -199,7 +199,7 @@ def summary(state: ckpt.TrainState, history: list, seconds: float, writer: em.Ch
     if math.isfinite(state.last_val):
         parts.append(f"val_loss {state.last_val:.4f}")
     if state.topk:
-        parts.append(f"best {state.topk[0][1]} (val_loss {state.topk[0][0]:.4f})")
+        parts.append(f"best {state.topk[0][1]} ({writer.ccp.monitor} {state.topk[0][0]:.4f})")
     if writer.last is not None:
         parts.append(f"last {writer.last.name}")
     return "; ".join(parts) + (f" in {writer.dir}" if writer.last is not None or state.topk else "")
@@ -276,7 +276,7 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
                                                         "to do (raise trainer.max_steps / max_epochs to go on)")
             dist_utils.teardown()
             return {"exit_code": 0, "losses": [], "step": state.step, "epoch": state.epoch, "log_dir": str(logdir),
-                    "val_loss": state.last_val, "skipped_steps": state.skipped_steps}
+                    "val_loss": state.last_val, "skipped_steps": state.skipped_steps, "probe": state.last_probe}
     if dist.is_main and (saved is not None or em_cfg.resume_if_exists):
         init_lines += [f"removed {n} (left by an interrupted save)" for n in writer.tidy(state)]
     if tc.fit_scan:  # before DDP: the scan must not all-reduce gradients
