@@ -115,6 +115,17 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def load_named(path: str | os.PathLike, key: str) -> dict:
+    """load() of a file a config key names: a missing or unreadable file is a ValueError naming the key and why."""
+    if not Path(path).is_file():
+        raise ValueError(f"{key}={str(path)!r}: no such file")
+    try:
+        return load(path)
+    except Exception as e:  # truncated zip, bad pickle, ...: re-raised with the key, never swallowed
+        raise ValueError(f"{key}={str(path)!r} cannot be read ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:200]})") from e
+
+
 def candidates(ckpt_dir: str | os.PathLike) -> list[Path]:
     """Resumable checkpoints, newest first: the '-last' one, then the top-k ones (full states too), by mtime."""
     d = Path(ckpt_dir)

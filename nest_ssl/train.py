@@ -259,7 +259,7 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
     # ---- resume ---------------------------------------------------------------------------------------
     saved, unreadable, init_lines = None, [], init_lines + [dist_utils.devices_note(tc, dist.world_size)]
     if em_cfg.resume_from_checkpoint:
-        saved = ckpt.load(em_cfg.resume_from_checkpoint)
+        saved = ckpt.load_named(em_cfg.resume_from_checkpoint, "exp_manager.resume_from_checkpoint")
     elif em_cfg.resume_if_exists:
         _, saved = ckpt.load_latest(ckpt_dir, unreadable)
         if saved is None and unreadable:  # checkpoints exist, none loads: never silently start again

@@ -184,3 +184,13 @@ def test_final_summary_and_a_truthful_last_checkpoint_name(data, tmp_path, capsy
     final = capsys.readouterr().out.strip().splitlines()[-1]
     assert final.startswith("done: 5 steps") and last in final and f"val_loss {res['val_loss']:.4f}" in final
     assert torch.isfinite(torch.tensor(res["val_loss"]))
+
+
+def test_an_unreadable_resume_from_checkpoint_is_a_config_error_naming_the_key(data, tmp_path):
+    bad = tmp_path / "cut.ckpt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    for path, why in ((bad, "cannot be read"), (tmp_path / "none.ckpt", "no such file")):
+        cfg = cfg_with(data, tmp_path / "exp", max_steps=2, val_every=2)
+        cfg["exp_manager"]["resume_from_checkpoint"] = str(path)
+        with pytest.raises(ValueError, match=f"exp_manager.resume_from_checkpoint='{path}'.*{why}"):
+            train_tiny(cfg)
