@@ -109,15 +109,16 @@ def _keep_mask(seed, bh, offs_m, offs_n, T, dropout_p):
 
 
 @triton.jit
-def _scores(qu, qv, k_ptrs, pw_ptrs, offs_m, offs_n, offs_w, offs_d, T, D, length, ctx_l, ctx_r, qk_scale,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr):
-    """Masked, base-2-scaled score tile (BLOCK_M, BLOCK_N) and the p window it used (BLOCK_W, BLOCK_D)."""
-    dmask = offs_d[None, :] < D
-    k = tl.load(k_ptrs, mask=(offs_n[:, None] < T) & dmask, other=0.0)
-    pw = tl.load(pw_ptrs, mask=((offs_w[:, None] >= 0) & (offs_w[:, None] < 2 * T - 1)) & dmask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        pw = pw.to(tl.float32)
+def _load_rows(ptr, base, offs, offs_d, n_rows, D, dt: tl.constexpr):
+    """Rows offs of a (n_rows, D) matrix at ptr + base as a (len(offs), BLOCK_D) tile in dt; out-of-range rows are 0."""
+    mask = ((offs[:, None] >= 0) & (offs[:, None] < n_rows)) & (offs_d[None, :] < D)
+    return tl.load(ptr + base + offs[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(dt)
+
+
+@triton.jit
+def _scores(qu, qv, k, pw, offs_m, offs_n, length, ctx_l, ctx_r, qk_scale, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """Masked, base-2-scaled score tile (BLOCK_M, BLOCK_N) from q + u, q + v_bias, the keys and the p window."""
     prec: tl.constexpr = "ieee" if IEEE else "tf32"
     ac = tl.dot(qu, tl.trans(k), input_precision=prec)  # (BLOCK_M, BLOCK_N)
     bdw = tl.dot(qv, tl.trans(pw), input_precision=prec)  # (BLOCK_M, BLOCK_W)
@@ -128,7 +129,7 @@ def _scores(qu, qv, k_ptrs, pw_ptrs, offs_m, offs_n, offs_w, offs_d, T, D, lengt
     valid = (offs_m[:, None] < length) & (offs_n[None, :] < length)
     valid = valid & ((ctx_l < 0) | (rel >= -ctx_l)) & ((ctx_r < 0) | (rel <= ctx_r))
     s = tl.where(valid, (ac + bd) * qk_scale, float("-inf"))
-    return s, valid, k, pw
+    return s, valid
 
 
 @triton.jit
@@ -174,9 +175,9 @@ def _fwd_kernel(Q, K, V, P, U, VB, LEN, OUT, LSE, seed, T, H, D, stride_pb, qk_s
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_w = (T - BLOCK_M - m0 + n0) + tl.arange(0, BLOCK_W)  # p rows of this tile's window
-        s, valid, k, pw = _scores(qu, qv, K + qkv_base + offs_n[:, None] * D + offs_d[None, :],
-                                  P + p_base + offs_w[:, None] * D + offs_d[None, :], offs_m, offs_n, offs_w,
-                                  offs_d, T, D, length, ctx_l, ctx_r, qk_scale, BLOCK_M, BLOCK_N, UPCAST, IEEE)
+        k = _load_rows(K, qkv_base, offs_n, offs_d, T, D, dt)
+        pw = _load_rows(P, p_base, offs_w, offs_d, 2 * T - 1, D, dt)
+        s, valid = _scores(qu, qv, k, pw, offs_m, offs_n, length, ctx_l, ctx_r, qk_scale, BLOCK_M, BLOCK_N, IEEE)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing valid yet
         alpha = tl.exp2(m_i - m_safe)
@@ -185,8 +186,7 @@ def _fwd_kernel(Q, K, V, P, U, VB, LEN, OUT, LSE, seed, T, H, D, stride_pb, qk_s
         if DROPOUT:
             keep = _keep_mask(seed, bh, offs_m, offs_n, T, dropout_p)
             prob = tl.where(keep, prob / (1.0 - dropout_p), 0.0)
-        v = tl.load(V + qkv_base + offs_n[:, None] * D + offs_d[None, :],
-                    mask=(offs_n[:, None] < T) & (offs_d[None, :] < D), other=0.0).to(dt)
+        v = _load_rows(V, qkv_base, offs_n, offs_d, T, D, dt)
         acc = acc * alpha[:, None] + tl.dot(prob.to(dt), v, input_precision="ieee" if IEEE else "tf32")
         m_i = m_new
     row_ok = l_i > 0.0  # False exactly for padded query rows: NeMo zeroes their probabilities
@@ -198,27 +198,10 @@ def _fwd_kernel(Q, K, V, P, U, VB, LEN, OUT, LSE, seed, T, H, D, stride_pb, qk_s
 
 
 @triton.jit
-def _bwd_tile(Q, K, V, P, U, VB, DO, LSE, DELTA, seed, bh, h, m0, n0, qkv_base, p_base, T, D, length,
-              qk_scale, ctx_l, ctx_r, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-              IEEE: tl.constexpr):
-    """Recompute one tile; return d(score) (unscaled by 1/sqrt(d)), the dropped probs and the operands."""
-    dt: tl.constexpr = tl.float32 if UPCAST else Q.dtype.element_ty
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_w = (T - BLOCK_M - m0 + n0) + tl.arange(0, BLOCK_W)
-    qu, qv = _load_q(Q, U, VB, qkv_base, h, offs_m, offs_d, T, D, dt)
-    s, valid, k, pw = _scores(qu, qv, K + qkv_base + offs_n[:, None] * D + offs_d[None, :],
-                              P + p_base + offs_w[:, None] * D + offs_d[None, :], offs_m, offs_n, offs_w,
-                              offs_d, T, D, length, ctx_l, ctx_r, qk_scale, BLOCK_M, BLOCK_N, UPCAST, IEEE)
-    rmask = offs_m < T
-    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=rmask, other=0.0)
-    delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=rmask, other=0.0)
-    do = tl.load(DO + qkv_base + offs_m[:, None] * D + offs_d[None, :],
-                 mask=rmask[:, None] & (offs_d[None, :] < D), other=0.0).to(dt)
-    v = tl.load(V + qkv_base + offs_n[:, None] * D + offs_d[None, :],
-                mask=(offs_n[:, None] < T) & (offs_d[None, :] < D), other=0.0).to(dt)
+def _bwd_tile(qu, qv, do, lse, delta, k, v, pw, seed, bh, offs_m, offs_n, T, length, qk_scale, ctx_l, ctx_r,
+              dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr):
+    """Recompute one tile from loaded operands; return d(score) (unscaled by 1/sqrt(d)) and the dropped probs."""
+    s, valid = _scores(qu, qv, k, pw, offs_m, offs_n, length, ctx_l, ctx_r, qk_scale, BLOCK_M, BLOCK_N, IEEE)
     prob = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
     dprob = tl.dot(do, tl.trans(v), input_precision="ieee" if IEEE else "tf32")  # (BLOCK_M, BLOCK_N)
     pdrop = prob
@@ -227,7 +210,16 @@ def _bwd_tile(Q, K, V, P, U, VB, DO, LSE, DELTA, seed, bh, h, m0, n0, qkv_base, 
         pdrop = tl.where(keep, prob / (1.0 - dropout_p), 0.0)
         dprob = tl.where(keep, dprob / (1.0 - dropout_p), 0.0)
     ds = prob * (dprob - delta[:, None])
-    return ds, pdrop, qu, qv, k, pw, do, offs_w
+    return ds, pdrop
+
+
+@triton.jit
+def _load_row_terms(DO, LSE, DELTA, bh, qkv_base, offs_m, offs_d, T, D, dt: tl.constexpr):
+    """dO rows (in dt), the base-2 logsumexp and delta of query rows offs_m."""
+    rmask = offs_m < T
+    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=rmask, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=rmask, other=0.0)
+    return _load_rows(DO, qkv_base, offs_m, offs_d, T, D, dt), lse, delta
 
 
 @triton.jit
@@ -244,25 +236,32 @@ def _bwd_dkdv_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DK, DV, DBIAS, seed
     qkv_base = bh.to(tl.int64) * T * D
     p_base = b.to(tl.int64) * stride_pb + h.to(tl.int64) * (2 * T - 1) * D
     prec: tl.constexpr = "ieee" if IEEE else "tf32"
+    dt: tl.constexpr = tl.float32 if UPCAST else Q.dtype.element_ty
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K, qkv_base, offs_n, offs_d, T, D, dt)  # this program's keys and values: loaded once
+    v = _load_rows(V, qkv_base, offs_n, offs_d, T, D, dt)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     ds_cols = tl.zeros((BLOCK_N,), tl.float32)  # sum_i ds[i, j]: d(pos_bias_u) = sum_j ds_cols[j] k[j]
     # Query rows that may see this key block: i in [j - R, j + L] (context swapped relative to the forward).
     lo, hi = _key_range(n0, n0 + BLOCK_N, length, ctx_r, ctx_l, BLOCK_M)
     for m0 in range(lo, hi, BLOCK_M):
-        ds, pdrop, qu, qv, k, pw, do, offs_w = _bwd_tile(
-            Q, K, V, P, U, VB, DO, LSE, DELTA, seed, bh, h, m0, n0, qkv_base, p_base, T, D, length, qk_scale,
-            ctx_l, ctx_r, dropout_p, BLOCK_M, BLOCK_N, BLOCK_W, BLOCK_D, DROPOUT, UPCAST, IEEE)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        offs_w = (T - BLOCK_M - m0 + n0) + tl.arange(0, BLOCK_W)  # p rows of this tile's window
+        qu, qv = _load_q(Q, U, VB, qkv_base, h, offs_m, offs_d, T, D, dt)
+        do, lse, delta = _load_row_terms(DO, LSE, DELTA, bh, qkv_base, offs_m, offs_d, T, D, dt)
+        pw = _load_rows(P, p_base, offs_w, offs_d, 2 * T - 1, D, dt)
+        ds, pdrop = _bwd_tile(qu, qv, do, lse, delta, k, v, pw, seed, bh, offs_m, offs_n, T, length, qk_scale,
+                              ctx_l, ctx_r, dropout_p, BLOCK_M, BLOCK_N, DROPOUT, IEEE)
         dv += tl.dot(tl.trans(pdrop.to(do.dtype)), do, input_precision=prec)
         dk += tl.dot(tl.trans(ds.to(qu.dtype)), qu, input_precision=prec)
         ds_cols += tl.sum(ds, 0)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
     ptrs = qkv_base + offs_n[:, None] * D + offs_d[None, :]
     mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
     tl.store(DK + ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=mask)
-    k = tl.load(K + ptrs, mask=mask, other=0.0).to(tl.float32)
+    k = k.to(tl.float32)
     # One (d_k,) partial of d(pos_bias_u) per program, summed on the host (no atomics).
     tl.store(DBIAS + (bh.to(tl.int64) * ((T + 15) // 16) + pid_n) * D + offs_d,
              tl.sum(ds_cols[:, None] * k, 0) * sm_scale, mask=offs_d < D)
@@ -285,7 +284,12 @@ def _bwd_dq_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DQ, DP, DBIAS, seed, 
     # same rows, only this (b, h)'s query blocks, which reach a shared window at different loop iterations.
     dp_base = bh.to(tl.int64) * (2 * T - 1) * D
     prec: tl.constexpr = "ieee" if IEEE else "tf32"
+    dt: tl.constexpr = tl.float32 if UPCAST else Q.dtype.element_ty
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    # This program's query rows: loaded once, outside the key loop.
+    qu, qv = _load_q(Q, U, VB, qkv_base, h, offs_m, offs_d, T, D, dt)
+    do, lse, delta = _load_row_terms(DO, LSE, DELTA, bh, qkv_base, offs_m, offs_d, T, D, dt)
     ii = tl.arange(0, BLOCK_M)[:, None]
     cc = tl.arange(0, BLOCK_W)[None, :]
     jidx = cc - (BLOCK_M - 1) + ii  # inverse skew: window column c of row ii holds key jj = c - (BLOCK_M-1) + ii
@@ -294,9 +298,13 @@ def _bwd_dq_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DQ, DP, DBIAS, seed, 
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)  # d(q + u) + d(q + v_bias): one accumulator
     lo, hi = _key_range(m0, m0 + BLOCK_M, length, ctx_l, ctx_r, BLOCK_N)
     for n0 in range(lo, hi, BLOCK_N):
-        ds, pdrop, qu, qv, k, pw, do, offs_w = _bwd_tile(
-            Q, K, V, P, U, VB, DO, LSE, DELTA, seed, bh, h, m0, n0, qkv_base, p_base, T, D, length, qk_scale,
-            ctx_l, ctx_r, dropout_p, BLOCK_M, BLOCK_N, BLOCK_W, BLOCK_D, DROPOUT, UPCAST, IEEE)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_w = (T - BLOCK_M - m0 + n0) + tl.arange(0, BLOCK_W)  # p rows of this tile's window
+        k = _load_rows(K, qkv_base, offs_n, offs_d, T, D, dt)
+        v = _load_rows(V, qkv_base, offs_n, offs_d, T, D, dt)
+        pw = _load_rows(P, p_base, offs_w, offs_d, 2 * T - 1, D, dt)
+        ds, pdrop = _bwd_tile(qu, qv, do, lse, delta, k, v, pw, seed, bh, offs_m, offs_n, T, length, qk_scale,
+                              ctx_l, ctx_r, dropout_p, BLOCK_M, BLOCK_N, DROPOUT, IEEE)
         dsw = tl.where(jin, tl.gather(ds, jidx, axis=1), 0.0).to(qv.dtype)  # (BLOCK_M, BLOCK_W)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=prec)
         dq += tl.dot(dsw, pw, input_precision=prec)
@@ -304,7 +312,6 @@ def _bwd_dq_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DQ, DP, DBIAS, seed, 
         wmask = ((offs_w[:, None] >= 0) & (offs_w[:, None] < 2 * T - 1)) & (offs_d[None, :] < D)
         # Relaxed: only the sum matters, so no fences around the add (acq_rel would wrap each in MEMBAR.GPU).
         tl.atomic_add(DP + dp_base + offs_w[:, None] * D + offs_d[None, :], dpw, mask=wmask, sem="relaxed")
-    offs_m = m0 + tl.arange(0, BLOCK_M)
     ptrs = qkv_base + offs_m[:, None] * D + offs_d[None, :]
     mask = (offs_m[:, None] < T) & (offs_d[None, :] < D)
     dq = dq * sm_scale
