@@ -54,18 +54,21 @@ LOG2E = 1.4426950408889634
 
 
 # Autotune candidates (BLOCK_M, BLOCK_N, BLOCK_W, num_warps, num_stages) per kernel and (dtype, BLOCK_D), chosen from
-# the sm_90 static report (kernels/results/sm90_static.csv): the backward's 64x64 tiles spill 0.6-2.6 KB per thread
-# and fp32 64x64 forward tiles need up to 336 KB of shared memory, so they are gone; 32-row tiles at 8 warps spill
-# least. BLOCK_W >= BLOCK_M + BLOCK_N - 1 (the p window of one tile), a power of two. The first entry is the one
+# the sm_90 static report (kernels/results/sm90_static.csv): every entry compiles without spills, within sm_90's shared
+# memory and with at least 8 resident warps per SM. Larger tiles are out because they spill: the backward's 64x64
+# tiles 0.6-2.6 KB per thread, its 32-row tiles at d_k 128 (and fp32 dk/dv) 0.02-0.9 KB (mma.sync operands with
+# K = 128 are held whole per warp), and fp32 64x64 forward tiles need up to 336 KB of shared memory.
+# BLOCK_W >= BLOCK_M + BLOCK_N - 1 (the p window of one tile), a power of two. The first entry is the one
 # NEST_SSL_PIN_KERNEL_CONFIGS=1 pins.
 _SMALL = (16, 16, 32, 4, 2)
+_SMALL8 = (16, 16, 32, 8, 2)
 CONFIGS = {
     "_fwd_kernel": {("bf16", 64): [(64, 64, 128, 8, 3), (32, 32, 64, 4, 2)], ("bf16", 128): [(32, 32, 64, 4, 2)],
                     ("fp32", 64): [_SMALL], ("fp32", 128): [_SMALL]},
-    "_bwd_dkdv_kernel": {("bf16", 64): [(32, 32, 64, 8, 2), (32, 16, 64, 8, 2)], ("bf16", 128): [(32, 16, 64, 8, 2)],
-                         ("fp32", 64): [(32, 16, 64, 8, 2)], ("fp32", 128): [(32, 16, 64, 8, 2)]},
-    "_bwd_dq_kernel": {("bf16", 64): [(32, 16, 64, 8, 2), (32, 32, 64, 8, 2)], ("bf16", 128): [(32, 16, 64, 8, 2)],
-                       ("fp32", 64): [(32, 16, 64, 8, 2)], ("fp32", 128): [_SMALL]},
+    "_bwd_dkdv_kernel": {("bf16", 64): [(32, 32, 64, 8, 2), (32, 16, 64, 8, 2)], ("bf16", 128): [_SMALL8],
+                         ("fp32", 64): [_SMALL8], ("fp32", 128): [_SMALL8]},
+    "_bwd_dq_kernel": {("bf16", 64): [(32, 16, 64, 8, 2), (32, 32, 64, 8, 2)], ("bf16", 128): [_SMALL, _SMALL8],
+                       ("fp32", 64): [(32, 16, 64, 8, 2)], ("fp32", 128): [_SMALL8]},
 }
 PIN_ENV = "NEST_SSL_PIN_KERNEL_CONFIGS"  # "1": autotune nothing, use each kernel's first config (bounded compiles)
 
@@ -239,8 +242,6 @@ def _bwd_dkdv_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DK, DV, DBIAS, seed
     dt: tl.constexpr = tl.float32 if UPCAST else Q.dtype.element_ty
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K, qkv_base, offs_n, offs_d, T, D, dt)  # this program's keys and values: loaded once
-    v = _load_rows(V, qkv_base, offs_n, offs_d, T, D, dt)
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     ds_cols = tl.zeros((BLOCK_N,), tl.float32)  # sum_i ds[i, j]: d(pos_bias_u) = sum_j ds_cols[j] k[j]
@@ -251,6 +252,10 @@ def _bwd_dkdv_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DK, DV, DBIAS, seed
         offs_w = (T - BLOCK_M - m0 + n0) + tl.arange(0, BLOCK_W)  # p rows of this tile's window
         qu, qv = _load_q(Q, U, VB, qkv_base, h, offs_m, offs_d, T, D, dt)
         do, lse, delta = _load_row_terms(DO, LSE, DELTA, bh, qkv_base, offs_m, offs_d, T, D, dt)
+        # This program's keys and values are reloaded each iteration (cache hits): held across the loop they make the
+        # fp32 d_k 128 tiles spill.
+        k = _load_rows(K, qkv_base, offs_n, offs_d, T, D, dt)
+        v = _load_rows(V, qkv_base, offs_n, offs_d, T, D, dt)
         pw = _load_rows(P, p_base, offs_w, offs_d, 2 * T - 1, D, dt)
         ds, pdrop = _bwd_tile(qu, qv, do, lse, delta, k, v, pw, seed, bh, offs_m, offs_n, T, length, qk_scale,
                               ctx_l, ctx_r, dropout_p, BLOCK_M, BLOCK_N, DROPOUT, IEEE)
@@ -261,7 +266,7 @@ def _bwd_dkdv_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DK, DV, DBIAS, seed
     mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
     tl.store(DK + ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=mask)
-    k = k.to(tl.float32)
+    k = tl.load(K + ptrs, mask=mask, other=0.0).to(tl.float32)
     # One (d_k,) partial of d(pos_bias_u) per program, summed on the host (no atomics).
     tl.store(DBIAS + (bh.to(tl.int64) * ((T + 15) // 16) + pid_n) * D + offs_d,
              tl.sum(ds_cols[:, None] * k, 0) * sm_scale, mask=offs_d < D)
