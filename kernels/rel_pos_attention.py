@@ -56,7 +56,7 @@ LOG2E = 1.4426950408889634
 # Autotune candidates (BLOCK_M, BLOCK_N, BLOCK_W, num_warps, num_stages) per kernel and (dtype, BLOCK_D), chosen from
 # the sm_90 static report (kernels/results/sm90_static.csv): every entry compiles without spills, within sm_90's shared
 # memory and with at least 8 resident warps per SM. Larger tiles are out because they spill: the backward's 64x64
-# tiles 0.6-2.6 KB per thread, its 32-row tiles at d_k 128 (and fp32 dk/dv) 0.02-0.9 KB (mma.sync operands with
+# tiles 0.6-2.6 KB per thread, its 32-row bf16 tiles at d_k 128 8-344 B (mma.sync operands with
 # K = 128 are held whole per warp), and fp32 64x64 forward tiles need up to 336 KB of shared memory.
 # BLOCK_W >= BLOCK_M + BLOCK_N - 1 (the p window of one tile), a power of two. The first entry is the one
 # NEST_SSL_PIN_KERNEL_CONFIGS=1 pins.
@@ -66,7 +66,7 @@ CONFIGS = {
     "_fwd_kernel": {("bf16", 64): [(64, 64, 128, 8, 3), (32, 32, 64, 4, 2)], ("bf16", 128): [(32, 32, 64, 4, 2)],
                     ("fp32", 64): [_SMALL], ("fp32", 128): [_SMALL]},
     "_bwd_dkdv_kernel": {("bf16", 64): [(32, 32, 64, 8, 2), (32, 16, 64, 8, 2)], ("bf16", 128): [_SMALL8],
-                         ("fp32", 64): [_SMALL8], ("fp32", 128): [_SMALL8]},
+                         ("fp32", 64): [(32, 32, 64, 8, 2), _SMALL8], ("fp32", 128): [(32, 16, 64, 8, 2), _SMALL8]},
     "_bwd_dq_kernel": {("bf16", 64): [(32, 16, 64, 8, 2), (32, 32, 64, 8, 2)], ("bf16", 128): [_SMALL, _SMALL8],
                        ("fp32", 64): [(32, 16, 64, 8, 2)], ("fp32", 128): [_SMALL8]},
 }
@@ -201,10 +201,9 @@ def _fwd_kernel(Q, K, V, P, U, VB, LEN, OUT, LSE, seed, T, H, D, stride_pb, qk_s
 
 
 @triton.jit
-def _bwd_tile(qu, qv, do, lse, delta, k, v, pw, seed, bh, offs_m, offs_n, T, length, qk_scale, ctx_l, ctx_r,
-              dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr, IEEE: tl.constexpr):
-    """Recompute one tile from loaded operands; return d(score) (unscaled by 1/sqrt(d)) and the dropped probs."""
-    s, valid = _scores(qu, qv, k, pw, offs_m, offs_n, length, ctx_l, ctx_r, qk_scale, BLOCK_M, BLOCK_N, IEEE)
+def _bwd_ds(s, valid, do, v, lse, delta, seed, bh, offs_m, offs_n, T, dropout_p, DROPOUT: tl.constexpr,
+            IEEE: tl.constexpr):
+    """From a recomputed score tile: d(score) (unscaled by 1/sqrt(d)) and the dropped probabilities."""
     prob = tl.where(valid, tl.exp2(s - lse[:, None]), 0.0)
     dprob = tl.dot(do, tl.trans(v), input_precision="ieee" if IEEE else "tf32")  # (BLOCK_M, BLOCK_N)
     pdrop = prob
@@ -250,15 +249,15 @@ def _bwd_dkdv_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DK, DV, DBIAS, seed
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_w = (T - BLOCK_M - m0 + n0) + tl.arange(0, BLOCK_W)  # p rows of this tile's window
+        # This program's keys and values are reloaded each iteration (cache hits), the row terms after the scores:
+        # held across the loop, or loaded earlier, they make the fp32 tiles spill.
         qu, qv = _load_q(Q, U, VB, qkv_base, h, offs_m, offs_d, T, D, dt)
-        do, lse, delta = _load_row_terms(DO, LSE, DELTA, bh, qkv_base, offs_m, offs_d, T, D, dt)
-        # This program's keys and values are reloaded each iteration (cache hits): held across the loop they make the
-        # fp32 d_k 128 tiles spill.
         k = _load_rows(K, qkv_base, offs_n, offs_d, T, D, dt)
-        v = _load_rows(V, qkv_base, offs_n, offs_d, T, D, dt)
         pw = _load_rows(P, p_base, offs_w, offs_d, 2 * T - 1, D, dt)
-        ds, pdrop = _bwd_tile(qu, qv, do, lse, delta, k, v, pw, seed, bh, offs_m, offs_n, T, length, qk_scale,
-                              ctx_l, ctx_r, dropout_p, BLOCK_M, BLOCK_N, DROPOUT, IEEE)
+        s, valid = _scores(qu, qv, k, pw, offs_m, offs_n, length, ctx_l, ctx_r, qk_scale, BLOCK_M, BLOCK_N, IEEE)
+        do, lse, delta = _load_row_terms(DO, LSE, DELTA, bh, qkv_base, offs_m, offs_d, T, D, dt)
+        v = _load_rows(V, qkv_base, offs_n, offs_d, T, D, dt)
+        ds, pdrop = _bwd_ds(s, valid, do, v, lse, delta, seed, bh, offs_m, offs_n, T, dropout_p, DROPOUT, IEEE)
         dv += tl.dot(tl.trans(pdrop.to(do.dtype)), do, input_precision=prec)
         dk += tl.dot(tl.trans(ds.to(qu.dtype)), qu, input_precision=prec)
         ds_cols += tl.sum(ds, 0)
@@ -306,10 +305,10 @@ def _bwd_dq_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DQ, DP, DBIAS, seed, 
         offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_w = (T - BLOCK_M - m0 + n0) + tl.arange(0, BLOCK_W)  # p rows of this tile's window
         k = _load_rows(K, qkv_base, offs_n, offs_d, T, D, dt)
-        v = _load_rows(V, qkv_base, offs_n, offs_d, T, D, dt)
         pw = _load_rows(P, p_base, offs_w, offs_d, 2 * T - 1, D, dt)
-        ds, pdrop = _bwd_tile(qu, qv, do, lse, delta, k, v, pw, seed, bh, offs_m, offs_n, T, length, qk_scale,
-                              ctx_l, ctx_r, dropout_p, BLOCK_M, BLOCK_N, DROPOUT, IEEE)
+        s, valid = _scores(qu, qv, k, pw, offs_m, offs_n, length, ctx_l, ctx_r, qk_scale, BLOCK_M, BLOCK_N, IEEE)
+        v = _load_rows(V, qkv_base, offs_n, offs_d, T, D, dt)
+        ds, _ = _bwd_ds(s, valid, do, v, lse, delta, seed, bh, offs_m, offs_n, T, dropout_p, DROPOUT, IEEE)
         dsw = tl.where(jin, tl.gather(ds, jidx, axis=1), 0.0).to(qv.dtype)  # (BLOCK_M, BLOCK_W)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=prec)
         dq += tl.dot(dsw, pw, input_precision=prec)
