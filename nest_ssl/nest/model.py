@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from nest_ssl.nemo_compat import instantiate
+from nest_ssl.nest.masked_logits import DEFAULT_CHUNK, mlm_loss_from_encoded
 
 MASK_POSITIONS = ("pre_conv", "post_conv")
 
@@ -91,6 +92,9 @@ class EncDecMaskedTokenPredModel(nn.Module):
         if books != heads or loss.cfg.num_decoders != heads:
             raise ValueError(f"quantizer num_books={books}, decoder num_decoders={heads} and loss num_decoders="
                              f"{loss.cfg.num_decoders} must be equal")
+        # training/validation steps take the loss from encoder frames in chunks (masked_logits.py): same loss,
+        # no full (B, T', C, H) log-probs. 0 = through decoder.forward, as NeMo.
+        self.loss_logits_chunk = DEFAULT_CHUNK
 
     @classmethod
     def from_config(cls, model_cfg: dict, burn_rng: bool = False, device: str | torch.device | None = None):
@@ -148,16 +152,21 @@ class EncDecMaskedTokenPredModel(nn.Module):
 
     # ---- forward / steps ------------------------------------------------------------------------------
     def forward(self, input_signal=None, input_signal_length=None, processed_signal=None,
-                processed_signal_length=None, apply_mask=False, masks=None, generator=None):
+                processed_signal_length=None, apply_mask=False, masks=None, generator=None, decode=True):
+        """decode=False returns the encoder output (B, D, T') in place of the log-probs."""
         feats, lens = self._features(input_signal, input_signal_length, processed_signal, processed_signal_length,
                                      "input", generator)
         tokens = self._tokens(feats, lens)
         self._check_masks(masks, feats)
         encoded, encoded_len, masks = self._encode(feats, lens, apply_mask, masks, generator)
-        return self.decoder(encoded), encoded_len, masks, tokens
+        return (self.decoder(encoded) if decode else encoded), encoded_len, masks, tokens
 
-    def compute_loss(self, log_probs, encoded_len, masks, tokens) -> tuple[torch.Tensor, dict]:
-        loss = self.loss(masks, log_probs, tokens, encoded_len)
+    def compute_loss(self, log_probs, encoded_len, masks, tokens, from_encoded=False) -> tuple[torch.Tensor, dict]:
+        """from_encoded: `log_probs` is the encoder output and the head runs chunk-wise inside the loss."""
+        if from_encoded:
+            loss = mlm_loss_from_encoded(self.decoder, self.loss, masks, log_probs, tokens, self.loss_logits_chunk)
+        else:
+            loss = self.loss(masks, log_probs, tokens, encoded_len)
         n = self.loss.last_num_selected
         return loss, {"masked_tokens": n, "no_token": (n == 0).long()}  # device tensors: no host sync
 
@@ -166,14 +175,16 @@ class EncDecMaskedTokenPredModel(nn.Module):
 
     def training_step(self, batch, generator: torch.Generator | None = None, global_step: int | None = None) -> dict:
         """`global_step` is accepted for the shared train loop; NEST has no step-dependent behaviour."""
-        out = self(**self._step_inputs(batch), apply_mask=True, generator=generator)
-        loss, stats = self.compute_loss(*out)
+        chunked = self.loss_logits_chunk > 0
+        out = self(**self._step_inputs(batch), apply_mask=True, generator=generator, decode=not chunked)
+        loss, stats = self.compute_loss(*out, from_encoded=chunked)
         return {"loss": loss, **stats}
 
     def validation_step(self, batch, generator: torch.Generator | None = None) -> dict:
         with torch.no_grad():
-            out = self(**self._step_inputs(batch), apply_mask=True, generator=generator)
-            loss, stats = self.compute_loss(*out)
+            chunked = self.loss_logits_chunk > 0
+            out = self(**self._step_inputs(batch), apply_mask=True, generator=generator, decode=not chunked)
+            loss, stats = self.compute_loss(*out, from_encoded=chunked)
         return {"loss": loss, "val_loss": loss, **stats}
 
 
@@ -184,7 +195,8 @@ class EncDecDenoiseMaskedTokenPredModel(EncDecMaskedTokenPredModel):
                 processed_signal_length=None, noise_signal=None, noise_signal_length=None,
                 processed_noise_signal=None, processed_noise_signal_length=None, noisy_input_signal=None,
                 noisy_input_signal_length=None, processed_noisy_input_signal=None,
-                processed_noisy_input_signal_length=None, apply_mask=False, masks=None, generator=None):
+                processed_noisy_input_signal_length=None, apply_mask=False, masks=None, generator=None,
+                decode=True):
         # noise_signal / processed_noise_signal: accepted and unused, as in NeMo 2.6.2
         for a, b, name in ((input_signal, noisy_input_signal, "signal"),
                            (processed_signal, processed_noisy_input_signal, "processed signal")):
@@ -198,7 +210,7 @@ class EncDecDenoiseMaskedTokenPredModel(EncDecMaskedTokenPredModel):
         tokens = self._tokens(feats, lens)
         self._check_masks(masks, noisy)
         encoded, encoded_len, masks = self._encode(noisy, noisy_lens, apply_mask, masks, generator)
-        return self.decoder(encoded), encoded_len, masks, tokens
+        return (self.decoder(encoded) if decode else encoded), encoded_len, masks, tokens
 
     def _step_inputs(self, batch) -> dict:
         return {"input_signal": batch.audio, "input_signal_length": batch.audio_len,
