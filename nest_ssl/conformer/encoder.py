@@ -15,6 +15,7 @@ from torch import nn
 from nest_ssl.checks import check_lengths
 from nest_ssl.config import ConfigError
 
+from .checkpointing import checkpointed_call, parse_mode
 from .kernel_select import IMPLS, resolve
 from .layer import ConformerLayer
 from .pos_enc import PositionalEncoding, RelPositionalEncoding
@@ -142,6 +143,7 @@ class ConformerEncoder(nn.Module):
             cfg.n_layers, cfg.stochastic_depth_drop_prob, cfg.stochastic_depth_mode, cfg.stochastic_depth_start_layer)
         self.kernel_impls: dict[str, tuple[str, str]] = {}  # kind -> (impl, why); see _select_kernels
         self._select_kernels()
+        self.checkpoint_every = 0  # 0: none; k: layers 0, k, 2k, ... recompute their activations in backward
 
     def _apply(self, fn, *args, **kwargs):
         # .to() / .cuda() / to_empty() all come through here: the device is known now, so choose the kernels again.
@@ -174,6 +176,10 @@ class ConformerEncoder(nn.Module):
                 kernel = getattr(mod, "_kernel", None)
                 calls[kind] += kernel.calls if kernel is not None else 0
         return calls
+
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """`trainer.activation_checkpointing`: none | full | every_<k> (conformer/checkpointing.py)."""
+        self.checkpoint_every = parse_mode(mode)
 
     def _check_input(self, audio_signal: torch.Tensor, length: torch.Tensor) -> None:
         if audio_signal.dim() != 3 or audio_signal.size(1) != self.cfg.feat_in:
@@ -215,8 +221,11 @@ class ConformerEncoder(nn.Module):
         x, length = self.pre_encode(audio_signal.transpose(1, 2), length.long())  # (B, T', d)
         x, pos_emb = self.pos_enc(x)
         pad_mask, att_mask = self.att_masks(length, x.size(1))
-        for layer, p_drop in zip(self.layers, self.layer_drop_probs):
-            out = layer(x, att_mask, pos_emb, pad_mask, length, tuple(self.cfg.att_context_size))
+        for i, (layer, p_drop) in enumerate(zip(self.layers, self.layer_drop_probs)):
+            args = (x, att_mask, pos_emb, pad_mask, length, tuple(self.cfg.att_context_size))
+            k = self.checkpoint_every
+            recompute = k > 0 and i % k == 0 and self.training and torch.is_grad_enabled()
+            out = checkpointed_call(layer, *args) if recompute else layer(*args)
             if self.training and p_drop > 0:  # stochastic depth, NeMo's formula
                 out = 0 * out + x if torch.rand(1) < p_drop else (out - x) / (1 - p_drop) + x
             x = out
