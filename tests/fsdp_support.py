@@ -76,13 +76,14 @@ def init_dist(rank: int, world: int, port: int) -> None:
 
 
 def train_steps(step_model, params, steps: int, rank: int = 0, world: int = 1, accum: int = 1,
-                clip: float = 1.0) -> list[float]:
-    """AdamW steps on this rank's share of each union batch (accum micro-batches per step); returns the losses."""
+                clip: float = 1.0, opt=None, start: int = 0) -> list[float]:
+    """AdamW steps start..steps-1 on this rank's share of each union batch (accum micro-batches per step)."""
     from nest_ssl import fsdp
 
-    opt = torch.optim.AdamW(params, lr=1e-3, eps=1e-4)  # eps: gradients at rounding-noise level step ~0, not ~lr
+    if opt is None:
+        opt = torch.optim.AdamW(params, lr=1e-3, eps=1e-4)  # eps: gradients at rounding-noise level step ~0, not ~lr
     losses = []
-    for s in range(steps):
+    for s in range(start, steps):
         audio, lens, noisy, masks = (rank_slice(t, rank, world) for t in union_batch(s))
         total = 0.0
         for m in range(accum):
@@ -129,3 +130,70 @@ def single_run(norm: str, steps: int = 3, accum: int = 1) -> tuple[list[float], 
     params = [p for p in step_model.parameters() if p.requires_grad]
     losses = train_steps(step_model, params, steps, accum=accum)
     return losses, {k: v.detach().float().numpy() for k, v in step_model.state_dict().items()}
+
+
+def sharded(rank: int, dropout: float = 0.1):
+    """A 2-rank FSDP nest_tiny model with its optimizer; per-rank dropout stream."""
+    from nest_ssl import fsdp
+
+    model = build("batch_norm", dropout)
+    step_model = Step(model)
+    fsdp.shard(step_model, model.encoder.layers)
+    params = [p for p in step_model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3, eps=1e-4)
+    torch.manual_seed(1000 + rank)
+    return model, step_model, params, opt
+
+
+def _full(step_model) -> dict:
+    from nest_ssl import fsdp
+
+    state = fsdp.full_state_dict(step_model)  # buffers come back as the live tensors: copy them
+    return {f"w/{k}": v.float().numpy().copy() for k, v in state.items()}
+
+
+def _dcp_run(rank: int, world: int, out: str, mode: str, steps: int = 4) -> None:
+    import signal
+
+    import torch.distributed as dist
+
+    from nest_ssl import checkpoint as ckpt
+    from nest_ssl import dcp_checkpoint
+
+    model, step_model, params, opt = sharded(rank)
+    run = Path(out) / ("ref" if mode == "reference" else "run")
+
+    def save(step, async_save=False):
+        return dcp_checkpoint.save(run / f"tiny-step={step}-last.dcp", model, opt,
+                                   {"global_step": step, "epoch": 0, "config": {"model": model_config()}},
+                                   {"rng": ckpt.rng_state()}, async_save=async_save)
+
+    if mode == "resume":
+        train_state, rank_state = dcp_checkpoint.load(dcp_checkpoint.latest(run), model, opt)
+        ckpt.set_rng_state(rank_state["rng"])
+        losses = train_steps(step_model, params, steps, rank, world, opt=opt, start=train_state["global_step"])
+    else:
+        losses = train_steps(step_model, params, 2, rank, world, opt=opt)
+        snapshot = _full(step_model)
+        pending = save(2, async_save=mode == "reference")
+        losses += train_steps(step_model, params, 3, rank, world, opt=opt, start=2)  # (reference: while writing)
+        if mode == "reference":
+            pending.wait()
+            dist.barrier()
+            np.savez(f"{out}/snapshot2-rank{rank}.npz", **snapshot)
+        else:  # every rank dies inside the next save, after writing its shards, before the commit
+            dcp_checkpoint._commit = lambda tmp, final: os.kill(os.getpid(), signal.SIGKILL)
+            save(3)
+        losses += train_steps(step_model, params, steps, rank, world, opt=opt, start=3)
+    np.savez(f"{out}/{mode}-rank{rank}.npz", losses=np.array(losses), **_full(step_model))
+
+
+def dcp_worker(rank: int, world: int, port: int, out: str, modes: list) -> None:
+    """crash: steps 0-1, save, step 2, kill -9 in the next save. reference: steps 0-3 with an async save after
+    step 1 written while step 2 trains. resume (fresh model and optimizer): the latest checkpoint, then steps 2-3."""
+    import torch.distributed as dist
+
+    init_dist(rank, world, port)
+    for mode in modes:
+        _dcp_run(rank, world, out, mode)
+    dist.destroy_process_group()

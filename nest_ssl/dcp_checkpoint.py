@@ -1,0 +1,192 @@
+"""Sharded checkpoints for `trainer.strategy: fsdp` with `torch.distributed.checkpoint` (DCP).
+
+Every rank writes its own shards in parallel; nothing is gathered on one rank. One checkpoint is a directory:
+
+    <stem>.dcp/.metadata, __<rank>_0.distcp   model + optimizer shards (DCP)
+    <stem>.dcp/train_state.pt                 world size, step, epoch, scheduler, config, ... (rank 0)
+    <stem>.dcp/rank<r>.pt                     what differs per rank: RNG states, data-loader position
+
+Atomic like the single-file checkpoints: everything is written to `<stem>.dcp.tmp/` and renamed to `<stem>.dcp/`
+by rank 0 once every rank has finished, so a writer killed at any point leaves at most a `.tmp` directory, which
+discovery ignores and the next save removes. `async_save` (exp_manager.checkpoint_callback_params.async_save)
+copies the state to host memory, returns, and writes in a background thread on a separate gloo group; the rename
+happens when the write is done (`AsyncSave.wait`, called before the next save and at the end of training).
+
+Resume needs the world size the checkpoint was written with: DCP could reshard the weights and the optimizer, but
+the data-loader positions and RNG streams are per rank and have no meaning for another rank count. A different
+world size is refused with the way out: `to_single_file` (scripts/export.py --to-ckpt) gives a one-file checkpoint
+for export, `.nemo` or `init_from_*`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from nest_ssl.fsdp import broadcast_batchnorm_stats
+
+FORMAT_VERSION = 1
+SUFFIX = ".dcp"
+TRAIN_STATE = "train_state.pt"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def is_complete(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.suffix == SUFFIX and (p / ".metadata").is_file() and (p / TRAIN_STATE).is_file()
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Rank 0: make the finished temp directory the checkpoint (a rename: all of it appears at once)."""
+    if _rank() != 0:
+        return
+    if final.exists():  # the same name saved again (e.g. a re-run step): swap via a second temp name
+        old = final.with_name(final.name + ".old.tmp")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+class AsyncSave:
+    """A checkpoint being written in the background; `wait()` finishes it (rank 0 renames it into place)."""
+
+    def __init__(self, future, tmp: Path, final: Path):
+        self.future, self.tmp, self.final = future, tmp, final
+
+    def wait(self) -> Path:
+        self.future.result()  # on rank 0 (the coordinator) this returns once every rank's shards are written
+        _commit(self.tmp, self.final)
+        return self.final
+
+
+_async_group = None
+
+
+def _checkpoint_group():
+    """A gloo group of its own for background writes, so they never interleave with training collectives."""
+    global _async_group
+    if _async_group is None and dist.is_initialized():
+        _async_group = dist.new_group(backend="gloo")
+    return _async_group
+
+
+def save(path: str | os.PathLike, model, optimizer, train_state: dict, rank_state: dict,
+         async_save: bool = False) -> Path | AsyncSave:
+    """Write a checkpoint directory `path` (ending in .dcp) from every rank (a collective).
+
+    model/optimizer: FSDP-sharded or plain; `train_state` (the same on every rank) is written by rank 0,
+    `rank_state` by each rank. With async_save the caller continues training and must `wait()` the result."""
+    final = Path(path)
+    if final.suffix != SUFFIX:
+        raise ValueError(f"DCP checkpoint path {final} must end in {SUFFIX}")
+    tmp = final.with_name(final.name + ".tmp")
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed writer
+        tmp.mkdir(parents=True)
+    _barrier()
+    # Replicated tensors are written once, by whichever rank DCP picks: make BatchNorm statistics rank 0's on every
+    # rank first (what DDP and fsdp.shard use), so the file never holds another rank's.
+    broadcast_batchnorm_stats(model)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    torch.save(rank_state, tmp / f"rank{_rank()}.pt")
+    if _rank() == 0:
+        torch.save({"format_version": FORMAT_VERSION, "world_size": _world(), **train_state}, tmp / TRAIN_STATE)
+    state = {"model": model_sd, "optim": optim_sd}
+    if async_save:
+        return AsyncSave(dcp.async_save(state, checkpoint_id=tmp, process_group=_checkpoint_group()), tmp, final)
+    dcp.save(state, checkpoint_id=tmp)
+    _barrier()  # every rank's shards and rank file are on disk
+    _commit(tmp, final)
+    _barrier()
+    return final
+
+
+def read_train_state(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not is_complete(path):
+        raise FileNotFoundError(f"{path} is not a complete DCP checkpoint (no .metadata / {TRAIN_STATE})")
+    return torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)
+
+
+def load(path: str | os.PathLike, model, optimizer) -> tuple[dict, dict]:
+    """Load shards into the (sharded) model and optimizer in place -> (train_state, this rank's rank_state)."""
+    path = Path(path)
+    train_state = read_train_state(path)
+    if train_state["world_size"] != _world():
+        raise ValueError(
+            f"{path} was written by {train_state['world_size']} processes; this run has {_world()}. Resuming needs "
+            f"the same number (data-loader positions and RNG streams are per rank). To continue with another "
+            f"size, convert it (scripts/export.py {path} --format ckpt --out model.ckpt) and start a new run with "
+            f"init_from_ckpt.")
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    rank_state = torch.load(path / f"rank{_rank()}.pt", map_location="cpu", weights_only=True)
+    return train_state, rank_state
+
+
+def latest(ckpt_dir: str | os.PathLike) -> Path | None:
+    """The complete checkpoint with the highest global_step (a '-last' one on a tie); .tmp ones are ignored."""
+    d = Path(ckpt_dir)
+    found = [p for p in d.glob(f"*{SUFFIX}") if is_complete(p)] if d.is_dir() else []
+    if not found:
+        return None
+    return max(found, key=lambda p: (read_train_state(p).get("global_step", -1), p.stem.endswith("-last")))
+
+
+def _optimizer_by_index(optim: dict) -> dict:
+    """DCP's optimizer state (keyed by parameter name) -> torch's `optimizer.state_dict()` form (keyed by the
+    parameter's position across param_groups, which is how the optimizer numbers them)."""
+    index, groups = {}, []
+    for group in optim["param_groups"]:
+        ids = []
+        for name in group["params"]:
+            index[name] = len(index)
+            ids.append(index[name])
+        groups.append({**group, "params": ids})
+    return {"state": {index[name]: s for name, s in optim["state"].items()}, "param_groups": groups}
+
+
+def to_single_file(path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """One process, no process group: the whole checkpoint as one nest_ssl checkpoint file (weights, optimizer in
+    `optimizer.state_dict()` form, scheduler, step, config), for export, `.nemo` and `init_from_ckpt`. Per-rank RNG
+    and data positions are left out: the file starts runs, it does not resume a sharded one."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from nest_ssl import checkpoint as ckpt
+
+    path, out = Path(path), Path(out)
+    train_state = read_train_state(path)
+    flat = out.with_name(out.name + ".dcp-flat.tmp")
+    dcp_to_torch_save(path, flat)
+    try:
+        state = torch.load(flat, map_location="cpu", weights_only=True)
+    finally:
+        flat.unlink(missing_ok=True)
+    single = {k: v for k, v in train_state.items() if k not in ("format_version", "world_size")}
+    single.update(format_version=ckpt.FORMAT_VERSION, state_dict=state["model"],
+                  optimizer=_optimizer_by_index(state["optim"]), converted_from=str(path),
+                  written_by_world_size=train_state["world_size"])
+    ckpt.atomic_save(single, out)
+    return out
