@@ -100,14 +100,16 @@ def train_steps(step_model, params, steps: int, rank: int = 0, world: int = 1, a
 
 
 def strategy_worker(rank: int, world: int, port: int, out: str, variants: list) -> None:
-    """Each variant (strategy, norm, accum): train 3 steps; save this rank's losses and the full final weights."""
+    """Each variant (strategy, norm, accum, activation checkpointing): train 3 steps; save this rank's losses and
+    rank 0's full final weights."""
     import torch.distributed as dist
 
     from nest_ssl import fsdp
 
     init_dist(rank, world, port)
-    for strategy, norm, accum in variants:
+    for strategy, norm, accum, ckpt_mode in variants:
         model = build(norm)
+        model.encoder.set_activation_checkpointing(ckpt_mode)
         step_model = Step(model)
         if strategy == "fsdp":
             fsdp.shard(step_model, model.encoder.layers)
@@ -120,7 +122,7 @@ def strategy_worker(rank: int, world: int, port: int, out: str, variants: list) 
         else:
             state = step_model.module.state_dict()
         arrays = {f"w/{k}": v.detach().float().numpy() for k, v in state.items()}
-        np.savez(f"{out}/{strategy}-{norm}-{accum}-rank{rank}.npz", losses=np.array(losses), **arrays)
+        np.savez(f"{out}/{strategy}-{norm}-{accum}-{ckpt_mode}-rank{rank}.npz", losses=np.array(losses), **arrays)
     dist.destroy_process_group()
 
 

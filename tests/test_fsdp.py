@@ -12,12 +12,12 @@ from tests.fsdp_support import free_port, single_run, strategy_worker
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    variants = [("fsdp", "layer_norm", 1), ("fsdp", "layer_norm", 2), ("fsdp", "batch_norm", 1),
-                ("ddp", "batch_norm", 1)]
+    variants = [("fsdp", "layer_norm", 1, "none"), ("fsdp", "layer_norm", 2, "none"), ("fsdp", "batch_norm", 1, "none"),
+                ("ddp", "batch_norm", 1, "none"), ("fsdp", "batch_norm", 1, "full")]
     mp.spawn(strategy_worker, args=(2, free_port(), str(out), variants), nprocs=2, join=True)
 
-    def load(strategy, norm, accum):
-        runs = [np.load(out / f"{strategy}-{norm}-{accum}-rank{r}.npz") for r in range(2)]
+    def load(strategy, norm, accum, ckpt_mode="none"):
+        runs = [np.load(out / f"{strategy}-{norm}-{accum}-{ckpt_mode}-rank{r}.npz") for r in range(2)]
         losses = (runs[0]["losses"] + runs[1]["losses"]) / 2
         weights = {k[2:]: runs[0][k] for k in runs[0].files if k.startswith("w/")}  # rank 0's full weights
         return losses, weights
@@ -56,6 +56,16 @@ def test_fsdp_equals_ddp_with_batchnorm(two_process_runs):
     np.testing.assert_allclose(f_losses, d_losses, rtol=1e-5)
     _assert_weights_close(f_weights, d_weights)
     assert any("running_mean" in k for k in f_weights)
+
+
+@pytest.mark.slow
+def test_fsdp_with_activation_checkpointing_equals_without(two_process_runs):
+    """The recompute inside a sharded layer gathers its parameters again; results are bit-identical."""
+    a_losses, a_weights = two_process_runs("fsdp", "batch_norm", 1, "full")
+    b_losses, b_weights = two_process_runs("fsdp", "batch_norm", 1, "none")
+    np.testing.assert_array_equal(a_losses, b_losses)
+    for k in b_weights:
+        np.testing.assert_array_equal(a_weights[k], b_weights[k], err_msg=k)
 
 
 @pytest.mark.parametrize("value,name,unused", [(None, "ddp", False), ("auto", "ddp", False), ("ddp", "ddp", False),
