@@ -168,22 +168,38 @@ def _optimizer_by_index(optim: dict) -> dict:
     return {"state": {index[name]: s for name, s in optim["state"].items()}, "param_groups": groups}
 
 
+def _flat_state(path: Path, scratch: Path) -> dict:
+    """{"model": state_dict, "optim": ...} of a whole DCP checkpoint, read in one process (no process group)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flat = scratch / "dcp-flat.pt"
+    dcp_to_torch_save(path, flat)
+    try:
+        return torch.load(flat, map_location="cpu", weights_only=True)
+    finally:
+        flat.unlink(missing_ok=True)
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict | None, dict]:
+    """(run config, full model state_dict) of a DCP checkpoint directory: what export and .nemo need."""
+    import tempfile
+
+    path = Path(path)
+    config = read_train_state(path).get("config")
+    with tempfile.TemporaryDirectory() as scratch:
+        return config, _flat_state(path, Path(scratch))["model"]
+
+
 def to_single_file(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     """One process, no process group: the whole checkpoint as one nest_ssl checkpoint file (weights, optimizer in
     `optimizer.state_dict()` form, scheduler, step, config), for export, `.nemo` and `init_from_ckpt`. Per-rank RNG
     and data positions are left out: the file starts runs, it does not resume a sharded one."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     from nest_ssl import checkpoint as ckpt
 
     path, out = Path(path), Path(out)
     train_state = read_train_state(path)
-    flat = out.with_name(out.name + ".dcp-flat.tmp")
-    dcp_to_torch_save(path, flat)
-    try:
-        state = torch.load(flat, map_location="cpu", weights_only=True)
-    finally:
-        flat.unlink(missing_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = _flat_state(path, out.parent)
     single = {k: v for k, v in train_state.items() if k not in ("format_version", "world_size")}
     single.update(format_version=ckpt.FORMAT_VERSION, state_dict=state["model"],
                   optimizer=_optimizer_by_index(state["optim"]), converted_from=str(path),

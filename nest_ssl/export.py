@@ -29,12 +29,18 @@ EXPORT_FORMATS = ("pt2", "onnx")
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(model config, state_dict under NeMo keys) from a `.nemo`, a NeMo Lightning `.ckpt` or one of our checkpoints.
+    """(model config, state_dict under NeMo keys) from a `.nemo`, a NeMo Lightning `.ckpt`, one of our checkpoints
+    or a sharded (DCP) checkpoint directory of an fsdp run.
 
     Every torch file goes through nemo_io's allow-list unpickler (never `torch.load(weights_only=False)`): a NeMo
     `.ckpt` keeps its config as `hyper_parameters['cfg']`, ours as the whole run config under `config`.
     """
     path = Path(path)
+    if path.is_dir():
+        from nest_ssl import dcp_checkpoint
+
+        cfg, state = dcp_checkpoint.read_weights(path)
+        return _model_section(cfg, path, "train_state.pt 'config'"), state
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".nemo":
@@ -119,9 +125,15 @@ def to_training_checkpoint(src: str | os.PathLike, out: str | os.PathLike) -> Pa
     From a NeMo `.ckpt` it holds the AdamW state, scheduler, step and epoch, so a run continues from it
     (`exp_manager.resume_from_checkpoint`); the data order restarts at the beginning of that epoch (Lightning's
     loop counters do not map to our sampler). A `.nemo` holds weights only: the file has weights and config and
-    loads through load_pretrained / init_from_nemo_model, not as a resume point.
+    loads through load_pretrained / init_from_nemo_model, not as a resume point. A sharded `.dcp` directory gives
+    weights, optimizer, scheduler, step and config (dcp_checkpoint.to_single_file).
     """
     from nest_ssl import checkpoint
+
+    if Path(src).is_dir():
+        from nest_ssl import dcp_checkpoint
+
+        return dcp_checkpoint.to_single_file(src, out)
 
     cfg, state = read_checkpoint(src)
     model = build_model(cfg)

@@ -5,8 +5,11 @@
     python scripts/export.py model.nemo --out encoder.onnx --format onnx      # needs: pip install 'nest_ssl[onnx]'
     python scripts/export.py model.nemo --out model_copy.nemo --format nemo   # re-save as a NeMo-loadable .nemo
     python scripts/export.py nemo_run-last.ckpt --out run/checkpoints/x-last.ckpt --format ckpt  # continue a NeMo run
+    python scripts/export.py run/checkpoints/x-last.dcp --out x.nemo --format nemo  # a sharded (fsdp) checkpoint
+    python scripts/export.py run/checkpoints/x-last.dcp --out x.ckpt --format ckpt  # sharded -> one file
 
-The checkpoint may be a `.nemo`, a NeMo Lightning `.ckpt` or one of our training checkpoints. Inputs of the exported
+The checkpoint may be a `.nemo`, a NeMo Lightning `.ckpt`, one of our training checkpoints or the directory of a
+sharded (DCP) checkpoint written by a `trainer.strategy: fsdp` run. Inputs of the exported
 program: (x, lengths) with x = features (B, feat_in, T) or, with --with-preprocessor, audio (B, samples); outputs
 (encoded (B, d_model, T'), encoded_len (B,)). Batch and time are dynamic. `--verify N` runs the written file (a .pt2
 through torch.export.load, a .onnx through onnxruntime) and eager on N random batches and says which file it ran;
@@ -20,9 +23,10 @@ import sys
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("checkpoint", help=".nemo, NeMo .ckpt or our training checkpoint")
+    p.add_argument("checkpoint", help=".nemo, NeMo .ckpt, our training checkpoint or a sharded .dcp directory")
     p.add_argument("--out", required=True, help="output file (.pt2, .onnx, .nemo or .ckpt)")
-    p.add_argument("--format", choices=("pt2", "onnx", "nemo", "ckpt"), default="pt2")
+    p.add_argument("--format", choices=("pt2", "onnx", "nemo", "ckpt"), default="pt2",
+                   help="ckpt: our training checkpoint (from a NeMo .ckpt or a sharded .dcp directory)")
     p.add_argument("--with-preprocessor", action="store_true", help="take audio instead of features")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]; the program is exported for this device")
     p.add_argument("--verify", type=int, default=3, metavar="N",

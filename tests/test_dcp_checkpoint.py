@@ -72,6 +72,26 @@ def test_single_file_conversion_loads_in_one_process_and_exports_nemo(runs, tmp_
         torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.slow
+def test_export_script_takes_a_dcp_directory(runs, tmp_path):
+    import runpy
+    from pathlib import Path
+
+    from nest_ssl import export
+
+    main = runpy.run_path(str(Path(__file__).parents[1] / "scripts" / "export.py"))["main"]
+    out, _ = runs
+    dcp_dir = out / "run" / "tiny-step=2-last.dcp"
+    assert main([str(dcp_dir), "--out", str(tmp_path / "m.nemo"), "--format", "nemo"]) == 0
+    assert main([str(dcp_dir), "--out", str(tmp_path / "m.ckpt"), "--format", "ckpt"]) == 0
+    cfg, state = export.read_checkpoint(dcp_dir)
+    nemo_cfg, nemo_state = export.read_checkpoint(tmp_path / "m.nemo")
+    assert cfg["encoder"]["n_layers"] == nemo_cfg["encoder"]["n_layers"] == 2
+    for k, v in state.items():
+        torch.testing.assert_close(nemo_state[k], v, rtol=0, atol=0, msg=k)
+    assert torch.load(tmp_path / "m.ckpt", weights_only=True)["global_step"] == 2
+
+
 def test_another_world_size_is_refused(runs):
     out, _ = runs
     with pytest.raises(ValueError, match="written by 2 processes; this run has 1.*init_from_ckpt"):
