@@ -206,3 +206,15 @@ def to_single_file(path: str | os.PathLike, out: str | os.PathLike) -> Path:
                   written_by_world_size=train_state["world_size"])
     ckpt.atomic_save(single, out)
     return out
+
+
+def restore(path: str | os.PathLike, *, model, optimizer, scheduler):
+    """A training run's resume: shards into model/optimizer, the scheduler, this rank's RNG states ->
+    (the loop's TrainState, this rank's data-loader state)."""
+    from nest_ssl import checkpoint as ckpt
+
+    train_state, rank_state = load(path, model, optimizer)
+    if scheduler is not None and train_state.get("scheduler") is not None:
+        scheduler.load_state_dict(train_state["scheduler"])
+    ckpt.set_rng_state(rank_state["rng"])
+    return ckpt.TrainState(**train_state["train_state"]), rank_state["loader"]

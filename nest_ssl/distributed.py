@@ -7,7 +7,6 @@ Works unchanged as a plain single process (world_size 1, no process group) and u
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import signal
@@ -58,25 +57,20 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def wrap_model(model: nn.Module, info: DistInfo, sync_batchnorm: bool) -> nn.Module:
-    """DDP when world_size > 1 (find_unused_parameters=False as NeMo); SyncBatchNorm first if asked."""
+def wrap_model(model: nn.Module, info: DistInfo, sync_batchnorm: bool,
+               find_unused_parameters: bool = False) -> nn.Module:
+    """DDP when world_size > 1 (find_unused_parameters=False as NeMo unless the strategy says
+    ddp_find_unused_parameters_true); SyncBatchNorm first if asked."""
     if info.world_size == 1:
         return model
     if sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # state_dict keys unchanged
     ids = [info.device.index] if info.device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=False)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
-
-
-def maybe_no_sync(model: nn.Module, sync: bool):
-    """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation window."""
-    if sync or not hasattr(model, "no_sync"):
-        return contextlib.nullcontext()
-    return model.no_sync()
 
 
 def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:

@@ -21,13 +21,14 @@ import dataclasses
 import errno
 import math
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 from nest_ssl import checkpoint as ckpt
-from nest_ssl import distributed
+from nest_ssl import dcp_checkpoint, distributed
 from nest_ssl.export import save_nemo
 
 
@@ -56,7 +57,7 @@ class CheckpointCallbackParams:
     save_nemo_on_train_end: Optional[bool] = True
     model_parallel_size: Optional[int] = None
     save_on_train_epoch_end: Optional[bool] = False
-    async_save: Optional[bool] = False
+    async_save: Optional[bool] = False  # sharded (fsdp) checkpoints only: written in the background
     save_last_n_optim_states: Optional[int] = -1
 
 
@@ -166,10 +167,14 @@ class CheckpointWriter:
     best model also goes to `<prefix or name>.nemo`.
 
     Rank 0 writes and every rank waits at a barrier; `sync=False` is for a rank that failed alone: it writes the
-    `-last` file itself (model and optimizer are replicated) without the barrier and without touching the top k."""
+    `-last` file itself (model and optimizer are replicated) without the barrier and without touching the top k.
+
+    `sharded=True` (trainer.strategy: fsdp): every rank writes its shards of the same checkpoints as `.dcp`
+    directories (dcp_checkpoint.py), the `-last` one in the background with `async_save`; a rank that failed alone
+    cannot write a sharded checkpoint, so then the last complete one stays the resume point."""
 
     def __init__(self, cfg: ExpManagerConfig, name: str, ckpt_dir: Path, config: dict, is_main: bool, *, model,
-                 optimizer, scheduler, scaler):
+                 optimizer, scheduler, scaler, sharded: bool = False):
         ccp = cfg.checkpoint_callback_params
         self.enabled, self.ccp, self.name, self.dir, self.config = cfg.create_checkpoint_callback, ccp, name, \
             ckpt_dir, config
@@ -179,6 +184,7 @@ class CheckpointWriter:
         self.last: Optional[Path] = None  # the latest -last file this process wrote
         self.ours = checkpoint_name_re(ccp.filename, name)
         self.nemo_name = f"{ccp.prefix or name}.nemo"
+        self.sharded, self.pending = sharded, None  # pending: (AsyncSave, names to delete once it is committed)
 
     def _is_ours(self, name: str) -> bool:
         return bool(self.ours.match(name))
@@ -223,24 +229,51 @@ class CheckpointWriter:
         """Write the checkpoints for `state`; returns the -last path (None on ranks that do not write). rank=False:
         the monitored score is not new (e.g. a probe score at a validation step), so no top-k file."""
         self.saved_step, last = state.step, None
+        if self.sharded:
+            if self.enabled and sync:
+                last = self.last = self._write_sharded(state, loader_state, rank)
+            return last
         if self.enabled and (self.is_main or not sync):
             last = self.last = self._write(state, loader_state, sync and rank)
         if sync:
             distributed.barrier()
         return last
 
+    def finish(self, close: bool = False) -> None:
+        """Commit a background write (before the next one and, with close=True, at the end of the run)."""
+        if self.pending is not None:
+            pending, stale = self.pending
+            self.pending = None
+            pending.wait()
+            self._remove_dirs(stale)
+        if close and self.sharded:
+            distributed.barrier()  # every rank's background write is done before its group goes
+            dcp_checkpoint.close()
+
+    def _remove_dirs(self, names) -> None:
+        """Delete sharded checkpoint directories of this run by name (rank 0)."""
+        if self.is_main:
+            for name in names:
+                name = Path(name).name
+                if name.endswith(dcp_checkpoint.SUFFIX) and self._is_ours(name[:-len(dcp_checkpoint.SUFFIX)] + ".ckpt"):
+                    shutil.rmtree(self.dir / name, ignore_errors=True)
+
     @property
     def monitors_probe(self) -> bool:
         return str(self.ccp.monitor).startswith("probe_")
 
-    def _write(self, state: ckpt.TrainState, loader_state: dict, rank: bool) -> Path:
+    def _stem_and_topk(self, state: ckpt.TrainState, rank: bool, suffix: str) -> tuple[str, Path, bool, list]:
         scores = {"probe_cer": math.nan, "probe_wer": math.nan, "probe_acc": math.nan, **state.last_probe,
                   "val_loss": state.last_val}
         stem = format_name(self.ccp.filename, self.name, {**scores, "step": state.step, "epoch": state.epoch})
-        top_path, dropped, score = self.dir / f"{stem}.ckpt", [], scores.get(self.ccp.monitor, math.nan)
+        top_path, dropped, score = self.dir / f"{stem}{suffix}", [], scores.get(self.ccp.monitor, math.nan)
         is_top = rank and math.isfinite(score) and self.topk.better(state.topk, score)
         if is_top:  # names relative to the checkpoint directory
             state.topk, dropped = self.topk.add(state.topk, score, top_path.name)
+        return stem, top_path, is_top, dropped
+
+    def _write(self, state: ckpt.TrainState, loader_state: dict, rank: bool) -> Path:
+        stem, top_path, is_top, dropped = self._stem_and_topk(state, rank, ".ckpt")
         saved = ckpt.state(**self.parts, train_state=dataclasses.replace(state, micro=0), loader_state=loader_state,
                            config=self.config)
         if is_top:
@@ -263,3 +296,33 @@ class CheckpointWriter:
                 raise ckpt.DiskFullError(e.errno, f"no space left on device writing {path}; free some space and "
                                          "resume: the previous checkpoints are intact") from e
             raise
+
+    def _write_sharded(self, state: ckpt.TrainState, loader_state: dict, rank: bool) -> Path:
+        self.finish()
+        stem, top_path, is_top, dropped = self._stem_and_topk(state, rank, dcp_checkpoint.SUFFIX)
+        model, optimizer, scheduler = self.parts["model"], self.parts["optimizer"], self.parts["scheduler"]
+        shared = {"train_state": dataclasses.asdict(dataclasses.replace(state, micro=0)), "global_step": state.step,
+                  "epoch": state.epoch, "config": self.config,
+                  "scheduler": None if scheduler is None else scheduler.state_dict()}
+        per_rank = {"rng": ckpt.rng_state(), "loader": loader_state}
+        if is_top:
+            dcp_checkpoint.save(top_path, model, optimizer, shared, per_rank)
+            if self.ccp.always_save_nemo and Path(state.topk[0][1]).name == top_path.name and self.is_main:
+                _save_nemo_from_dcp(top_path, self.config, self.dir / self.nemo_name)
+        last = self.dir / f"{stem}-last{dcp_checkpoint.SUFFIX}"
+        stale = dropped + [p.name for p in self.dir.glob(f"*-last{dcp_checkpoint.SUFFIX}") if p != last]
+        written = dcp_checkpoint.save(last, model, optimizer, shared, per_rank, async_save=bool(self.ccp.async_save))
+        self.pending = (written, stale) if isinstance(written, dcp_checkpoint.AsyncSave) else None
+        if self.pending is None:
+            self._remove_dirs(stale)
+        return last
+
+
+def _save_nemo_from_dcp(path: Path, config: dict, out: Path) -> None:
+    """The .nemo of a sharded checkpoint: its full weights read back in this process into a fresh model."""
+    from nest_ssl.nemo_compat import build_model
+
+    _, weights = dcp_checkpoint.read_weights(path)
+    model = build_model(config["model"])
+    model.load_state_dict(weights, strict=True)
+    save_nemo(model, config["model"], out)

@@ -121,3 +121,17 @@ def full_state_dict(model: nn.Module) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def clip_grad_value(params, clip: float) -> None:
+    """Clamp every gradient element to [-clip, clip], shard by shard."""
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                g.clamp_(-clip, clip)
+
+
+def replicated(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of a sharded result (e.g. a norm over DTensor gradients); plain tensors pass through."""
+    return t.full_tensor() if isinstance(t, DTensor) else t

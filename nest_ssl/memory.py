@@ -180,9 +180,9 @@ class _LossStep(torch.nn.Module):
 def head_peak_ratio(frames: int, d_model: int = 512, num_classes: int = 8192, chunk: int | None = None) -> dict:
     """Peak bytes of decoder head + MLM loss, forward and backward, from encoder frames: full log-probs
     (decoder.forward + MultiMLMLoss) vs the chunked loss (masked_logits.py). NEST-L: d_model 512, 8192 classes."""
-    from nest_ssl.decoder import MultiSoftmaxDecoder, MultiSoftmaxDecoderConfig
-    from nest_ssl.losses import MultiMLMLoss, MultiMLMLossConfig
-    from nest_ssl.masked_logits import DEFAULT_CHUNK, mlm_loss_from_encoded
+    from nest_ssl.nest.decoder import MultiSoftmaxDecoder, MultiSoftmaxDecoderConfig
+    from nest_ssl.nest.losses import MultiMLMLoss, MultiMLMLossConfig
+    from nest_ssl.nest.masked_logits import DEFAULT_CHUNK, mlm_loss_from_encoded
 
     torch.manual_seed(0)
     dec = MultiSoftmaxDecoder(MultiSoftmaxDecoderConfig(feat_in=d_model, num_classes=num_classes))

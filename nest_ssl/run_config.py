@@ -28,8 +28,10 @@ from nest_ssl.config import (
     resolve_with_origins,
     to_yaml,
 )
+from nest_ssl.conformer.checkpointing import parse_mode
 from nest_ssl.data.config import DatasetConfig
 from nest_ssl.exp_manager import ExpManagerConfig
+from nest_ssl.fsdp import mixed_precision
 from nest_ssl.health import HealthConfig
 from nest_ssl.nemo_compat import validate_targets
 from nest_ssl.optim import OptimConfig
@@ -49,7 +51,9 @@ class TrainerConfig:
     val_check_interval: Union[int, float] = 1.0   # int: every n train batches; float: fraction of an epoch
     check_val_every_n_epoch: Optional[int] = 1
     accelerator: Literal["auto", "gpu", "cuda", "cpu"] = "auto"
-    strategy: Literal["auto", "ddp"] = "ddp"  # one process per device under torchrun, DDP when world size > 1
+    # one process per device under torchrun; DDP (Lightning's DDP spellings and auto mean it too) or FSDP2 (fsdp.py)
+    strategy: Literal["auto", "ddp", "ddp_find_unused_parameters_false", "ddp_find_unused_parameters_true",
+                      "fsdp"] = "ddp"
     accumulate_grad_batches: int = 1
     gradient_clip_val: Optional[float] = 0.0
     gradient_clip_algorithm: Literal["norm", "value"] = "norm"
@@ -71,12 +75,16 @@ class TrainerConfig:
     fit_scan: bool = False            # run the largest batch once at start-up (nest_ssl/fit_scan.py)
     health: HealthConfig = field(default_factory=HealthConfig)  # health metrics at each log step (health.py)
     probe: ProbeConfig = field(default_factory=ProbeConfig)     # frozen-encoder probe every N steps (probe.py)
+    activation_checkpointing: str = "none"  # none | full | every_<k>: Conformer layers recompute in backward
 
     def __post_init__(self):
         if self.accumulate_grad_batches < 1:
             raise ValueError(f"trainer.accumulate_grad_batches={self.accumulate_grad_batches}; must be >= 1")
         if isinstance(self.val_check_interval, float) and not 0.0 < self.val_check_interval <= 1.0:
             raise ValueError(f"trainer.val_check_interval={self.val_check_interval}; a float must be in (0, 1]")
+        parse_mode(self.activation_checkpointing)
+        if self.strategy == "fsdp":
+            mixed_precision(self.precision)  # 16-mixed is refused under fsdp
 
 
 @dataclass
@@ -164,7 +172,6 @@ IGNORED_KEYS: dict[str, tuple[Any, str]] = {
         "save_nemo_on_train_end": (True, "the .nemo file follows always_save_nemo"),
         "model_parallel_size": (None, "no model parallelism"),
         "save_on_train_epoch_end": (False, "checkpoints follow validation"),
-        "async_save": (False, "checkpoints are written synchronously (atomically)"),
         "save_last_n_optim_states": (-1, "every checkpoint holds the optimizer state"),
     }.items()},
     **{f"model.{ds}.{key}": value for ds in ("train_ds", "validation_ds") for key, value in _DS_IGNORED.items()},

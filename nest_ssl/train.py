@@ -1,6 +1,7 @@
 """The training loop: `train(plain_cfg)` reads top to bottom.
 
-Helpers live in distributed.py (torchrun/DDP, preemption signals), checkpoint.py (TrainState, atomic save, resume),
+Helpers live in distributed.py (torchrun/DDP, preemption signals), fsdp.py and dcp_checkpoint.py (trainer.strategy:
+fsdp and its sharded checkpoints), checkpoint.py (TrainState, atomic save, resume),
 metrics.py (TensorBoard, progress line), exp_manager.py (run dirs, the checkpoint writer: -last, top-k, .nemo),
 data/loader.py (loaders, on-device mixing) and optim.py (NeMo optimizers and schedules).
 
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from nest_ssl import checkpoint as ckpt
+from nest_ssl import dcp_checkpoint, fsdp
 from nest_ssl import distributed as dist_utils
 from nest_ssl import exp_manager as em
 from nest_ssl.config import to_yaml
@@ -50,13 +52,16 @@ class NonFiniteError(RuntimeError):
 
 
 class TrainStep(nn.Module):
-    """DDP must see the training step as forward() so its gradient hooks fire."""
+    """DDP must see the training step as forward() so its gradient hooks fire; FSDP gathers the parameters in
+    forward hooks, so under fsdp the validation step goes through forward too."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch, generator, global_step: int):
+    def forward(self, batch, generator, global_step: int, validation: bool = False):
+        if validation:
+            return self.model.validation_step(batch, generator=generator)
         return self.model.training_step(batch, generator=generator, global_step=global_step)
 
 
@@ -77,6 +82,7 @@ def precision_setup(precision, device: torch.device):
 def validate(step_model, loader, dist, seed: int, amp_dtype, limit: Optional[int] = None, device_mix=None) -> float:
     """Mean validation loss over every rank's batches (NeMo's is rank-local; ours drives top-k on all ranks)."""
     model = dist_utils.unwrap(step_model).model
+    sharded = isinstance(step_model, fsdp.FSDPModule)
     model.eval()
     total, count = torch.zeros((), dtype=torch.float64, device=dist.device), 0.0  # summed on the device: no sync
     loader.set_epoch(0)
@@ -88,7 +94,8 @@ def validate(step_model, loader, dist, seed: int, amp_dtype, limit: Optional[int
                 break
             batch = batch.to(dist.device, non_blocking=True)
             batch = device_mix(batch, gen) if device_mix is not None else batch
-            total = total + model.validation_step(batch, generator=gen)["loss"].double()
+            out = step_model(batch, gen, 0, validation=True) if sharded else model.validation_step(batch, generator=gen)
+            total = total + out["loss"].double()
             count += 1
     model.train()
     total, count = dist_utils.all_reduce_sum([float(total), count], dist.device)
@@ -103,6 +110,48 @@ def val_due(tc: TrainerConfig, batch_in_epoch: int, epoch: int, batches_per_epoc
     else:
         every = int(tc.val_check_interval)
     return batch_in_epoch % every == 0 or batch_in_epoch == batches_per_epoch
+
+
+def checkpoint_layers(model: nn.Module, mode: str) -> None:
+    encoder = getattr(model, "encoder", None)
+    if not hasattr(encoder, "set_activation_checkpointing"):
+        raise ValueError(f"trainer.activation_checkpointing={mode!r}: {type(model).__name__} has no Conformer encoder")
+    encoder.set_activation_checkpointing(mode)
+
+
+def wrap(model: nn.Module, dist, tc: TrainerConfig) -> nn.Module:
+    """The training step as the module DDP or FSDP runs (trainer.strategy); FSDP shards each Conformer layer."""
+    strategy = fsdp.parse_strategy(tc.strategy)
+    if strategy.name == "fsdp" and dist.world_size > 1:
+        layers = getattr(getattr(model, "encoder", None), "layers", ())
+        return fsdp.shard(TrainStep(model), layers, tc.precision, tc.sync_batchnorm)
+    if strategy.name == "fsdp":
+        return TrainStep(model)  # one process: nothing to shard (checkpoints are still sharded-format)
+    return dist_utils.wrap_model(TrainStep(model), dist, tc.sync_batchnorm, strategy.find_unused_parameters)
+
+
+def check_sharded(tc: TrainerConfig, em_cfg) -> bool:
+    """trainer.strategy=fsdp? Refuses the settings that need replicated parameters or a DDP run."""
+    sharded = fsdp.parse_strategy(tc.strategy).name == "fsdp"
+    if em_cfg.checkpoint_callback_params.async_save and not sharded:
+        raise ValueError("exp_manager.checkpoint_callback_params.async_save=true writes sharded checkpoints in the "
+                         f"background and needs trainer.strategy=fsdp (got {tc.strategy!r})")
+    if sharded and tc.probe.enabled:
+        raise ValueError("trainer.probe.enabled=true runs the probe on rank 0's full model; with trainer.strategy="
+                         "fsdp the parameters are sharded: run scripts/probe.py on a checkpoint instead")
+    return sharded
+
+
+def sharded_resume_point(em_cfg, ckpt_dir: Path):
+    """The .dcp directory an fsdp run resumes from, or None."""
+    path = em_cfg.resume_from_checkpoint or (dcp_checkpoint.latest(ckpt_dir) if em_cfg.resume_if_exists else None)
+    if path is not None and not dcp_checkpoint.is_complete(path):
+        raise ValueError(f"exp_manager.resume_from_checkpoint={path}: trainer.strategy=fsdp resumes from a sharded "
+                         ".dcp directory; start from a single file with init_from_ckpt instead")
+    if path is None and em_cfg.resume_if_exists and not em_cfg.resume_ignore_no_checkpoint:
+        raise FileNotFoundError(f"exp_manager.resume_if_exists: no checkpoint in {ckpt_dir} "
+                                "(set resume_ignore_no_checkpoint: true to start from scratch)")
+    return path
 
 
 def compile_encoder(model: nn.Module, backend: str) -> None:
@@ -231,6 +280,7 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
     if run.model.train_ds is None:
         raise ValueError("model.train_ds is required")
     check_probe_monitor(em_cfg.checkpoint_callback_params.monitor, tc)
+    sharded = check_sharded(tc, em_cfg)
     name = em_cfg.name or run.name
 
     # ---- distributed, seeds, model, optimizer, data ---------------------------------------------------
@@ -239,11 +289,11 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
     torch.backends.cudnn.benchmark = bool(tc.benchmark)
     model = build_model(plain["model"]).to(dist.device)
     health_monitor = HealthMonitor(model, tc.health)  # forward hooks: sums on the device, read on log steps only
+    if tc.activation_checkpointing != "none":
+        checkpoint_layers(model, tc.activation_checkpointing)
     if tc.compile:
         compile_encoder(model, tc.compile_backend)
     init_lines = init_from_pretrained(model, plain)  # NeMo's init_from_*: strict=False; a resume below overrides it
-    optimizer = build_optimizer(model, run.model.optim)
-    scheduler = build_scheduler(optimizer, run.model.optim, tc.max_steps)
     amp_dtype, scaler = precision_setup(tc.precision, dist.device)
     train_loader, train_mix = build_loader(run.model.train_ds, rank=dist.rank, world_size=dist.world_size,
                                            seed=run.seed, is_train=True)
@@ -251,14 +301,23 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
     if run.model.validation_ds is not None:
         val_loader, val_mix = build_loader(run.model.validation_ds, rank=dist.rank, world_size=dist.world_size,
                                            seed=run.seed, is_train=False)
+    if tc.fit_scan:  # before DDP/FSDP: the scan must not all-reduce gradients
+        shape = largest_batch(train_loader, run.model.train_ds)
+        init_lines.append(fit_scan(model, shape, run.model.sample_rate, amp_dtype, dist.device))
+    step_model = wrap(model, dist, tc)  # before the optimizer: FSDP replaces the parameters by sharded ones
+    step_model.train()
+    optimizer = build_optimizer(model, run.model.optim)
+    scheduler = build_scheduler(optimizer, run.model.optim, tc.max_steps)
     logdir = Path(dist_utils.broadcast_object(str(em.log_dir(em_cfg, run.name))))  # same datetime version
     ckpt_dir = em.checkpoint_dir(em_cfg, logdir)
     writer = em.CheckpointWriter(em_cfg, name, ckpt_dir, plain, dist.is_main, model=model, optimizer=optimizer,
-                                 scheduler=scheduler, scaler=scaler)
+                                 scheduler=scheduler, scaler=scaler, sharded=sharded)
 
     # ---- resume ---------------------------------------------------------------------------------------
     saved, unreadable, init_lines = None, [], init_lines + [dist_utils.devices_note(tc, dist.world_size)]
-    if em_cfg.resume_from_checkpoint:
+    if sharded:
+        saved = sharded_resume_point(em_cfg, ckpt_dir)
+    elif em_cfg.resume_from_checkpoint:
         saved = ckpt.load_named(em_cfg.resume_from_checkpoint, "exp_manager.resume_from_checkpoint")
     elif em_cfg.resume_if_exists:
         _, saved = ckpt.load_latest(ckpt_dir, unreadable)
@@ -269,8 +328,12 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
                                     "(set resume_ignore_no_checkpoint: true to start from scratch)")
     state, limits = ckpt.TrainState(), Limits.of(tc)
     if saved is not None:
-        state = ckpt.restore(saved, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-        train_loader.load_state_dict(saved["loader"])
+        if sharded:
+            state, loader_state = dcp_checkpoint.restore(saved, model=model, optimizer=optimizer, scheduler=scheduler)
+        else:
+            state = ckpt.restore(saved, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+            loader_state = saved["loader"]
+        train_loader.load_state_dict(loader_state)
         if limits.reached(state):  # a finished run: say so and leave its directory as it is
             make_logger(dist.is_main, None, False).info(f"{name}: {limits.describe(state)} in {ckpt_dir}; nothing "
                                                         "to do (raise trainer.max_steps / max_epochs to go on)")
@@ -279,11 +342,6 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
                     "val_loss": state.last_val, "skipped_steps": state.skipped_steps, "probe": state.last_probe}
     if dist.is_main and (saved is not None or em_cfg.resume_if_exists):
         init_lines += [f"removed {n} (left by an interrupted save)" for n in writer.tidy(state)]
-    if tc.fit_scan:  # before DDP: the scan must not all-reduce gradients
-        shape = largest_batch(train_loader, run.model.train_ds)
-        init_lines.append(fit_scan(model, shape, run.model.sample_rate, amp_dtype, dist.device))
-    step_model = dist_utils.wrap_model(TrainStep(model), dist, tc.sync_batchnorm)
-    step_model.train()
 
     # ---- logging --------------------------------------------------------------------------------------
     tb_dir = None
@@ -342,7 +400,7 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
         gen = torch.Generator(dist.device).manual_seed(step_seed(run.seed, state.step, dist.rank,
                                                                  stream=1000 + state.micro))
         batch = train_mix(batch, gen) if train_mix is not None else batch
-        with dist_utils.maybe_no_sync(step_model, last_micro):
+        with fsdp.accumulation(step_model, last_micro):  # DDP's no_sync / FSDP's deferred reduce-scatter
             with torch.autocast(dist.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 out = step_model(batch, gen, state.step)
             loss = out["loss"].float() / accum
@@ -356,7 +414,9 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
         if scaler is not None:
             scaler.unscale_(optimizer)
         groups = grad_norms(model) if tc.health.enabled and (state.step + 1) % tc.log_every_n_steps == 0 else None
-        grad_norm = clip_gradients(model, tc)
+        if sharded and groups:
+            groups = {g: fsdp.replicated(v) for g, v in groups.items()}  # norms over every rank's shards
+        grad_norm = clip_gradients(model, tc, sharded)
         loss_val, grad_norm, tok, bad, preempted = step_stats(window_loss, grad_norm, tokens, scaler is None,
                                                                preempt.requested(), dist.device)
         window_loss = tokens = torch.zeros((), device=dist.device)
@@ -419,6 +479,7 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
         if val_loader is not None:                          # name carries its own val_loss, not an older one
             run_validation()
         writer.save(state, train_loader.state_dict(), rank=val_loader is not None and not writer.monitors_probe)
+    writer.finish(close=True)  # a background (async_save) write is committed before the run returns
     if exit_code == 0:
         log.info(summary(state, history, time.time() - t_start, writer))
 
@@ -447,13 +508,18 @@ def probe_scores(model: nn.Module, tc: TrainerConfig) -> dict:
     return {k: v for k, v in result.items() if k.startswith("probe_")} | weights
 
 
-def clip_gradients(model: nn.Module, tc: TrainerConfig) -> torch.Tensor:
+def clip_gradients(model: nn.Module, tc: TrainerConfig, sharded: bool = False) -> torch.Tensor:
     """Total gradient norm before clipping, as a device tensor (reading it is left to step_stats); clips by norm or
-    value when gradient_clip_val > 0."""
+    value when gradient_clip_val > 0. Sharded gradients: the norm over every rank's shards."""
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return torch.zeros(())
     clip = tc.gradient_clip_val or 0.0
+    if sharded:
+        norm = fsdp.clip_grad_norm(params, clip if tc.gradient_clip_algorithm == "norm" else 0.0)
+        if clip > 0 and tc.gradient_clip_algorithm == "value":
+            fsdp.clip_grad_value(params, clip)
+        return norm
     if clip > 0 and tc.gradient_clip_algorithm == "value":
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         torch.nn.utils.clip_grad_value_(params, clip)

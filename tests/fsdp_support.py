@@ -30,7 +30,7 @@ def model_config(norm: str = "batch_norm", dropout: float = 0.0) -> dict:
 
 
 def build(norm: str = "batch_norm", dropout: float = 0.0):
-    from nest_ssl.models import EncDecDenoiseMaskedTokenPredModel
+    from nest_ssl.nest.model import EncDecDenoiseMaskedTokenPredModel
 
     torch.manual_seed(0)
     return EncDecDenoiseMaskedTokenPredModel(model_config(norm, dropout)).train()

@@ -319,7 +319,8 @@ def test_unknown_key_in_any_section_of_any_config_names_it(path, section):
 
 
 @pytest.mark.parametrize("override,allowed", [
-    ("trainer.precision=fp8", "'bf16-mixed'"), ("trainer.accelerator=tpu", "'cpu'"), ("trainer.strategy=fsdp", "'ddp'"),
+    ("trainer.precision=fp8", "'bf16-mixed'"), ("trainer.accelerator=tpu", "'cpu'"),
+    ("trainer.strategy=deepspeed", "'fsdp'"),
     ("model.optim.name=lamb", "'adamw'"), ("model.optim.sched.name=Poly", "'NoamAnnealing'"),
     ("model.mask_position=middle", "'post_conv'"), ("exp_manager.checkpoint_callback_params.mode=best", "'max'"),
 ])
