@@ -131,3 +131,13 @@ if __name__ == "__main__":  # subprocess driver: python tests/train_support.py C
     torch.set_num_threads(1)
     result = train_tiny(json.loads(open(sys.argv[1]).read()), sleep=float(sys.argv[2]))
     sys.exit(result["exit_code"])
+
+
+def sequential_worker(rank: int, world: int, ports: list, cfgs: list, out: str):
+    """Several train() runs one after another in the same processes (one process group each, own port)."""
+    for i, (port, cfg) in enumerate(zip(ports, cfgs)):
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+        torch.set_num_threads(1)
+        res = train_tiny(cfg)
+        torch.save(res["losses"], f"{out}/run{i}_losses_rank{rank}.pt")

@@ -1,0 +1,61 @@
+"""train() with trainer.strategy=fsdp on 2 gloo processes: the same losses and weights as ddp, sharded
+checkpoints written in the background, and a resumed fsdp run that continues bit for bit."""
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from nest_ssl import checkpoint as ckpt
+from nest_ssl import dcp_checkpoint
+from tests.test_train_ddp import free_port
+from tests.train_support import make_data, run_config, sequential_worker
+
+
+@pytest.mark.slow
+def test_fsdp_train_equals_ddp_and_resumes_bit_exact(tmp_path):
+    data = make_data(tmp_path / "demo")
+    kw = dict(batch_size=2, shuffle=False, val_every=2, gradient_clip_val=1.0)
+    ddp = run_config(data, tmp_path / "ddp", max_steps=4, **kw)
+    fsdp = run_config(data, tmp_path / "fsdp", max_steps=4, strategy="fsdp", **kw)
+    fsdp["exp_manager"]["checkpoint_callback_params"]["async_save"] = True
+    first = run_config(data, tmp_path / "resumed", max_steps=2, strategy="fsdp", **kw)
+    resumed = run_config(data, tmp_path / "resumed", max_steps=4, strategy="fsdp", **kw)
+    cfgs = [ddp, fsdp, first, resumed]
+    mp.spawn(sequential_worker, args=(2, [free_port() for _ in cfgs], cfgs, str(tmp_path)), nprocs=2, join=True)
+
+    def losses(run):
+        return [torch.tensor(torch.load(tmp_path / f"run{run}_losses_rank{r}.pt")) for r in range(2)]
+
+    for d, f in zip(losses(0), losses(1)):
+        assert len(f) == 4
+        torch.testing.assert_close(f, d, rtol=1e-5, atol=1e-6)
+    for f, a, b in zip(losses(1), losses(2), losses(3)):  # 2 steps, then 2 more after the resume
+        assert torch.equal(torch.cat([a, b]), f)
+
+    d_state = ckpt.load(next((tmp_path / "ddp" / "tiny" / "checkpoints").glob("*-last.ckpt")))["state_dict"]
+    fsdp_dir = tmp_path / "fsdp" / "tiny" / "checkpoints"
+    last = dcp_checkpoint.latest(fsdp_dir)
+    assert last.name.endswith("step=4-last.dcp") and not list(fsdp_dir.glob("*.tmp"))
+    assert len(list(fsdp_dir.glob("*-last.dcp"))) == 1  # the step-2 one was deleted once step 4's was committed
+    _, f_state = dcp_checkpoint.read_weights(last)
+    r_state = dcp_checkpoint.read_weights(dcp_checkpoint.latest(tmp_path / "resumed" / "tiny" / "checkpoints"))[1]
+    for k, v in d_state.items():
+        torch.testing.assert_close(f_state[k], v, rtol=1e-5, atol=1e-6, msg=k)
+        assert torch.equal(r_state[k], f_state[k]), k
+
+
+def test_async_save_needs_fsdp(tmp_path):
+    from tests.train_support import train_tiny
+
+    cfg = run_config({"train": "x", "val": "x", "noise": "x"}, tmp_path)
+    cfg["exp_manager"]["checkpoint_callback_params"]["async_save"] = True
+    with pytest.raises(ValueError, match="async_save=true .* needs trainer.strategy=fsdp"):
+        train_tiny(cfg)
+
+
+def test_activation_checkpointing_needs_a_conformer_encoder(tmp_path):
+    from tests.train_support import train_tiny
+
+    data = make_data(tmp_path / "demo")
+    cfg = run_config(data, tmp_path / "x", activation_checkpointing="full")
+    with pytest.raises(ValueError, match="activation_checkpointing='full': TinyModel has no Conformer encoder"):
+        train_tiny(cfg)
