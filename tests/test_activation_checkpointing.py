@@ -11,17 +11,19 @@ TINY = dict(feat_in=80, n_layers=3, d_model=32, n_heads=2, subsampling="dw_strid
             dropout_emb=0.0)
 
 
-def _step(mode, impl="torch", compile_backend=None, seed=0):
+def _step(mode, impl="torch", compile_backend=None, seed=0, n_layers=3, frames=136):
     """One training forward/backward from the same weights and RNG state -> (output, grads, BN buffers, #recomputes)."""
     torch.manual_seed(123)
-    enc = ConformerEncoder(ConformerEncoderConfig(**TINY, attention_impl=impl, conv_impl=impl)).train()
+    cfg = ConformerEncoderConfig(**{**TINY, "n_layers": n_layers}, attention_impl=impl, conv_impl=impl)
+    enc = ConformerEncoder(cfg).train()
     enc.set_activation_checkpointing(mode)
     if compile_backend:
         enc.compile_layers(backend=compile_backend)
     calls = []
     for layer in enc.layers:  # counts layer runs: a checkpointed layer runs twice
         layer.register_forward_pre_hook(lambda m, a: calls.append(1))
-    x, lengths = torch.randn(2, 80, 136, generator=torch.Generator().manual_seed(1)), torch.tensor([136, 77])
+    x = torch.randn(2, 80, frames, generator=torch.Generator().manual_seed(1))
+    lengths = torch.tensor([frames, frames * 5 // 9])
     torch.manual_seed(seed)
     out, _ = enc(x, lengths)
     out.square().mean().backward()
@@ -50,15 +52,15 @@ def test_checkpointing_equals_no_checkpointing_with_dropout(mode, runs):
 
 
 def test_checkpointing_with_triton_kernels_and_dropout(triton_interpret):
-    ref = _step("none", impl="triton")
-    got = _step("full", impl="triton")
-    assert got[3] == 6
+    ref = _step("none", impl="triton", n_layers=1, frames=88)  # interpreter: one layer, 11 frames after subsampling
+    got = _step("full", impl="triton", n_layers=1, frames=88)
+    assert got[3] == 2
     _assert_same(got, ref)  # the attention kernel's Philox seed comes back with the restored CPU generator
 
 
 def test_checkpointing_with_compiled_layers():
-    ref = _step("none", compile_backend="aot_eager")
-    got = _step("full", compile_backend="aot_eager")
+    ref = _step("none", compile_backend="aot_eager", n_layers=1, frames=88)
+    got = _step("full", compile_backend="aot_eager", n_layers=1, frames=88)
     _assert_same(got, ref, exact=False)
 
 
