@@ -90,6 +90,15 @@ def _checkpoint_group():
     return _async_group
 
 
+def close() -> None:
+    """Destroy the background-write group (before the process group is torn down, so no destructor of a gloo
+    group runs later, at interpreter exit)."""
+    global _async_group
+    if _async_group is not None and dist.is_initialized():
+        dist.destroy_process_group(_async_group)
+    _async_group = None
+
+
 def save(path: str | os.PathLike, model, optimizer, train_state: dict, rank_state: dict,
          async_save: bool = False) -> Path | AsyncSave:
     """Write a checkpoint directory `path` (ending in .dcp) from every rank (a collective).

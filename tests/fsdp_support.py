@@ -195,7 +195,10 @@ def dcp_worker(rank: int, world: int, port: int, out: str, modes: list) -> None:
     step 1 written while step 2 trains. resume (fresh model and optimizer): the latest checkpoint, then steps 2-3."""
     import torch.distributed as dist
 
+    from nest_ssl import dcp_checkpoint
+
     init_dist(rank, world, port)
     for mode in modes:
         _dcp_run(rank, world, out, mode)
+    dcp_checkpoint.close()
     dist.destroy_process_group()
