@@ -110,3 +110,25 @@ def test_chunked_head_keeps_less_memory_alive():
             _loss_and_grads(dec, loss, masks, enc, tokens, chunk)
         peaks.append(mem.peak)
     assert peaks[1] < 0.5 * peaks[0]  # 512 frames of logits vs 64 at a time
+
+
+def test_full_log_probs_when_something_reads_the_loss_inputs():
+    """trainer.health hooks the loss module to read the log-probs: then the step goes through decoder.forward."""
+    from nest_ssl.data.batch import AudioNoiseBatch
+    from nest_ssl.nest.model import EncDecDenoiseMaskedTokenPredModel
+
+    torch.manual_seed(0)
+    model = EncDecDenoiseMaskedTokenPredModel(json.loads((SET / "config.json").read_text())["model"]).train()
+    audio, lens = torch.randn(2, 16000), torch.tensor([16000, 12000])
+    batch = AudioNoiseBatch(audio=audio, audio_len=lens, noise=torch.zeros_like(audio), noise_len=lens,
+                            noisy_audio=audio, noisy_audio_len=lens)
+    decoded = []
+    model.decoder.register_forward_hook(lambda *a: decoded.append(1))
+    losses = []
+    for hooked in (False, True):
+        if hooked:
+            model.loss.register_forward_hook(lambda *a: None)
+        torch.manual_seed(1)  # the same dropout draws
+        losses.append(model.training_step(batch, generator=torch.Generator().manual_seed(0))["loss"])
+    assert decoded == [1]  # only the hooked step built the full log-probs
+    assert torch.equal(losses[0], losses[1])

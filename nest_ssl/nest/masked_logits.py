@@ -17,7 +17,8 @@ count below B*T', so any smaller capacity could drop tokens. Chunking is exact a
 extra head forward in backward (the head is ~4 % of a NEST-L step's FLOPs: +1 %). Up to `chunk` frames per batch the
 loss and every gradient are bit-identical to `MultiMLMLoss(decoder(encoded))`'s (the same ops on the same shapes);
 beyond it the logits come from smaller GEMMs and the head's weight gradient is summed slice by slice, so results
-agree to fp32 rounding (1e-6 relative on the parity set), not bit for bit.
+agree to fp32 rounding (1e-6 relative on the parity set), not bit for bit. The model takes this path only when
+nothing hooks its loss module (the health monitor does, to read the full log-probs).
 """
 from __future__ import annotations
 

@@ -96,6 +96,11 @@ class EncDecMaskedTokenPredModel(nn.Module):
         # no full (B, T', C, H) log-probs. 0 = through decoder.forward, as NeMo.
         self.loss_logits_chunk = DEFAULT_CHUNK
 
+    def _loss_only(self) -> bool:
+        """The chunked head serves when the loss is all that is needed: not when something hooks the loss module
+        to read the full log-probs (trainer.health's masked accuracy and prediction statistics)."""
+        return self.loss_logits_chunk > 0 and not self.loss._forward_hooks and not self.loss._forward_pre_hooks
+
     @classmethod
     def from_config(cls, model_cfg: dict, burn_rng: bool = False, device: str | torch.device | None = None):
         return cls(model_cfg, burn_rng=burn_rng, device=device)
@@ -175,14 +180,14 @@ class EncDecMaskedTokenPredModel(nn.Module):
 
     def training_step(self, batch, generator: torch.Generator | None = None, global_step: int | None = None) -> dict:
         """`global_step` is accepted for the shared train loop; NEST has no step-dependent behaviour."""
-        chunked = self.loss_logits_chunk > 0
+        chunked = self._loss_only()
         out = self(**self._step_inputs(batch), apply_mask=True, generator=generator, decode=not chunked)
         loss, stats = self.compute_loss(*out, from_encoded=chunked)
         return {"loss": loss, **stats}
 
     def validation_step(self, batch, generator: torch.Generator | None = None) -> dict:
         with torch.no_grad():
-            chunked = self.loss_logits_chunk > 0
+            chunked = self._loss_only()
             out = self(**self._step_inputs(batch), apply_mask=True, generator=generator, decode=not chunked)
             loss, stats = self.compute_loss(*out, from_encoded=chunked)
         return {"loss": loss, "val_loss": loss, **stats}
