@@ -53,7 +53,11 @@ def setup(accelerator: str = "auto") -> DistInfo:
 
 
 def teardown() -> None:
+    """Called by every rank on the same decision (the step's all-reduced flags), never after an error."""
     if dist.is_initialized():
+        # All ranks leave together: a rank that destroys the group (and frees its DDP reducer) while another still
+        # writes its checkpoint or finishes a collective was seen to deadlock gloo's teardown under load.
+        dist.barrier()
         dist.destroy_process_group()
 
 
