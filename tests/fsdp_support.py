@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +13,6 @@ from torch import nn
 
 PARITY = Path(__file__).parent / "fixtures" / "parity"
 CFG = json.loads((PARITY / "nest_tiny" / "config.json").read_text())["model"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def model_config(norm: str = "batch_norm", dropout: float = 0.0) -> dict:

@@ -7,7 +7,8 @@ import torch
 import torch.multiprocessing as mp
 
 from nest_ssl import dcp_checkpoint
-from tests.fsdp_support import dcp_worker, free_port
+from tests.fsdp_support import dcp_worker
+from tests.train_support import free_port
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import torch
 import torch.multiprocessing as mp
 
 from nest_ssl import fsdp
-from tests.fsdp_support import free_port, single_run, strategy_worker
+from tests.fsdp_support import single_run, strategy_worker
+from tests.train_support import free_port
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 ranks, an empty validation set or an epoch without a training batch stops at start-up with the numbers."""
 
 import json
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from nest_ssl.config import from_dict
 from nest_ssl.data import build_dataloader
 from nest_ssl.data.config import DatasetConfig
 from nest_ssl.train import REQUEUE_EXIT_CODE
-from tests.train_support import ddp_worker, make_data, run_config, train_tiny
+from tests.train_support import ddp_worker, free_port, make_data, run_config, train_tiny
 
 SR = 16000
 
@@ -79,12 +78,6 @@ def test_train_with_zero_batches_per_epoch_stops_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="0 training batches per epoch: .* items with batch_size=32"):
         train_tiny(cfg)
     assert not (tmp_path / "exp").exists()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

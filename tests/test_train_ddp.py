@@ -1,6 +1,5 @@
 """A 2-process gloo DDP run equals the 1-process run on the union batch (tiny stand-in model, CPU)."""
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -9,13 +8,7 @@ import torch.multiprocessing as mp
 
 from nest_ssl import checkpoint as ckpt
 from nest_ssl.train import REQUEUE_EXIT_CODE
-from tests.train_support import ddp_worker, make_data, run_config, train_tiny
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.train_support import ddp_worker, free_port, make_data, run_config, train_tiny
 
 
 @pytest.mark.slow

@@ -6,8 +6,7 @@ import torch.multiprocessing as mp
 
 from nest_ssl import checkpoint as ckpt
 from nest_ssl import dcp_checkpoint
-from tests.test_train_ddp import free_port
-from tests.train_support import make_data, run_config, sequential_worker
+from tests.train_support import free_port, make_data, run_config, sequential_worker
 
 
 @pytest.mark.slow

@@ -1,7 +1,6 @@
 """train() with the health metrics (trainer.health, on by default) and the probe (trainer.probe) wired in: the
 scalars reach TensorBoard, and exp_manager's top-k can follow probe_cer."""
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from nest_ssl import checkpoint as ckpt
 from nest_ssl.data.probe_corpus import write_probe_corpus
 from nest_ssl.run_config import load_config
 from nest_ssl.train import train
-from tests.train_support import make_data
+from tests.train_support import free_port, make_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,10 +70,7 @@ def test_two_ranks_share_rank_zeros_probe_scores(tmp_path):
     """Rank 0 probes alone; the broadcast gives every rank the same scores, so top-k decisions agree."""
     data = make_data(tmp_path / "demo")
     corpus = write_probe_corpus(tmp_path / "probe", num_train=8, num_eval=4, seed=0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_rank, args=(port, config(data, tmp_path / "run", probe_overrides(corpus)), str(tmp_path)), nprocs=2,
-             join=True)
+    cfg = config(data, tmp_path / "run", probe_overrides(corpus))
+    mp.spawn(_rank, args=(free_port(), cfg, str(tmp_path)), nprocs=2, join=True)
     scores = [torch.load(tmp_path / f"probe_rank{r}.pt") for r in range(2)]
     assert scores[0] == scores[1] and "probe_cer" in scores[0]

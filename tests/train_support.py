@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import copy
 import os
+import socket
 from unittest import mock
 
 import torch
 from torch import nn
+
+
+def free_port() -> int:
+    """A port for a 2-process gloo rendezvous (MASTER_PORT), picked by the OS instead of a fixed number."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 class Crash(RuntimeError):
