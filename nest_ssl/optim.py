@@ -31,15 +31,16 @@ class SchedConfig:
     d_model: Optional[int] = None
     warmup_steps: Optional[int] = None
     warmup_ratio: Optional[float] = None
-    hold_steps: Optional[int] = None   # accepted for schema compatibility (NeMo's hold variants); must stay None
-    hold_ratio: Optional[float] = None
     min_lr: float = 0.0
     max_steps: Optional[int] = None
-    last_epoch: int = -1
-    monitor: str = "loss"    # Lightning scheduler-dict keys NeMo accepts; only interval=step is supported
+    # NeMo keys whose other values would change the schedule and are not implemented: only their defaults load
+    hold_steps: Literal[None] = None   # NeMo's hold variants
+    hold_ratio: Literal[None] = None
+    last_epoch: Literal[-1] = -1
     interval: Literal["step"] = "step"
-    frequency: int = 1
-    reduce_on_plateau: bool = False
+    frequency: Literal[1] = 1
+    reduce_on_plateau: Literal[False] = False
+    monitor: str = "loss"    # ReduceLROnPlateau's metric: without it, no effect (run_config.IGNORED_KEYS)
 
 
 @dataclass
@@ -146,8 +147,6 @@ class Scheduler(torch.optim.lr_scheduler.LRScheduler):
     def __init__(self, optimizer: torch.optim.Optimizer, sched: SchedConfig, max_steps: Optional[int]):
         if sched.name not in SCHEDULERS:
             raise ValueError(f"model.optim.sched.name={sched.name!r} is not supported; allowed: {SCHEDULERS}")
-        if sched.interval != "step":
-            raise ValueError(f"model.optim.sched.interval={sched.interval!r}; only 'step' is supported")
         self.sched, self.max_steps = sched, max_steps
         _warmup(sched, max_steps)  # validate early
         for g in optimizer.param_groups:

@@ -136,6 +136,8 @@ _DS_IGNORED = {
     "defer_setup": (False, "loaders are built when training starts"),
     "global_rank": (None, "the rank comes from torchrun"),
     "world_size": (None, "the world size comes from torchrun"),
+    "bucketing_strategy": ("synced_randomized", "it applies to bucketing_batch_size (not supported); batch_duration "
+                           "buckets are reshuffled every epoch"),
     "persistent_workers": (False, "workers restart every epoch: the datasets seed their draws from the epoch"),
 }
 
@@ -148,6 +150,7 @@ IGNORED_KEYS: dict[str, tuple[Any, str]] = {
     "trainer.deterministic": (False, "seeded CPU runs are reproducible without it; GPU kernels are not forced"),
     "trainer.use_distributed_sampler": (True, "the data loaders always shard by rank"),
     "trainer.enable_model_summary": (True, "the parameter count is always logged"),
+    "model.optim.sched.monitor": ("loss", "ReduceLROnPlateau is not supported"),
     "exp_manager.resume_past_end": (False, "a finished run resumes and stops at once"),
     "exp_manager.summary_writer_kwargs": (None, "TensorBoard runs with its defaults"),
     "exp_manager.create_wandb_logger": (False, "only TensorBoard is written"),
@@ -185,8 +188,8 @@ def warn_ignored(run: RunConfig) -> list[str]:
         *parents, last = key.split(".")
         node: Any = run
         for part in parents:
-            node = getattr(node, part)
-        if node is not None and getattr(node, last) != default:  # None: an absent optional section
+            node = getattr(node, part) if node is not None else None  # None: an absent optional section
+        if node is not None and getattr(node, last) != default:
             warnings.warn(f"{key}={getattr(node, last)!r} has no effect in nest_ssl ({why})", UserWarning,
                           stacklevel=2)
             hits.append(key)
