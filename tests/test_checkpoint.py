@@ -8,7 +8,7 @@ import torch
 
 from nest_ssl import checkpoint as ckpt
 from nest_ssl.config import from_dict
-from nest_ssl.exp_manager import ExpManagerConfig, TopK, format_name, log_dir
+from nest_ssl.exp_manager import CheckpointWriter, ExpManagerConfig, TopK, format_name, log_dir
 
 
 def test_rng_state_round_trips_through_weights_only_file(tmp_path):
@@ -65,3 +65,42 @@ def test_log_dir_layout(tmp_path):
     assert log_dir(cfg, "x") == tmp_path / "x" / "v1"
     with pytest.raises(ValueError, match=r"exp_manager\.checkpoint_callback_params\.mode='best'"):
         from_dict(ExpManagerConfig, {"checkpoint_callback_params": {"mode": "best"}}, "exp_manager")
+
+
+def _writer(tmp_path, save_top_k=2, mode="min"):
+    model = torch.nn.Linear(2, 2)
+    cfg = from_dict(ExpManagerConfig, {"checkpoint_callback_params": {"save_top_k": save_top_k, "mode": mode}})
+    return CheckpointWriter(cfg, "run", tmp_path, {"model": {}}, True, model=model,
+                            optimizer=torch.optim.SGD(model.parameters(), lr=0.1), scheduler=None, scaler=None)
+
+
+def test_writer_keeps_one_last_file_and_the_top_k(tmp_path):
+    writer, state = _writer(tmp_path), ckpt.TrainState()
+    for step, val in [(1, 3.0), (2, 1.0), (3, 2.0), (4, 5.0)]:
+        state.step, state.last_val = step, val
+        writer.save(state, {"epoch": 0, "start": step})
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["run--val_loss=1.000-step=2.ckpt", "run--val_loss=2.000-step=3.ckpt",
+                     "run--val_loss=5.000-step=4-last.ckpt"]
+    assert [score for score, _ in state.topk] == [1.0, 2.0] and writer.saved_step == 4
+    saved = ckpt.load(tmp_path / names[-1])
+    assert saved["train_state"]["topk"] == state.topk and saved["loader"] == {"epoch": 0, "start": 4}
+
+
+def test_writer_alone_rank_save_leaves_the_top_k_alone(tmp_path):
+    writer, state = _writer(tmp_path), ckpt.TrainState(step=7, micro=1, last_val=0.5)
+    path = writer.save(state, {"epoch": 1, "start": 2}, sync=False)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name] and path.name.endswith("step=7-last.ckpt")
+    assert state.topk == [] and ckpt.load(path)["train_state"]["micro"] == 0  # the loader position was rewound
+
+
+def test_restore_returns_the_train_state_and_reads_older_files(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = ckpt.TrainState(step=5, epoch=1, last_val=0.25, bad_streak=2, skipped_steps=3, topk=[[0.25, "a.ckpt"]])
+    saved = ckpt.state(model=model, optimizer=opt, scheduler=None, scaler=None, train_state=state, loader_state={},
+                       config={})
+    assert ckpt.restore(saved, model=model, optimizer=opt, scheduler=None, scaler=None) == state
+    older = {k: v for k, v in saved.items() if k != "train_state"} | {"topk": {"best": [[0.25, "a.ckpt"]]}}
+    assert ckpt.restore(older, model=model, optimizer=opt, scheduler=None, scaler=None) == \
+        ckpt.TrainState(step=5, epoch=1, topk=[[0.25, "a.ckpt"]])
