@@ -79,9 +79,9 @@ class ExpManagerConfig:
     resume_ignore_unreadable_checkpoints: bool = False
     create_tensorboard_logger: bool = True
     summary_writer_kwargs: Optional[dict] = None
-    create_wandb_logger: bool = False         # accepted, ignored (warning)
+    create_wandb_logger: bool = False
     wandb_logger_kwargs: Optional[dict] = None
-    create_mlflow_logger: bool = False        # accepted, ignored (warning)
+    create_mlflow_logger: bool = False
     mlflow_logger_kwargs: Optional[dict] = None
     create_checkpoint_callback: bool = True
     checkpoint_callback_params: CheckpointCallbackParams = field(default_factory=CheckpointCallbackParams)

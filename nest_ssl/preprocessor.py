@@ -58,8 +58,8 @@ class AudioToMelSpectrogramPreprocessorConfig:
     nb_max_freq: int = 4000
     mel_norm: str | None = "slaney"
     use_torchaudio: bool = False  # deprecated in NeMo; True (torchaudio's FilterbankFeaturesTA) is not supported
-    stft_exact_pad: bool = False  # deprecated in NeMo, ignored
-    stft_conv: bool = False  # deprecated in NeMo, ignored
+    stft_exact_pad: bool = False  # deprecated in NeMo, ignored (run_config.IGNORED_KEYS)
+    stft_conv: bool = False  # deprecated in NeMo, ignored (run_config.IGNORED_KEYS)
     # extras of ours: FilterbankFeatures arguments NeMo's preprocessor does not expose (NeMo defaults)
     max_duration: float = 16.7  # seconds; only used by pad_to="max"
     use_grads: bool = False  # False: forward runs under no_grad, as NeMo

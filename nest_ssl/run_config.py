@@ -151,6 +151,10 @@ IGNORED_KEYS: dict[str, tuple[Any, str]] = {
     "trainer.use_distributed_sampler": (True, "the data loaders always shard by rank"),
     "trainer.enable_model_summary": (True, "the parameter count is always logged"),
     "model.optim.sched.monitor": ("loss", "ReduceLROnPlateau is not supported"),
+    "model.preprocessor.stft_exact_pad": (False, "deprecated in NeMo, which ignores it too"),
+    "model.preprocessor.stft_conv": (False, "deprecated in NeMo, which ignores it too"),
+    "model.spec_augment.use_numba_spec_augment": (False, "the vectorised torch path always runs"),
+    "model.encoder.use_pytorch_sdpa": (False, "attention runs NeMo's explicit math (or our kernel)"),
     "exp_manager.resume_past_end": (False, "a finished run resumes and stops at once"),
     "exp_manager.summary_writer_kwargs": (None, "TensorBoard runs with its defaults"),
     "exp_manager.create_wandb_logger": (False, "only TensorBoard is written"),
@@ -187,11 +191,11 @@ def warn_ignored(run: RunConfig) -> list[str]:
     for key, (default, why) in IGNORED_KEYS.items():
         *parents, last = key.split(".")
         node: Any = run
-        for part in parents:
-            node = getattr(node, part) if node is not None else None  # None: an absent optional section
-        if node is not None and getattr(node, last) != default:
-            warnings.warn(f"{key}={getattr(node, last)!r} has no effect in nest_ssl ({why})", UserWarning,
-                          stacklevel=2)
+        for part in parents:  # dataclass sections, or the plain dicts of `_target_` sections
+            node = node.get(part) if isinstance(node, dict) else getattr(node, part, None)
+        value = node.get(last, default) if isinstance(node, dict) else getattr(node, last, default)
+        if value != default:
+            warnings.warn(f"{key}={value!r} has no effect in nest_ssl ({why})", UserWarning, stacklevel=2)
             hits.append(key)
     return hits
 

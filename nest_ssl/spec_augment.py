@@ -31,7 +31,7 @@ class SpectrogramAugmentationConfig:
     rng: random.Random | None = None  # Python RNG of SpecCutout and the legacy path (not settable from YAML)
     mask_value: float = 0.0
     use_vectorized_spec_augment: bool = True
-    use_numba_spec_augment: bool = False  # NeMo's CUDA numba kernel; ignored (the vectorised path runs instead)
+    use_numba_spec_augment: bool = False  # NeMo's CUDA numba kernel; ignored (run_config.IGNORED_KEYS)
 
 
 def _range_mask(start: torch.Tensor, width: torch.Tensor, size: int) -> torch.Tensor:
