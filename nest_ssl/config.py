@@ -277,67 +277,71 @@ def _bad(path: str, value: Any, tp: Any) -> ConfigError:
     return err
 
 
-def _convert(tp: Any, value: Any, path: str) -> Any:  # noqa: C901 - one branch per annotation kind
+def _scalar(tp: type, value: Any, path: str) -> Any:
+    """bool / int / float / str by YAML's habits: `5e4` is an int where one is wanted, `1e-3` read as a string by a
+    plain PyYAML loader is a float, `name: 123` is the string "123" (as OmegaConf does); no bool passes as a number."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and number and float(value).is_integer():
+        return int(value)
+    if tp is float and (number or isinstance(value, str)):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is str and (number or isinstance(value, str)):
+        return str(value)
+    raise _bad(path, value, tp)
+
+
+def _union(tp: Any, args: tuple, value: Any, path: str) -> Any:
+    if value is None and type(None) in args:
+        return None
+    if type(value) in args and type(value) in (bool, int, float, str):
+        return value  # exact match first: `1.0` stays a float in Union[int, float] (1 and 1.0 differ there)
+    options = [a for a in args if a is not type(None)]
+    if len(options) == 1:  # Optional[X]: X's own error names the key (an unknown key in a section, ...)
+        return _convert(options[0], value, path)
+    for arg in options:
+        try:
+            return _convert(arg, value, path)
+        except ConfigError:
+            pass
+    raise _bad(path, value, tp)
+
+
+def _sequence(tp: Any, origin: Any, args: tuple, value: Any, path: str) -> list | tuple:
+    if not isinstance(value, (list, tuple)):
+        raise _bad(path, value, tp)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(args) != len(value):
+            raise ConfigError(f"{path}={value!r}: expected {len(args)} items")
+        return tuple(_convert(a, v, f"{path}.{i}") for i, (a, v) in enumerate(zip(args, value)))
+    item = args[0] if args else Any
+    out = [_convert(item, v, f"{path}.{i}") for i, v in enumerate(value)]
+    return tuple(out) if (tp is tuple or origin is tuple) else out
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    """`value` as annotation `tp` wants it, or a ConfigError naming `path`, the value and the expected type."""
     if is_missing(value):
         return Missing(path)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any or tp is object:
         return value
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Union or origin is types.UnionType:
-        if value is None and type(None) in args:
-            return None
-        if type(value) in args and type(value) in (bool, int, float, str):
-            return value  # exact match first: `1.0` stays a float in Union[int, float] (1 and 1.0 differ there)
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:  # Optional[X]: X's own error names the key (an unknown key in a section, ...)
-            return _convert(options[0], value, path)
-        for arg in options:
-            try:
-                return _convert(arg, value, path)
-            except ConfigError:
-                pass
-        raise _bad(path, value, tp)
+        return _union(tp, args, value, path)
     if origin is typing.Literal:
         if value not in args:
             raise ConfigError(f"{path}={value!r}: allowed values are {list(args)}")
         return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise _bad(path, value, tp)
-        return value
-    if tp is int:
-        if isinstance(value, float) and value.is_integer():  # `5e4` is a float in YAML
-            return int(value)
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise _bad(path, value, tp)
-        return value
-    if tp is float:
-        if isinstance(value, str):  # `1e-3` read by a plain PyYAML loader
-            try:
-                return float(value)
-            except ValueError:
-                raise _bad(path, value, tp) from None
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise _bad(path, value, tp)
-        return float(value)
-    if tp is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # OmegaConf does the same for `name: 123`
-        if not isinstance(value, str):
-            raise _bad(path, value, tp)
-        return value
+    if tp in (bool, int, float, str):
+        return _scalar(tp, value, path)
     if tp in (list, tuple) or origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise _bad(path, value, tp)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise ConfigError(f"{path}={value!r}: expected {len(args)} items")
-            return tuple(_convert(a, v, f"{path}.{i}") for i, (a, v) in enumerate(zip(args, value)))
-        item = args[0] if args else Any
-        out = [_convert(item, v, f"{path}.{i}") for i, v in enumerate(value)]
-        return tuple(out) if (tp is tuple or origin is tuple) else out
+        return _sequence(tp, origin, args, value, path)
     if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise _bad(path, value, tp)
