@@ -1,4 +1,4 @@
-"""Conv subsampling of the FastConformer front (spec 3.2): `dw_striding` and `striding`, factors 2/4/8.
+"""Conv subsampling of the FastConformer front: `dw_striding` and `striding`, factors 2/4/8.
 
 NeMo >= 2.5 masks the time axis before every layer (ReLUs included) and after the last one, so padded frames never
 leak into valid ones. `out` is registered before `conv`, as in NeMo's state_dict.
