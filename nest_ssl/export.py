@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nest_ssl import nemo_io
-from nest_ssl.nemo_compat import build_model  # noqa: F401 - also part of this module's API
+from nest_ssl import checkpoint, nemo_io
+from nest_ssl.config import ConfigError, from_dict, resolve
+from nest_ssl.nemo_compat import NEMO_TARGET, TARGETS, build_model, nemo_target
+from nest_ssl.optim import OptimConfig, build_optimizer, build_scheduler
 
 NEMO_VERSION = "2.6.2"  # the NeMo release whose numbers we match; written into saved configs like NeMo does
 EXPORT_FORMATS = ("pt2", "onnx")
@@ -59,8 +61,6 @@ def _model_section(cfg, path: Path, where: str) -> dict:
     if not isinstance(cfg, dict) or "encoder" not in cfg:
         raise nemo_io.NemoFileError(f"{path}: no model config (a mapping with 'encoder') in {where}")
     if "${" in repr(cfg):  # a Lightning .ckpt may keep NeMo's `${model.x}` interpolations unresolved
-        from nest_ssl.config import resolve
-
         cfg = resolve({"model": cfg})["model"]
     return cfg
 
@@ -88,9 +88,6 @@ def training_state(path: str | os.PathLike, model: nn.Module, optim_cfg: dict) -
     built from `optim_cfg` (NeMo's `model.optim`) for `model` (weights already loaded), which checks the group
     layout; each moment tensor's shape is checked against its parameter's (torch does not).
     """
-    from nest_ssl.config import from_dict
-    from nest_ssl.optim import OptimConfig, build_optimizer, build_scheduler
-
     path = Path(path)
     ckpt = nemo_io.read_ptl_checkpoint(path)
     if not ckpt.get("optimizer_states") or "global_step" not in ckpt:
@@ -128,10 +125,8 @@ def to_training_checkpoint(src: str | os.PathLike, out: str | os.PathLike) -> Pa
     loads through load_pretrained / init_from_nemo_model, not as a resume point. A sharded `.dcp` directory gives
     weights, optimizer, scheduler, step and config (dcp_checkpoint.to_single_file).
     """
-    from nest_ssl import checkpoint
-
     if Path(src).is_dir():
-        from nest_ssl import dcp_checkpoint
+        from nest_ssl import dcp_checkpoint  # torch.distributed.checkpoint: loaded only for a sharded checkpoint
 
         return dcp_checkpoint.to_single_file(src, out)
 
@@ -156,8 +151,6 @@ def to_training_checkpoint(src: str | os.PathLike, out: str | os.PathLike) -> Pa
 
 def to_nemo_targets(node, path: str = "model"):
     """A copy with every `_target_` (ours or a NeMo alias) replaced by NeMo's canonical path; unknown ones raise."""
-    from nest_ssl.config import ConfigError
-    from nest_ssl.nemo_compat import NEMO_TARGET, TARGETS
 
     if isinstance(node, dict):
         out = {k: to_nemo_targets(v, f"{path}.{k}") for k, v in node.items()}
@@ -177,7 +170,6 @@ def to_nemo_targets(node, path: str = "model"):
 
 def nemo_model_config(model: nn.Module, model_cfg: dict) -> dict:
     """The `model_config.yaml` NeMo expects: NeMo `_target_`s, `target` = NeMo's class path, `nemo_version`."""
-    from nest_ssl.nemo_compat import nemo_target
 
     cfg = to_nemo_targets(copy.deepcopy(model_cfg))
     if cfg.get("mask_position") == "post_conv":
