@@ -1,4 +1,4 @@
-"""Transformer-XL relative-position multi-head attention, NeMo's `RelPositionMultiHeadAttention` (spec 3.5).
+"""Transformer-XL relative-position multi-head attention, NeMo's `RelPositionMultiHeadAttention`.
 
 `rel_pos_attention_torch` is the readable reference (and the CPU path) that the Triton kernel is tested against.
 """

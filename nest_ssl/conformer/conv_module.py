@@ -1,4 +1,4 @@
-"""Conformer convolution module, NeMo's `ConformerConvolution` (spec 3.4), kept in (B, T, C) layout.
+"""Conformer convolution module, NeMo's `ConformerConvolution`, kept in (B, T, C) layout.
 
 pointwise_conv1 (GEMM) -> GLU -> pad mask -> depthwise conv -> norm -> SiLU -> pointwise_conv2 (GEMM). The part between
 the two GEMMs is `glu_dwconv_norm_silu_torch`, the reference the Triton kernel matches. Parameters keep NeMo's Conv1d
