@@ -15,12 +15,6 @@ from nest_ssl.nemo_io import read_nemo, write_nemo
 NEST_TINY = PARITY / "nest_tiny"
 
 
-@pytest.fixture
-def encoder_impl():
-    """Which encoder the tiny model uses: always the real ConformerEncoder (kept as a fixture for the test ids)."""
-    return "real"
-
-
 def tiny_model_cfg() -> dict:
     return copy.deepcopy(json.loads((NEST_TINY / "config.json").read_text())["model"])
 
@@ -30,12 +24,10 @@ def parity_state() -> dict:
         return {k: torch.from_numpy(z[k]) for k in z.files}
 
 
-def tiny_model(encoder_impl):
-    """The nest_tiny model; NeMo's weights when the real encoder is there, a seeded init otherwise."""
-    torch.manual_seed(0)
+def tiny_model():
+    """The nest_tiny model with NeMo's weights."""
     model = export.build_model(tiny_model_cfg())
-    if encoder_impl == "real":
-        model.load_state_dict(parity_state(), strict=True)
+    model.load_state_dict(parity_state(), strict=True)
     model.model_cfg = tiny_model_cfg()
     return model.eval()
 
@@ -49,8 +41,8 @@ def assert_same_state(a: dict, b: dict):
 # ---- .nemo in and out ----------------------------------------------------------------------------------------
 
 
-def test_ours_to_nemo_to_ours_is_bit_identical(tmp_path, encoder_impl):
-    model = tiny_model(encoder_impl)
+def test_ours_to_nemo_to_ours_is_bit_identical(tmp_path):
+    model = tiny_model()
     path = export.save_nemo(model, model.model_cfg, tmp_path / "tiny.nemo")
     back = export.load_pretrained(path)
     assert type(back) is type(model)
@@ -58,8 +50,8 @@ def test_ours_to_nemo_to_ours_is_bit_identical(tmp_path, encoder_impl):
     assert back.state_dict()["quantizer.codebooks"].dtype == torch.float64  # NeMo keeps codebooks in float64
 
 
-def test_saved_config_has_nemo_targets_target_and_version(tmp_path, encoder_impl):
-    model = tiny_model(encoder_impl)
+def test_saved_config_has_nemo_targets_target_and_version(tmp_path):
+    model = tiny_model()
     cfg = tiny_model_cfg()
     cfg["masking"]["_target_"] = "nest_ssl.nest.masking.RandomBlockMasking"  # our own path goes out as NeMo's
     del cfg["target"], cfg["nemo_version"]
@@ -71,8 +63,8 @@ def test_saved_config_has_nemo_targets_target_and_version(tmp_path, encoder_impl
 
 @pytest.mark.parametrize("bad, needle", [({"_target_": "os.system"}, "os.system"),
                                          ("${model.sample_rate}", "unresolved")])
-def test_save_nemo_refuses_unknown_targets_and_unresolved_values(tmp_path, encoder_impl, bad, needle):
-    model = tiny_model(encoder_impl)
+def test_save_nemo_refuses_unknown_targets_and_unresolved_values(tmp_path, bad, needle):
+    model = tiny_model()
     cfg = tiny_model_cfg()
     cfg["extra"] = bad
     with pytest.raises(ValueError, match=needle):
@@ -80,9 +72,7 @@ def test_save_nemo_refuses_unknown_targets_and_unresolved_values(tmp_path, encod
     assert not (tmp_path / "m.nemo").exists()
 
 
-def test_nemo_written_archive_from_parity_state_loads_strict(tmp_path, encoder_impl):
-    if encoder_impl != "real":
-        pytest.skip("needs nest_ssl.conformer.encoder (NeMo's encoder keys)")
+def test_nemo_written_archive_from_parity_state_loads_strict(tmp_path):
     state = parity_state()
     path = write_nemo(tmp_path / "nemo_made.nemo", tiny_model_cfg(), state)  # what NeMo's save_to writes
     model = export.load_pretrained(path)
@@ -90,8 +80,8 @@ def test_nemo_written_archive_from_parity_state_loads_strict(tmp_path, encoder_i
     assert not model.training
 
 
-def test_missing_keys_are_refused(tmp_path, encoder_impl):
-    model = tiny_model(encoder_impl)
+def test_missing_keys_are_refused(tmp_path):
+    model = tiny_model()
     state = model.state_dict()
     state.pop(next(k for k in state if k.startswith("encoder.")))
     path = write_nemo(tmp_path / "m.nemo", tiny_model_cfg(), state)
@@ -99,8 +89,8 @@ def test_missing_keys_are_refused(tmp_path, encoder_impl):
         export.load_pretrained(path)
 
 
-def test_our_training_checkpoint_loads(tmp_path, encoder_impl):
-    model = tiny_model(encoder_impl)
+def test_our_training_checkpoint_loads(tmp_path):
+    model = tiny_model()
     run_cfg = {"name": "x", "model": tiny_model_cfg(), "trainer": {"max_steps": 1}}
     torch.save({"format_version": 1, "state_dict": model.state_dict(), "global_step": 3, "config": run_cfg},
                tmp_path / "x-last.ckpt")
@@ -117,48 +107,48 @@ def test_checkpoint_without_model_config_is_refused(tmp_path):
 # ---- torch.export / ONNX -------------------------------------------------------------------------------------
 
 
-def test_export_encoder_pt2_matches_eager_on_random_lengths(tmp_path, encoder_impl):
-    model = tiny_model(encoder_impl)
+def test_export_encoder_pt2_matches_eager_on_random_lengths(tmp_path):
+    model = tiny_model()
     info = export.export_encoder(model, tmp_path / "enc.pt2", max_time=4000)
     rep = export.verify_export(model, info["path"], n=4, max_time=300)
-    print(f"\n[{encoder_impl} encoder] pt2 export {info['seconds']:.2f} s, max rel err {rep['max_rel_err']:.2e}")
+    print(f"\npt2 export {info['seconds']:.2f} s, max rel err {rep['max_rel_err']:.2e}")
     assert rep["lengths_equal"] and rep["max_rel_err"] <= 1e-5
 
 
-def test_export_with_preprocessor_matches_eager_or_says_why(tmp_path, encoder_impl):
-    model = tiny_model(encoder_impl)
+def test_export_with_preprocessor_matches_eager_or_says_why(tmp_path):
+    model = tiny_model()
     try:
         info = export.export_encoder(model, tmp_path / "enc_pre.pt2", with_preprocessor=True)
     except RuntimeError as e:  # the STFT front-end may not trace; the error must say so and what to do instead
         assert "without --with-preprocessor" in str(e)
         pytest.skip(f"preprocessor does not export: {str(e)[:200]}")
     rep = export.verify_export(model, info["program"], with_preprocessor=True, n=3, max_time=8000)
-    print(f"\n[{encoder_impl} encoder] pt2+preprocessor {info['seconds']:.2f} s, rel err {rep['max_rel_err']:.2e}")
+    print(f"\npt2+preprocessor {info['seconds']:.2f} s, rel err {rep['max_rel_err']:.2e}")
     assert rep["lengths_equal"] and rep["max_rel_err"] <= 1e-4
 
 
-def test_bad_export_format_is_refused(tmp_path, encoder_impl):
+def test_bad_export_format_is_refused(tmp_path):
     with pytest.raises(ValueError, match="allowed"):
-        export.export_encoder(tiny_model(encoder_impl), tmp_path / "x", fmt="tflite")
+        export.export_encoder(tiny_model(), tmp_path / "x", fmt="tflite")
 
 
-def test_onnx_export(tmp_path, encoder_impl):
+def test_onnx_export(tmp_path):
     if not export.onnx_available():
         pytest.skip("the onnx extra (onnx, onnxscript) is not installed")
-    info = export.export_encoder(tiny_model(encoder_impl), tmp_path / "enc.onnx", fmt="onnx", max_time=4000)
+    info = export.export_encoder(tiny_model(), tmp_path / "enc.onnx", fmt="onnx", max_time=4000)
     assert info["path"].stat().st_size > 0
 
 
 @pytest.mark.gpu
-def test_export_matches_eager_on_cuda(tmp_path, encoder_impl):
-    model = tiny_model(encoder_impl).cuda()
+def test_export_matches_eager_on_cuda(tmp_path):
+    model = tiny_model().cuda()
     info = export.export_encoder(model, tmp_path / "enc.pt2", device="cuda", max_time=4000)
     rep = export.verify_export(model, info["program"], n=4, device="cuda", max_time=300)
     assert rep["lengths_equal"] and rep["max_rel_err"] <= 1e-4
 
 
-def test_yaml_written_is_plain(tmp_path, encoder_impl):
-    model = tiny_model(encoder_impl)
+def test_yaml_written_is_plain(tmp_path):
+    model = tiny_model()
     path = export.save_nemo(model, model.model_cfg, tmp_path / "m.nemo")
     import tarfile
 
@@ -168,8 +158,8 @@ def test_yaml_written_is_plain(tmp_path, encoder_impl):
 
 
 @pytest.mark.parametrize("samples", [4960, 4961])  # 32 frames (a multiple of pad_to=16) and 32 + 1 sample
-def test_export_wrapper_equals_model_preprocessor_then_encoder(encoder_impl, samples):
-    model = tiny_model(encoder_impl)
+def test_export_wrapper_equals_model_preprocessor_then_encoder(samples):
+    model = tiny_model()
     wrapper = export.EncoderForExport(model, with_preprocessor=True)
     x, lens = export.example_inputs(wrapper, 2, samples, lengths=[samples, samples - 900])
     with torch.no_grad():
@@ -179,9 +169,7 @@ def test_export_wrapper_equals_model_preprocessor_then_encoder(encoder_impl, sam
     assert torch.equal(got, ref)
 
 
-def test_parity_adapter_save_and_load_nemo_round_trip(tmp_path, encoder_impl):
-    if encoder_impl != "real":
-        pytest.skip("needs nest_ssl.conformer.encoder (NeMo's encoder keys)")
+def test_parity_adapter_save_and_load_nemo_round_trip(tmp_path):
     from nest_ssl.testing import nemo_parity
 
     state = {k: v.numpy() for k, v in parity_state().items()}
@@ -191,8 +179,8 @@ def test_parity_adapter_save_and_load_nemo_round_trip(tmp_path, encoder_impl):
     assert all(back[k].dtype == state[k].dtype and np.array_equal(back[k], state[k]) for k in state)
 
 
-def test_verify_export_reports_a_wrong_program(encoder_impl):
-    model = tiny_model(encoder_impl)
+def test_verify_export_reports_a_wrong_program():
+    model = tiny_model()
     eager = export.EncoderForExport(model)
 
     def off_by_1e3(x, lengths):
@@ -203,18 +191,18 @@ def test_verify_export_reports_a_wrong_program(encoder_impl):
     assert 0.9e-3 < rep["max_rel_err"] < 1.1e-3 and rep["lengths_equal"]
 
 
-def test_export_cli_writes_a_nemo_copy(tmp_path, encoder_impl):
+def test_export_cli_writes_a_nemo_copy(tmp_path):
     import runpy
 
-    model = tiny_model(encoder_impl)
+    model = tiny_model()
     src = export.save_nemo(model, model.model_cfg, tmp_path / "a.nemo")
     main = runpy.run_path(str(PARITY.parents[2] / "scripts" / "export.py"))["main"]
     assert main([str(src), "--out", str(tmp_path / "b.nemo"), "--format", "nemo"]) == 0
     assert_same_state(model.state_dict(), export.load_pretrained(tmp_path / "b.nemo").state_dict())
 
 
-def test_init_from_nemo_model_and_ptl_ckpt_follow_nemo_semantics(tmp_path, encoder_impl):
-    src = tiny_model(encoder_impl)
+def test_init_from_nemo_model_and_ptl_ckpt_follow_nemo_semantics(tmp_path):
+    src = tiny_model()
     nemo = export.save_nemo(src, src.model_cfg, tmp_path / "src.nemo")
     torch.save({"state_dict": src.state_dict(), "config": {"model": src.model_cfg}}, tmp_path / "ours.ckpt")
     torch.manual_seed(123)
@@ -232,8 +220,8 @@ def test_init_from_nemo_model_and_ptl_ckpt_follow_nemo_semantics(tmp_path, encod
         export.init_from_pretrained(dst, {"init_from_nemo_model": {"enc": {"include": ["x"]}}})
 
 
-def test_checkpoint_config_interpolations_are_resolved(tmp_path, encoder_impl):
-    model = tiny_model(encoder_impl)
+def test_checkpoint_config_interpolations_are_resolved(tmp_path):
+    model = tiny_model()
     cfg = tiny_model_cfg()
     cfg["preprocessor"]["sample_rate"] = "${model.sample_rate}"
     torch.save({"state_dict": model.state_dict(), "config": {"model": cfg}}, tmp_path / "c.ckpt")
@@ -241,7 +229,7 @@ def test_checkpoint_config_interpolations_are_resolved(tmp_path, encoder_impl):
     assert got_cfg["preprocessor"]["sample_rate"] == 16000
 
 
-def test_export_cli_verifies_the_onnx_file_itself_with_onnxruntime(tmp_path, encoder_impl, capsys):
+def test_export_cli_verifies_the_onnx_file_itself_with_onnxruntime(tmp_path, capsys):
     if not export.onnx_available() or not export.onnxruntime_available():
         pytest.skip("needs the onnx extra (onnx, onnxscript, onnxruntime)")
     import runpy
@@ -249,7 +237,7 @@ def test_export_cli_verifies_the_onnx_file_itself_with_onnxruntime(tmp_path, enc
     import onnx
     from onnx import numpy_helper
 
-    model = tiny_model(encoder_impl)
+    model = tiny_model()
     src, out = export.save_nemo(model, model.model_cfg, tmp_path / "a.nemo"), tmp_path / "enc.onnx"
     main = runpy.run_path(str(PARITY.parents[2] / "scripts" / "export.py"))["main"]
     assert main([str(src), "--out", str(out), "--format", "onnx", "--verify", "1", "--max-time", "4000"]) == 0
