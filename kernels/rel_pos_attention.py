@@ -1,6 +1,6 @@
 """Fused Transformer-XL relative-position attention (NeMo `RelPositionMultiHeadAttention` core), O(T) memory.
 
-Math (NeMo's RelPositionMultiHeadAttention), per batch b and head h, with s = 1/sqrt(d_k):
+Math (spec nemo_nest.md §3.5), per batch b and head h, with s = 1/sqrt(d_k):
 
     ac[i, j]  = (q[i] + u) . k[j]
     bd[i, j]  = (q[i] + v_bias) . p[(T - 1) - i + j]          # NeMo's rel_shift, closed form

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from test_export import encoder_impl, tiny_model  # noqa: F401 - fixture re-used
+from test_export import tiny_model
 
 from nest_ssl import export, features
 
@@ -34,8 +34,8 @@ def _one_at_a_time(model, path, layers):
 
 
 @pytest.mark.parametrize("fmt", features.FEATURE_FORMATS)
-def test_batched_features_equal_single_utterance_encoding(tmp_path, manifest, encoder_impl, fmt):  # noqa: F811
-    model = tiny_model(encoder_impl)
+def test_batched_features_equal_single_utterance_encoding(tmp_path, manifest, fmt):
+    model = tiny_model()
     out_manifest = features.extract_features(model, manifest, tmp_path / "feats", layers="0,-1", batch_size=2,
                                              fmt=fmt, device="cpu", progress=False)
     rows = [json.loads(line) for line in out_manifest.read_text().splitlines()]
@@ -52,12 +52,12 @@ def test_batched_features_equal_single_utterance_encoding(tmp_path, manifest, en
         for k in ref:
             assert got[k].shape == ref[k].shape and got[k].shape[1] == d_model and got[k].dtype == np.float32
             worst = max(worst, float(np.abs(got[k] - ref[k]).max() / np.abs(ref[k]).max()))
-    print(f"\n[{encoder_impl} encoder] batched vs single max rel err {worst:.2e}")
+    print(f"\nbatched vs single max rel err {worst:.2e}")
     assert worst <= 1e-4  # padding changes only summation order (batch statistics use the valid frames)
 
 
-def test_last_layer_hook_equals_encoder_output(tmp_path, manifest, encoder_impl):  # noqa: F811
-    model = tiny_model(encoder_impl)
+def test_last_layer_hook_equals_encoder_output(tmp_path, manifest):
+    model = tiny_model()
     n = len(model.encoder.layers)
     wav = torch.from_numpy(sf.read(json.loads(manifest.read_text().splitlines()[0])["audio_filepath"],
                                    dtype="float32")[0])[None]
@@ -65,8 +65,8 @@ def test_last_layer_hook_equals_encoder_output(tmp_path, manifest, encoder_impl)
     assert torch.equal(out[n - 1], out["final"])  # no out_proj in nest_tiny (feat_out = -1)
 
 
-def test_extract_from_a_nemo_file(tmp_path, manifest, encoder_impl):  # noqa: F811
-    model = tiny_model(encoder_impl)
+def test_extract_from_a_nemo_file(tmp_path, manifest):
+    model = tiny_model()
     nemo = export.save_nemo(model, model.model_cfg, tmp_path / "m.nemo")
     out = features.extract_features(export.load_pretrained(nemo), manifest, tmp_path / "f", layers="final",
                                     device="cpu", progress=False)
