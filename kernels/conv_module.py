@@ -12,16 +12,21 @@ glu_dwconv_norm_silu_torch` (tests compare against it).
 
 Kernels: A (`_glu_dwconv_fwd`) loads a halo tile of BLOCK_H rows of h once, evaluates the GLU and its sigmoid once per
 element, and forms the K taps as row shifts of that tile in registers (`tl.gather`); it adds the bias and writes
-per-(row block, channel) sum and centred second moment of y (no atomics, deterministic); the host turns them into
-mean/var (fp64 Chan combine), all-reducing them first when a SyncBatchNorm process group is given; B
-(`_affine_silu_fwd`) applies the normalisation + SiLU. Eval mode folds BN into a per-channel scale/shift and runs kernel
-A alone with SiLU fused. Backward: `_affine_silu_bwd` (BN/SiLU backward, with partial sums for dgamma/dbeta), then
-`_dwconv_glu_bwd`: a dy halo tile gives the transposed conv, then an h halo tile gives the GLU backward and the
-depthwise-weight partials, each tile loaded once and each GLU evaluated once. The intermediates y (conv output) and
-dy (its gradient) are stored in h's dtype (bf16 under autocast); every sum and statistic is accumulated in fp32.
+per-(row block, channel) sum and centred second moment of y (no atomics, deterministic); `_bn_finalize_fwd` turns them
+into mean, rstd, the running-stat update and the per-channel scale/shift in one launch (fp64 Chan combine; with a
+SyncBatchNorm process group, one launch per rank combines its blocks, the ranks' (N, sum, M2) are all-gathered and the
+same kernel finalizes them); B (`_affine_silu_fwd`) applies the normalisation + SiLU. Eval mode folds BN into a
+per-channel scale/shift and runs kernel A alone with SiLU fused. Backward: `_affine_silu_bwd` (BN/SiLU backward, with
+partial sums for dgamma/dbeta), then `_dwconv_glu_bwd`: a dy halo tile gives the transposed conv, then an h halo tile
+gives the GLU backward and the depthwise-weight and bias partials, each tile loaded once and each GLU evaluated once.
+`_column_sums` finalizes both backward reductions (dgamma/dbeta and the global sums BN's input gradient needs; dw in its
+(C, 1, K) layout and dbias).
+No torch compute op runs between the kernels: one training step is 3 launches forward and 5 backward (plus the
+SyncBatchNorm collectives and one more finalize launch when synced). The intermediates y (conv output) and dy (its
+gradient) are stored in h's dtype (bf16 under autocast); every sum is accumulated in fp32, the BN statistics in fp64.
 
 Limits: batch_norm only (layer/group norm use the torch path); CUDA, or CPU under TRITON_INTERPRET=1. The variance
-comes from sums of y and y^2 in fp32 per block, combined in fp64.
+comes from per-block fp32 sums and centred second moments of y, combined in fp64 (Chan).
 """
 import os
 
@@ -36,6 +41,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 BLOCK_T, BLOCK_C = (16, 16) if INTERPRET else (64, 64)
 HALO_C = 16 if INTERPRET else 32
 NUM_WARPS = 8
+# Finalize kernels (per-channel reductions of the partial rows): FIN_C channels x FIN_P rows per step, 4 warps; 8
+# rows keep the fp64 finalize at <= 128 registers (>= 16 resident warps per SM). They read ~B*T/56 rows: tiny.
+FIN_C, FIN_P = (16, 8) if INTERPRET else (64, 8)
 
 
 def _halo_rows(K: int) -> int:
@@ -53,7 +61,10 @@ def static_cases():
             ("_affine_silu_fwd", blocks, NUM_WARPS, 3),
             ("_affine_silu_bwd", dict(blocks, SECOND=False), NUM_WARPS, 3),
             ("_affine_silu_bwd", dict(blocks, SECOND=True), NUM_WARPS, 3),
-            ("_dwconv_glu_bwd", k, NUM_WARPS, 3)]
+            ("_dwconv_glu_bwd", dict(k, HAS_BIAS=True), NUM_WARPS, 3),
+            ("_bn_finalize_fwd", dict(OUT=56, RANKS=False, LOCAL=False, UPDATE=True, BLOCK_P=FIN_P, BLOCK_C=FIN_C), 4,
+             1),
+            ("_column_sums", dict(BLOCK_P=FIN_P, BLOCK_C=FIN_C), 4, 1)]
 
 
 @triton.jit
@@ -125,7 +136,7 @@ def _affine_silu_fwd(y_ptr, out_ptr, scale_ptr, shift_ptr, R, C, BLOCK_T: tl.con
 
 @triton.jit
 def _affine_silu_bwd(y_ptr, dout_ptr, dy_ptr, part_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr, sums_ptr,
-                     R, C, inv_n, SECOND: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                     inv_n_ptr, R, C, SECOND: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     # SECOND=False: partial sums of dz and dz*xhat. SECOND=True: dy = gamma*rstd*(dz - mean(dz) - xhat*mean(dz*xhat))
     pr = tl.program_id(0)
     offs_r = pr * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -144,7 +155,8 @@ def _affine_silu_bwd(y_ptr, dout_ptr, dy_ptr, part_ptr, scale_ptr, shift_ptr, me
     if SECOND:
         sum_dz = tl.load(sums_ptr + offs_c, mask=cmask, other=0.0)[None, :]
         sum_dzx = tl.load(sums_ptr + C + offs_c, mask=cmask, other=0.0)[None, :]
-        # scale = gamma * rstd
+        # scale = gamma * rstd; inv_n = 1 / frames in the (synced) batch
+        inv_n = tl.load(inv_n_ptr + offs_c, mask=cmask, other=0.0)[None, :]
         dy = scale * (dz - sum_dz * inv_n - xhat * sum_dzx * inv_n)
         tl.store(dy_ptr + ptrs, dy.to(dy_ptr.dtype.element_ty), mask=m)
     else:
@@ -155,7 +167,8 @@ def _affine_silu_bwd(y_ptr, dout_ptr, dy_ptr, part_ptr, scale_ptr, shift_ptr, me
 
 @triton.jit
 def _dwconv_glu_bwd(h_ptr, len_ptr, w_ptr, dy_ptr, dh_ptr, dw_part_ptr, T, C, n_tb,
-                    K: tl.constexpr, LEFT: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr):
+                    K: tl.constexpr, LEFT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
     # Output rows t0 .. t0 + OUT - 1. Halo tiles loaded once: h at rows t0 - LEFT + j (GLU evaluated once) and dy at
     # rows t0 - RIGHT + j; every tap is a row shift of one of them.
     OUT: tl.constexpr = BLOCK_H - (K - 1)
@@ -188,27 +201,145 @@ def _dwconv_glu_bwd(h_ptr, len_ptr, w_ptr, dy_ptr, dh_ptr, dw_part_ptr, T, C, n_
     tl.store(dh_row + C, tl.where(valid, dg * a_c * sig_c * (1.0 - sig_c), 0.0).to(dh_ptr.dtype.element_ty), mask=om)
     for k in tl.static_range(K):
         # dw[c, k] partial over this block's output rows: sum_i dy[t0 + i] g[t0 + i + k - LEFT]
-        tl.store(dw_part_ptr + ((b * n_tb + tb) * K + k) * C + offs_c,
+        tl.store(dw_part_ptr + ((b * n_tb + tb) * (K + HAS_BIAS) + k) * C + offs_c,
                  tl.sum(dy * _shift_rows(g, k, BLOCK_H, BLOCK_C), axis=0), mask=cmask)
+    if HAS_BIAS:  # the bias gradient's partial: dy summed over this block's rows (as stored, in h's dtype)
+        tl.store(dw_part_ptr + ((b * n_tb + tb) * (K + 1) + K) * C + offs_c, tl.sum(dy, axis=0), mask=cmask)
+
+
+@triton.jit
+def _rcp64(x):
+    """1 / x in fp64 to within an ulp or two: an fp32 reciprocal refined by two Newton steps (24 -> 48 -> 96 bits).
+    sm_90's IEEE fp64 division calls a slow-path subroutine whose stack frame counts as spill; this does not."""
+    r = (1.0 / x.to(tl.float32)).to(tl.float64)
+    r = r * (2.0 - x * r)
+    return r * (2.0 - x * r)
+
+
+@triton.jit
+def _chan_rows(part_ptr, stats_ptr, p, offs_c, m, C, T, n_tb, OUT: tl.constexpr, RANKS: tl.constexpr):
+    """Rows p of the partials as fp64 (frames n, sum, centred M2). RANKS: (n, sum, M2) per rank from `stats_ptr`,
+    else per-block (sum, M2) from `part_ptr`, whose frame count follows from the block's place in time."""
+    if RANKS:
+        row = stats_ptr + p[:, None] * 3 * C + offs_c[None, :]
+        n = tl.load(row, mask=m, other=0.0)
+        s = tl.load(row + C, mask=m, other=0.0)
+        m2 = tl.load(row + 2 * C, mask=m, other=0.0)
+    else:
+        n = tl.where(m, tl.minimum(T - (p % n_tb) * OUT, OUT).to(tl.float64)[:, None], 0.0)
+        row = part_ptr + p[:, None] * 2 * C + offs_c[None, :]
+        s = tl.load(row, mask=m, other=0.0).to(tl.float64)
+        m2 = tl.load(row + C, mask=m, other=0.0).to(tl.float64)
+    return n, s, m2
+
+
+@triton.jit
+def _bn_finalize_fwd(part_ptr, stats_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, mean_ptr, rstd_ptr, scale_ptr,
+                     shift_ptr, inv_n_ptr, P, C, T, n_tb, momentum, keep, eps, OUT: tl.constexpr, RANKS: tl.constexpr,
+                     LOCAL: tl.constexpr, UPDATE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """BatchNorm statistics from P partial rows in one launch, fp64 throughout (Chan's parallel combine):
+
+        N = sum_p n_p,  mean = sum_p s_p / N,  M2 = sum_p [M2_p + n_p (s_p / n_p - mean)^2],  var = M2 / N
+
+    Each M2_p is centred on its own block mean, so no E[y^2] - E[y]^2 cancellation. LOCAL writes this rank's
+    (N, sum, M2) to `stats_ptr` (SyncBatchNorm gathers them from every rank, then runs this kernel with RANKS on
+    the gathered rows). Otherwise it writes mean, rstd = 1/sqrt(var + eps), scale = gamma * rstd,
+    shift = beta - mean * scale and 1 / N (fp32, for the backward), and with UPDATE the running stats as
+    nn.BatchNorm1d does:
+    r_mean = keep * r_mean + momentum * mean, r_var = keep * r_var + momentum * var * N / (N - 1) (unbiased)."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    tot_n = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    tot_s = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        n, s, _ = _chan_rows(part_ptr, stats_ptr, p, offs_c, (p < P)[:, None] & cmask[None, :], C, T, n_tb, OUT,
+                             RANKS)
+        tot_n += tl.sum(n, axis=0)
+        tot_s += tl.sum(s, axis=0)
+    inv_n = _rcp64(tl.where(cmask, tot_n, 1.0))
+    mean = tot_s * inv_n
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float64)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        m = (p < P)[:, None] & cmask[None, :]
+        n, s, m2_p = _chan_rows(part_ptr, stats_ptr, p, offs_c, m, C, T, n_tb, OUT, RANKS)
+        d = s * _rcp64(tl.where(m, n, 1.0)) - mean[None, :]
+        m2 += tl.sum(tl.where(m, m2_p + n * d * d, 0.0), axis=0)
+    if LOCAL:
+        tl.store(stats_ptr + offs_c, tot_n, mask=cmask)
+        tl.store(stats_ptr + C + offs_c, tot_s, mask=cmask)
+        tl.store(stats_ptr + 2 * C + offs_c, m2, mask=cmask)
+    else:
+        var = m2 * inv_n
+        if UPDATE:
+            rm = tl.load(rmean_ptr + offs_c, mask=cmask, other=0.0)
+            rv = tl.load(rvar_ptr + offs_c, mask=cmask, other=0.0)
+            unbiased = (var * tot_n * _rcp64(tl.where(cmask, tot_n - 1.0, 1.0))).to(rv.dtype)
+            tl.store(rmean_ptr + offs_c, rm * keep + momentum * mean.to(rm.dtype), mask=cmask)
+            tl.store(rvar_ptr + offs_c, rv * keep + momentum * unbiased, mask=cmask)
+        rstd = (1.0 / tl.sqrt(var + eps)).to(tl.float32)
+        mean32 = mean.to(tl.float32)
+        scale = tl.load(gamma_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32) * rstd
+        tl.store(mean_ptr + offs_c, mean32, mask=cmask)
+        tl.store(rstd_ptr + offs_c, rstd, mask=cmask)
+        tl.store(inv_n_ptr + offs_c, inv_n.to(tl.float32), mask=cmask)
+        tl.store(scale_ptr + offs_c, scale, mask=cmask)
+        tl.store(shift_ptr + offs_c, tl.load(beta_ptr + offs_c, mask=cmask, other=0.0).to(tl.float32)
+                 - mean32 * scale, mask=cmask)
+
+
+@triton.jit
+def _column_sums(part_ptr, out_ptr, tail_ptr, P, C, J, LEAD, out_sc, out_sj, BLOCK_P: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """Backward finalize: fp32 sums over the P partial rows of part (P, J, C). Sums j < LEAD go to
+    out[c * out_sc + j * out_sj] in out's dtype (dw lands directly in its (C, K) layout), sum LEAD to tail[c]
+    (the conv bias gradient)."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = offs_c < C
+    for j in range(J):
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for p0 in range(0, P, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            m = (p < P)[:, None] & cmask[None, :]
+            acc += tl.sum(tl.load(part_ptr + (p[:, None] * J + j) * C + offs_c[None, :], mask=m, other=0.0), axis=0)
+        lead = cmask & (j < LEAD)
+        tl.store(out_ptr + offs_c * out_sc + j * out_sj, acc.to(out_ptr.dtype.element_ty), mask=lead)
+        tl.store(tail_ptr + offs_c, acc.to(tail_ptr.dtype.element_ty), mask=cmask & (j >= LEAD))
+
+
+def _synced(group) -> bool:
+    return group is not None and torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _all_reduce(t: torch.Tensor, group) -> torch.Tensor:
-    if group is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _synced(group):
         torch.distributed.all_reduce(t, group=group)
     return t
 
 
-def _batch_stats(part: torch.Tensor, T: int, n_tb: int, out_rows: int, group):
-    """Mean, biased variance and count over all B*T frames (and ranks) from per-block (sum, centred M2) partials."""
-    part = part.double()
-    rows = torch.full((n_tb,), float(out_rows), dtype=torch.float64, device=part.device)
-    rows[-1] = T - (n_tb - 1) * out_rows
-    n_b = rows.repeat(part.shape[0] // n_tb)[:, None]  # (R, 1): frames in each block
-    totals = _all_reduce(torch.cat([part[:, 0].sum(0), n_b.sum().reshape(1)]), group)  # SyncBN: global sums
-    n = totals[-1]
-    mean = totals[:-1] / n
-    m2 = (part[:, 1] + n_b * (part[:, 0] / n_b - mean) ** 2).sum(0)  # Chan: blocks around the global mean
-    return mean, _all_reduce(m2, group) / n, n
+def _batch_stats(part, T, n_tb, out_rows, gamma, beta, running_mean, running_var, momentum, eps, group):
+    """(mean, rstd, scale, shift, 1/N) over all B*T frames (and ranks) from per-block (sum, centred M2) partials;
+    updates the running stats in the same launch. SyncBatchNorm: one launch combines this rank's blocks, the
+    (N, sum, M2) of every rank are gathered, and the finalize runs on those rows (the same Chan combine)."""
+    C = part.shape[-1]
+    grid = (triton.cdiv(C, FIN_C),)
+    f32 = dict(device=part.device, dtype=torch.float32)
+    mean, rstd, scale, shift, inv_n = (torch.empty(C, **f32) for _ in range(5))
+    stats = part.new_empty(3, C, dtype=torch.float64)
+    args = dict(OUT=out_rows, BLOCK_P=FIN_P, BLOCK_C=FIN_C, num_warps=4)
+    rows = part.shape[0]
+    if _synced(group):
+        _bn_finalize_fwd[grid](part, stats, gamma, beta, gamma, gamma, mean, rstd, scale, shift, inv_n, rows, C, T,
+                               n_tb, 0.0, 0.0, 0.0, RANKS=False, LOCAL=True, UPDATE=False, **args)
+        gathered = [torch.empty_like(stats) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(gathered, stats, group=group)
+        stats, rows = torch.stack(gathered), len(gathered)
+    update = running_mean is not None
+    _bn_finalize_fwd[grid](part, stats, gamma, beta, running_mean if update else gamma,
+                           running_var if update else gamma, mean, rstd, scale, shift, inv_n, rows, C, T, n_tb,
+                           momentum, 1.0 - momentum, eps, RANKS=_synced(group), LOCAL=False, UPDATE=update, **args)
+    return mean, rstd, scale, shift, inv_n
 
 
 def _check(h, lengths, weight, context):
@@ -243,26 +374,20 @@ class _ConvModuleCore(torch.autograd.Function):
         _glu_dwconv_fwd[grid](h, lengths, w, bias if bias is not None else dummy, y, part, dummy, dummy, T, C,
                               n_tb, K=K, LEFT=left, HAS_BIAS=bias is not None, FOLDED=False, BLOCK_H=block_h,
                               BLOCK_C=HALO_C, num_warps=NUM_WARPS)
-        mean, var, n = _batch_stats(part, T, n_tb, block_h - (K - 1), group)
-        if running_mean is not None:
-            with torch.no_grad():
-                running_mean.mul_(1 - momentum).add_(momentum * mean.to(running_mean.dtype))
-                running_var.mul_(1 - momentum).add_(momentum * (var * n / (n - 1)).to(running_var.dtype))
-        rstd = torch.rsqrt(var + eps).float()
-        mean = mean.float()
-        scale = (gamma.float() * rstd).contiguous()
-        shift = (beta.float() - mean * scale).contiguous()
+        with torch.no_grad():  # the running stats are updated in place, outside autograd
+            mean, rstd, scale, shift, inv_n = _batch_stats(part, T, n_tb, block_h - (K - 1), gamma, beta, running_mean,
+                                                    running_var, momentum, eps, group)
         out = torch.empty(B, T, C, device=h.device, dtype=h.dtype)
         _affine_silu_fwd[(triton.cdiv(B * T, BLOCK_T), triton.cdiv(C, BLOCK_C))](
             y, out, scale, shift, B * T, C, BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
-        ctx.save_for_backward(h, lengths, w, y, mean, rstd, scale, shift)
-        ctx.meta = (left, K, n_tb, group, float(n), bias is not None, weight.shape, weight.dtype)
+        ctx.save_for_backward(h, lengths, w, y, mean, rstd, scale, shift, inv_n)
+        ctx.meta = (left, K, n_tb, group, bias is not None, weight.shape, weight.dtype)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        h, lengths, w, y, mean, rstd, scale, shift = ctx.saved_tensors
-        left, K, n_tb, group, n, has_bias, w_shape, w_dtype = ctx.meta
+        h, lengths, w, y, mean, rstd, scale, shift, inv_n = ctx.saved_tensors
+        left, K, n_tb, group, has_bias, w_shape, w_dtype = ctx.meta
         B, T, C2 = h.shape
         C, R = C2 // 2, B * T
         dout = dout.contiguous()
@@ -270,19 +395,27 @@ class _ConvModuleCore(torch.autograd.Function):
         grid_r = (n_rb, triton.cdiv(C, BLOCK_C))
         part = torch.empty(n_rb, 2, C, device=h.device, dtype=torch.float32)
         dy = torch.empty(B, T, C, device=h.device, dtype=h.dtype)  # as y: read twice, in h's dtype
-        _affine_silu_bwd[grid_r](y, dout, dy, part, scale, shift, mean, rstd, part, R, C, 0.0, SECOND=False,
+        _affine_silu_bwd[grid_r](y, dout, dy, part, scale, shift, mean, rstd, part, inv_n, R, C, SECOND=False,
                                  BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
-        local = part.sum(0)  # (2, C): sum dz, sum dz * xhat on this rank
-        dbeta, dgamma = local[0].clone(), local[1].clone()  # parameter grads: per rank (DDP averages them)
-        sums = _all_reduce(local.clone(), group).contiguous()  # BN's input gradient needs the global sums
-        _affine_silu_bwd[grid_r](y, dout, dy, part, scale, shift, mean, rstd, sums, R, C, 1.0 / n, SECOND=True,
+        sums = torch.empty(2, C, device=h.device, dtype=torch.float32)  # sum dz, sum dz * xhat on this rank
+        _column_sums[(triton.cdiv(C, FIN_C),)](part, sums, sums, n_rb, C, 2, 2, 1, C, BLOCK_P=FIN_P, BLOCK_C=FIN_C,
+                                               num_warps=4)
+        dbeta, dgamma = sums  # parameter grads: per rank (DDP averages them)
+        if _synced(group):  # BN's input gradient needs the global sums
+            dbeta, dgamma = sums.clone()
+            _all_reduce(sums, group)
+        _affine_silu_bwd[grid_r](y, dout, dy, part, scale, shift, mean, rstd, sums, inv_n, R, C, SECOND=True,
                                  BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C, num_warps=NUM_WARPS)
         dh = torch.empty_like(h)
-        dw_part = torch.empty(B * n_tb, K, C, device=h.device, dtype=torch.float32)
+        J = K + has_bias  # row K of the partials: the bias gradient (sum of dy)
+        dw_part = torch.empty(B * n_tb, J, C, device=h.device, dtype=torch.float32)
         _dwconv_glu_bwd[(B, n_tb, triton.cdiv(C, HALO_C))](h, lengths, w, dy, dh, dw_part, T, C, n_tb, K=K, LEFT=left,
-                                                            BLOCK_H=_halo_rows(K), BLOCK_C=HALO_C, num_warps=NUM_WARPS)
-        dw = dw_part.sum(0).t().reshape(w_shape).to(w_dtype)  # (K, C) -> (C, 1, K)
-        dbias = dy.sum((0, 1), dtype=torch.float32).to(w_dtype) if has_bias else None
+                                                            HAS_BIAS=has_bias, BLOCK_H=_halo_rows(K), BLOCK_C=HALO_C,
+                                                            num_warps=NUM_WARPS)
+        dw = torch.empty(w_shape, device=h.device, dtype=w_dtype)  # (C, 1, K)
+        dbias = torch.empty(C, device=h.device, dtype=w_dtype) if has_bias else None
+        _column_sums[(triton.cdiv(C, FIN_C),)](dw_part, dw, dbias if has_bias else dw, B * n_tb, C, J, K, K, 1,
+                                               BLOCK_P=FIN_P, BLOCK_C=FIN_C, num_warps=4)
         return dh, None, dw, dbias, dgamma, dbeta, None, None, None, None, None, None
 
 

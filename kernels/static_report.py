@@ -45,9 +45,10 @@ FLOOR = {"attn": 8, "conv": 16}  # resident warps per SM, see the module docstri
 PTR_TYPES = {  # pointer arguments: "act" = the activation dtype, else a fixed Triton type
     "attn": dict(Q="act", K="act", V="act", P="act", DO="act", OUT="act", DK="act", DV="act", DQ="act", U="fp32",
                  VB="fp32", LEN="i32", LSE="fp32", DELTA="fp32", DP="fp32", DBIAS="fp32", DQU="fp32", DQV="fp32"),
-    "conv": dict(h_ptr="act", dout_ptr="act", dh_ptr="act", out_ptr="act", y_ptr="act", dy_ptr="act", len_ptr="i32"),
+    "conv": dict(h_ptr="act", dout_ptr="act", dh_ptr="act", out_ptr="act", y_ptr="act", dy_ptr="act", len_ptr="i32",
+             stats_ptr="fp64"),
 }
-FLOAT_SCALARS = {"sm_scale", "qk_scale", "dropout_p", "inv_n", "momentum", "eps", "unbiased"}
+FLOAT_SCALARS = {"sm_scale", "qk_scale", "dropout_p", "momentum", "keep", "eps", "unbiased"}
 
 
 @dataclass
