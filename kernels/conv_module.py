@@ -1,6 +1,7 @@
 """Fused Conformer convolution-module core: GLU -> padding mask -> depthwise conv -> BatchNorm -> SiLU, in (B, T, C).
 
-Math (spec nemo_nest.md section 3.4), h = pointwise_conv1(x) of shape (B, T, 2C), context (l, r) with l + r + 1 = K:
+Math, as NeMo's ConformerConvolution computes it (reference: the torch path in nest_ssl/conformer/conv_module.py),
+h = pointwise_conv1(x) of shape (B, T, 2C), context (l, r) with l + r + 1 = K:
 
     g[t, c]  = h[t, c] * sigmoid(h[t, C + c])             if t < length else 0      # GLU, then NeMo's pad mask
     y[t, c]  = sum_k w[c, k] * g[t + k - l, c] + bias[c]                             # zero outside [0, T)

@@ -1,6 +1,7 @@
 """Fused Transformer-XL relative-position attention (NeMo `RelPositionMultiHeadAttention` core), O(T) memory.
 
-Math (spec nemo_nest.md §3.5), per batch b and head h, with s = 1/sqrt(d_k):
+Math, as NeMo's RelPositionMultiHeadAttention computes it (reference: the torch path in
+nest_ssl/conformer/attention.py), per batch b and head h, with s = 1/sqrt(d_k):
 
     ac[i, j]  = (q[i] + u) . k[j]
     bd[i, j]  = (q[i] + v_bias) . p[(T - 1) - i + j]          # NeMo's rel_shift, closed form

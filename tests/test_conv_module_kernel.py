@@ -4,7 +4,6 @@ CPU under TRITON_INTERPRET=1 at tiny shapes; padded batches, kernel sizes 5/9/31
 context, fp32 and bf16, eval (BN folded), and SyncBatchNorm statistics on a 2-process gloo group."""
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from nest_ssl.conformer.conv_module import glu_dwconv_norm_silu_torch
+from tests.train_support import free_port
 
 C = 12
 
@@ -246,12 +246,6 @@ def _sync_worker(rank, world, port, h, lengths, state, queue, done):
     done.wait(timeout=180)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sync_batchnorm_on_two_gloo_ranks_equals_the_union_batch(triton_interpret):
     h, lengths, pad = _inputs(4, 15, [15, 9, 12, 4])
     dw, bn = _modules(9)
@@ -261,7 +255,7 @@ def test_sync_batchnorm_on_two_gloo_ranks_equals_the_union_batch(triton_interpre
     ref.sum().backward()
     ctx = mp.get_context("spawn")
     queue, done = ctx.Queue(), ctx.Event()
-    port = _free_port()  # a fixed port collides with other test processes on the machine
+    port = free_port()  # a fixed port collides with other test processes on the machine
     procs = [ctx.Process(target=_sync_worker, args=(r, 2, port, h, lengths, state, queue, done)) for r in range(2)]
     for p in procs:
         p.start()
