@@ -99,6 +99,55 @@ def test_scatter_over_more_ranks_than_shards_is_refused_and_replicate_works(tarr
         assert n == 8 and sorted(seen) == [round(1.0 + 0.01 * i, 2) for i in range(16)]
 
 
+# Validation over the same 16 items in 4 shards, batches of 2: world size -> batches each rank runs (each reads its
+# own items once; scatter ranks past the last shard have none; replicate keeps entry i on rank i % W, e.g. W=3:
+# 6/5/5 items, W=5: 4/3/3/3/3 items).
+VAL_BATCHES = {"scatter": {1: [8], 2: [4, 4], 3: [4, 2, 2], 4: [2, 2, 2, 2], 5: [2, 2, 2, 2, 0]},
+               "replicate": {1: [8], 2: [4, 4], 3: [3, 3, 3], 4: [2, 2, 2, 2], 5: [2, 2, 2, 2, 2]}}
+
+
+@pytest.mark.parametrize("strategy", ["scatter", "replicate"])
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 5])
+def test_tarred_validation_counts_every_item_once_across_ranks(tarred, strategy, world_size):
+    d, _ = tarred
+    loaders = [build_dataloader(tcfg(d, tarred_shard_strategy=strategy), rank=r, world_size=world_size,
+                                is_train=False) for r in range(world_size)]
+    epochs = [_epoch(x) for x in loaders]
+    assert [len(x) for x in loaders] == [n for n, _ in epochs] == VAL_BATCHES[strategy][world_size]
+    assert sorted(x for _, seen in epochs for x in seen) == [round(1.0 + 0.01 * i, 2) for i in range(16)]
+    assert [_epoch(x) for x in loaders] == epochs  # a second validation pass counts the same items again
+
+
+@pytest.mark.parametrize("strategy", ["scatter", "replicate"])
+def test_tarred_validation_with_workers_and_a_missing_shard_counts_each_item_once(tarred, strategy):
+    d, _ = tarred
+    os.remove(f"{d}/audio_3.tar")  # training would re-read the short stream; validation must not
+    seen = [x for r in range(3) for x in _epoch(build_dataloader(
+        tcfg(d, tarred_shard_strategy=strategy, num_workers=2), rank=r, world_size=3, is_train=False))[1]]
+    assert sorted(seen) == [round(1.0 + 0.01 * i, 2) for i in range(16) if i % 4 != 3]
+
+
+def test_tarred_validation_over_sharded_manifests_counts_each_item_once(tmp_path):
+    rows = []
+    for i in range(7):
+        write_wav(tmp_path / f"v{i}.wav", 1.0 + 0.01 * i, seed=i)
+        rows.append({"audio_filepath": f"v{i}.wav", "duration": 1.0 + 0.01 * i})
+    d = str(tmp_path / "tar")
+    write_tarred_dataset(write_manifest(tmp_path / "m.json", rows), d, num_shards=3)  # 3, 2, 2 items
+    os.makedirs(f"{d}/sharded_manifests")
+    for s in range(3):
+        write_manifest(f"{d}/sharded_manifests/manifest_{s}.json",
+                       [r for r in map(json.loads, open(f"{d}/tarred_audio_manifest.json")) if r["shard_id"] == s])
+    every = [round(1 + 0.01 * i, 2) for i in range(7)]
+    for strategy in ("scatter", "replicate"):
+        c = dict(tarred_audio_filepaths=f"{d}/audio__OP_0..2_CL_.tar", tarred_shard_strategy=strategy,
+                 manifest_filepath=f"{d}/sharded_manifests/manifest__OP_0..2_CL_.json")
+        loaders = [build_dataloader(tcfg(d, **c), rank=r, world_size=2, is_train=False) for r in range(2)]
+        epochs = [_epoch(x) for x in loaders]
+        assert [len(x) for x in loaders] == [n for n, _ in epochs]
+        assert sorted(x for _, seen in epochs for x in seen) == every, strategy
+
+
 def test_sharded_manifests_of_uneven_size_give_equal_batches(tmp_path):
     rows = []
     for i in range(7):

@@ -2,8 +2,9 @@
 mixing step) over `build_dataloader`.
 
 `build_dataloader` returns a `DataLoaderWrapper` with __iter__ (AudioNoiseBatch), __len__ (batches per epoch on this
-rank, equal on every rank), set_epoch, state_dict/load_state_dict (resume with the next unseen batch) and
-`bad_samples`, the (path, reason) list of skipped items, limited by `max_bad_samples`.
+rank: equal on every rank for training; for validation each rank's own count, every item once over the ranks),
+set_epoch, state_dict/load_state_dict (resume with the next unseen batch) and `bad_samples`, the (path, reason) list
+of skipped items, limited by `max_bad_samples`.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from nest_ssl.data.tarred import (
     expand_shards,
     items_per_shard,
     plan_tarred,
+    plan_tarred_validation,
     shard_list,
     unmeasurable,
 )
@@ -35,9 +37,10 @@ log = logging.getLogger(__name__)
 
 class DataLoaderWrapper:
     def __init__(self, cfg: DatasetConfig, dataset, collate: AudioNoiseCollate, sampler: BatchSampler | None,
-                 num_batches: int):
+                 num_batches: int, once: bool = False):
+        """`once` (tarred validation): the stream is read exactly once, neither re-read nor cut at num_batches."""
         self.cfg, self.dataset, self.collate, self.sampler = cfg, dataset, collate, sampler
-        self.num_batches, self.epoch, self.start = num_batches, 0, 0
+        self.num_batches, self.epoch, self.start, self.once = num_batches, 0, 0, once
         self.bad_samples: list[tuple[str, str]] = []  # distinct (path, reason), first-seen order
         self.bad_counts: collections.Counter = collections.Counter()  # path -> times skipped (all epochs)
 
@@ -78,7 +81,7 @@ class DataLoaderWrapper:
         self.set_epoch(self.epoch)
         skip = self.start if self.sampler is None else 0  # the iterable path replays up to the resume point
         passes = 0
-        while self.start < self.num_batches:
+        while self.start < self.num_batches or (self.once and passes == 0):
             passes, got = passes + 1, 0
             for batch, bad in self._torch_loader():
                 self._record_bad(bad)
@@ -90,9 +93,9 @@ class DataLoaderWrapper:
                     continue
                 self.start += 1
                 yield batch
-                if self.start >= self.num_batches:
+                if self.start >= self.num_batches and not self.once:
                     break
-            if self.sampler is not None or got == 0 or passes > 100:
+            if self.once or self.sampler is not None or got == 0 or passes > 100:
                 break  # a tarred stream shorter than num_batches is read again (equal batches on every rank)
         self.epoch, self.start = self.epoch + 1, 0
 
@@ -127,6 +130,8 @@ def build_dataloader(ds_cfg: DatasetConfig, *, rank: int = 0, world_size: int = 
     ds = AudioNoiseDataset(entries, noise, c.sample_rate, c.min_audio_len_secs, c.pad_audio_mode,
                            c.channel_selector, seed, c.skip_bad_samples, c.duration_tolerance)
     collate = AudioNoiseCollate(augmentor, c.augment_on_device, seed, c.return_sample_id)
+    if c.is_tarred and not is_train:
+        return _with_report(_tarred_validation(c, ds, collate, entries, sharded, rank, world_size, seed), report)
     if c.is_tarred:
         shards = shard_list(c.tarred_audio_filepaths, rank, world_size, c.tarred_shard_strategy)
         tds = TarredAudioNoiseDataset(ds, shards, c.shuffle_n if c.shuffle else 0, seed + 7919 * rank)
@@ -166,10 +171,38 @@ def _check_batches(per_rank: int, total: int, items: int, c: DatasetConfig, worl
                      f"drop_last: false, or add data{' or use fewer ranks' if world_size > 1 else ''}")
 
 
-def _tarred_batches(c: DatasetConfig, entries, sharded: bool, rank: int, world_size: int) -> int:
-    """Batches per epoch, equal on every rank: enough for the rank with the most items (see tarred.plan_tarred).
+def _tarred_validation(c: DatasetConfig, ds, collate, entries, sharded: bool, rank: int, world_size: int,
+                       seed: int) -> DataLoaderWrapper:
+    """A tarred validation loader that counts every item once over the ranks (tarred.plan_tarred_validation):
+    scatter ranks read their shards once (ranks past the last shard read none), replicate ranks keep entry i when
+    i % world_size == rank; an empty validation set over all ranks is a start-up error."""
+    strategy = c.tarred_shard_strategy
+    shards = shard_list(c.tarred_audio_filepaths, rank, world_size, strategy, allow_empty=True)
+    keep = (rank, world_size) if strategy == "replicate" else None
+    tds = TarredAudioNoiseDataset(ds, shards, c.shuffle_n if c.shuffle else 0, seed + 7919 * rank, keep=keep)
+    counts = _shard_counts(c, entries, sharded)
+    if strategy == "replicate" and not sharded and items_per_shard(entries, len(counts)) is not None:
+        entry_shards = [e.shard_id for e in entries]
+    else:  # sharded manifests (every rank reads all of them under replicate) are concatenated in shard order
+        entry_shards = [s for s, k in enumerate(counts) for _ in range(k)]
+    batches, line = plan_tarred_validation(counts, entry_shards, rank, world_size, strategy, c.batch_size,
+                                           c.num_workers)
+    log.info(line)
+    _check_batches(batches[rank], sum(batches), len(entries), c, world_size, "model.validation_ds")
+    return DataLoaderWrapper(c, tds, collate, None, batches[rank], once=True)
 
-    Items per shard come from the sharded manifests (each rank counts all of them, so all agree) or from the
+
+def _tarred_batches(c: DatasetConfig, entries, sharded: bool, rank: int, world_size: int) -> int:
+    """Training batches per epoch, equal on every rank: enough for the rank with the most items (see
+    tarred.plan_tarred)."""
+    n, line = plan_tarred(_shard_counts(c, entries, sharded), rank, world_size, c.tarred_shard_strategy,
+                          c.batch_size, c.num_workers)
+    log.info(line)
+    return n
+
+
+def _shard_counts(c: DatasetConfig, entries, sharded: bool) -> list[int]:
+    """Items per shard, from the sharded manifests (each rank counts all of them, so all agree) or from the
     manifest's `shard_id`; without either they are estimated as equal per shard, with a warning."""
     num_shards = len(expand_shards(c.tarred_audio_filepaths))
     if sharded:
@@ -185,9 +218,7 @@ def _tarred_batches(c: DatasetConfig, entries, sharded: bool, rank: int, world_s
         counts = [len(entries) // num_shards + (i < len(entries) % num_shards) for i in range(num_shards)]
         log.warning("tarred manifest %s has no shard_id: items per shard are estimated as equal; a rank whose "
                     "shards hold more items than estimated does not reach them all each epoch", c.manifest_filepath)
-    n, line = plan_tarred(counts, rank, world_size, c.tarred_shard_strategy, c.batch_size, c.num_workers)
-    log.info(line)
-    return n
+    return counts
 
 
 def _measure(c: DatasetConfig):

@@ -5,7 +5,10 @@ Shards are expanded from NeMo's brace syntax and split per rank: `replicate` giv
 shards unread; we never drop one). Every rank runs the same number of batches per epoch, that of the rank with
 the most items (`plan_tarred`); a rank with fewer re-reads its stream from the start to fill up, so some of its
 items are seen twice in that epoch, and none is skipped. Scatter over more ranks than shards is an error naming
-both counts and the fixes. Within a rank, shards are split per DataLoader worker and streamed with `tarfile` (a
+both counts and the fixes. Validation instead counts every item exactly once over the ranks
+(`plan_tarred_validation`): each rank reads its stream once and runs its own number of batches (the loss is
+all-reduced once, after the loop), a `scatter` rank past the last shard validates nothing, and `replicate` keeps
+entry i on rank i mod W only. Within a rank, shards are split per DataLoader worker and streamed with `tarfile` (a
 `pipe:cmd` source is read from the command's stdout). Manifest entries match tar members by file stem; several
 entries per stem (offsets) are served in turn. Unlike NeMo, which only shuffles shard order, `shuffle_n` is a
 sample-level buffer that mixes samples across shard boundaries.
@@ -43,22 +46,25 @@ def scatter_blocks(num_shards: int, world_size: int) -> list[range]:
     return [range(starts[r], starts[r + 1]) for r in range(world_size)]
 
 
-def rank_shard_indices(num_shards: int, rank: int, world_size: int, strategy: str) -> range:
+def rank_shard_indices(num_shards: int, rank: int, world_size: int, strategy: str,
+                       allow_empty: bool = False) -> range:
+    """Shard indices rank `rank` reads; `allow_empty` (validation) lets scatter leave ranks past the last shard
+    without one instead of refusing."""
     if strategy == "replicate":
         return range(num_shards)
     if strategy != "scatter":
         raise ValueError(f"tarred_shard_strategy={strategy!r}; allowed: ('scatter', 'replicate')")
-    if world_size > num_shards:
+    if world_size > num_shards and not allow_empty:
         raise ValueError(f"tarred_shard_strategy=scatter: {num_shards} shards over world_size={world_size} leave "
                          f"ranks {num_shards}..{world_size - 1} with no shard to read; use tarred_shard_strategy: "
                          f"replicate, or write at least {world_size} shards")
     return scatter_blocks(num_shards, world_size)[rank]
 
 
-def shard_list(paths, rank: int, world_size: int, strategy: str) -> list[str]:
+def shard_list(paths, rank: int, world_size: int, strategy: str, allow_empty: bool = False) -> list[str]:
     """The shards (or sharded manifests) rank `rank` reads."""
     shards = expand_shards(paths)
-    return [shards[i] for i in rank_shard_indices(len(shards), rank, world_size, strategy)]
+    return [shards[i] for i in rank_shard_indices(len(shards), rank, world_size, strategy, allow_empty)]
 
 
 def _rank_batches(items: list[int], batch_size: int, workers: int) -> int:
@@ -79,6 +85,29 @@ def plan_tarred(items_per_shard: list[int], rank: int, world_size: int, strategy
     line = (f"tarred: {n} shards, {strategy} over {world_size} rank(s); rank {rank} reads shards "
             f"{blocks[rank].start}..{blocks[rank].stop - 1} ({mine} items); {batches} batches of {batch_size} per "
             f"epoch on every rank; up to {max(0, batches * batch_size - mine)} of this rank's items repeat to fill")
+    return batches, line
+
+
+def plan_tarred_validation(items_per_shard: list[int], entry_shards: list[int], rank: int, world_size: int,
+                           strategy: str, batch_size: int, workers: int) -> tuple[list[int], str]:
+    """(validation batches of every rank, a log line) when each item is counted once over the ranks.
+
+    `scatter`: rank r reads its shard block once (a rank past the last shard reads none). `replicate`: every rank
+    streams every shard but keeps only entries i with i % world_size == rank (`entry_shards[i]` is entry i's shard),
+    so each entry is validated on exactly one rank. Ranks may run different batch counts: validation all-reduces its
+    (loss sum, batch count) once, after the loop."""
+    n = len(items_per_shard)
+    if strategy == "replicate":
+        per_rank = [[0] * n for _ in range(world_size)]
+        for i, s in enumerate(entry_shards):
+            per_rank[i % world_size][s] += 1
+    else:
+        per_rank = [[items_per_shard[i] for i in rank_shard_indices(n, r, world_size, strategy, allow_empty=True)]
+                    for r in range(world_size)]
+    batches = [_rank_batches(x, batch_size, workers) for x in per_rank]
+    line = (f"tarred validation: {n} shards, {strategy} over {world_size} rank(s); rank {rank} validates "
+            f"{sum(per_rank[rank])} items in {batches[rank]} batches of up to {batch_size}, each item once over the "
+            f"ranks (batches per rank: {batches})")
     return batches, line
 
 
@@ -113,10 +142,14 @@ class TarredAudioNoiseDataset(torch.utils.data.IterableDataset):
     """Yields AudioNoiseItem / BadItem. `base` (an AudioNoiseDataset over the filtered manifest) supplies entries,
     decoding, padding and noise."""
 
-    def __init__(self, base: AudioNoiseDataset, shards: list[str], shuffle_n: int = 0, seed: int = 0):
+    def __init__(self, base: AudioNoiseDataset, shards: list[str], shuffle_n: int = 0, seed: int = 0,
+                 keep: tuple[int, int] | None = None):
+        """`keep=(rank, world_size)`: serve only entries i with i % world_size == rank (replicated validation)."""
         self.base, self.shards, self.shuffle_n, self.seed, self.epoch = base, shards, shuffle_n, seed, 0
         self.by_stem: dict[str, list[int]] = {}
         for i, e in enumerate(base.entries):
+            if keep is not None and i % keep[1] != keep[0]:
+                continue
             self.by_stem.setdefault(os.path.splitext(os.path.basename(e.audio_filepath))[0], []).append(i)
 
     def __len__(self) -> int:
