@@ -18,6 +18,7 @@ exits with and scripts/slurm/*.sbatch turn into `scontrol requeue`.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
 import time
@@ -34,6 +35,7 @@ from nest_ssl import dcp_checkpoint, fsdp
 from nest_ssl import distributed as dist_utils
 from nest_ssl import exp_manager as em
 from nest_ssl.config import to_yaml
+from nest_ssl.data.batch import synthetic_batch
 from nest_ssl.data.loader import build_loader
 from nest_ssl.export import init_from_pretrained
 from nest_ssl.fit_scan import fit_scan, largest_batch
@@ -89,9 +91,10 @@ def validate(step_model, loader, dist, seed: int, amp_dtype, limit: Optional[int
     gen = torch.Generator(dist.device).manual_seed(step_seed(seed, 0, dist.rank, stream=2))
     with torch.no_grad(), torch.autocast(dist.device.type, dtype=amp_dtype or torch.float32,
                                          enabled=amp_dtype is not None):
-        for i, batch in enumerate(loader):
-            if limit is not None and i >= limit:
-                break
+        for batch in _lockstep(loader, limit, dist.device) if sharded else itertools.islice(loader, limit):
+            if batch is None:  # this rank is done, another is not: a forward for FSDP's collectives, not counted
+                step_model(synthetic_batch(1, 1.0, dist.device), gen, 0, validation=True)
+                continue
             batch = batch.to(dist.device, non_blocking=True)
             batch = device_mix(batch, gen) if device_mix is not None else batch
             out = step_model(batch, gen, 0, validation=True) if sharded else model.validation_step(batch, generator=gen)
@@ -100,6 +103,19 @@ def validate(step_model, loader, dist, seed: int, amp_dtype, limit: Optional[int
     model.train()
     total, count = dist_utils.all_reduce_sum([float(total), count], dist.device)
     return total / count if count else math.nan  # no batch at all is "no result", never a loss of 0
+
+
+def _lockstep(loader, limit: Optional[int], device):
+    """Ranks may hold different numbers of validation batches (every item counts once), but under FSDP each forward
+    is a collective: go on while any rank has a batch (one flag all-reduce per batch) and yield None to a rank that
+    has run out."""
+    batches = itertools.islice(loader, limit)
+    while True:
+        batch = next(batches, None)
+        more = torch.tensor([float(batch is not None)], device=device)
+        if dist_utils.all_reduce_max_(more).item() == 0:
+            return
+        yield batch
 
 
 def val_due(tc: TrainerConfig, batch_in_epoch: int, epoch: int, batches_per_epoch: int) -> bool:

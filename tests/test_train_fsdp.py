@@ -1,5 +1,8 @@
 """train() with trainer.strategy=fsdp on 2 gloo processes: the same losses and weights as ddp, sharded
 checkpoints written in the background, and a resumed fsdp run that continues bit for bit."""
+import math
+import time
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -40,6 +43,29 @@ def test_fsdp_train_equals_ddp_and_resumes_bit_exact(tmp_path):
     for k, v in d_state.items():
         torch.testing.assert_close(f_state[k], v, rtol=1e-5, atol=1e-6, msg=k)
         assert torch.equal(r_state[k], f_state[k]), k
+
+
+@pytest.mark.slow
+def test_fsdp_validation_with_unequal_batches_per_rank_does_not_hang(tmp_path):
+    """3 validation items on 2 ranks (batch 1): rank 0 runs 2 batches, rank 1 one. FSDP's per-forward collectives
+    (here the BatchNorm statistics broadcast) must not hang (they did before validation ran the ranks in lockstep)."""
+    data = make_data(tmp_path / "demo")
+    lines = open(data["val"]).read().splitlines()[:3]
+    data["val"] = str(tmp_path / "val3.json")
+    open(data["val"], "w").write("\n".join(lines) + "\n")
+    cfgs = [run_config(data, tmp_path / "fsdp", strategy="fsdp", batch_size=2, shuffle=False, max_steps=2,
+                       val_every=2)]
+    cfgs[0]["model"]["validation_ds"]["batch_size"] = 1
+    ctx = mp.spawn(sequential_worker, args=(2, [free_port() for _ in cfgs], cfgs, str(tmp_path), {"batch_norm": True}),
+                   nprocs=2, join=False)
+    deadline = time.monotonic() + 600  # a hang (mismatched collectives) fails the test instead of blocking CI
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("fsdp validation with unequal batch counts per rank hung")
+    vals = [torch.load(tmp_path / f"run0_val_rank{r}.pt") for r in range(2)]
+    assert vals[0] == vals[1] and math.isfinite(vals[0])  # the all-reduced mean over the 3 items, on both ranks
 
 
 def test_async_save_needs_fsdp(tmp_path):

@@ -29,9 +29,11 @@ class Crash(RuntimeError):
 
 class TinyModel(nn.Module):
     def __init__(self, dropout: float = 0.0, use_generator: bool = False, nan_after: int | None = None,
-                 signal_at: int | None = None, sleep: float = 0.0, nan_at: tuple = (), crash_at: int | None = None):
+                 signal_at: int | None = None, sleep: float = 0.0, nan_at: tuple = (), crash_at: int | None = None,
+                 batch_norm: bool = False):
         super().__init__()
-        self.proj, self.norm, self.out = nn.Linear(4, 16), nn.LayerNorm(16), nn.Linear(16, 1)
+        self.proj, self.out = nn.Linear(4, 16), nn.Linear(16, 1)
+        self.norm = nn.BatchNorm1d(16) if batch_norm else nn.LayerNorm(16)  # BatchNorm: FSDP broadcasts its stats
         self.frozen = nn.Parameter(torch.ones(3), requires_grad=False)  # like the quantizer's codebooks
         self.drop, self.use_generator = nn.Dropout(dropout), use_generator
         self.nan_after, self.signal_at, self.calls, self.sleep = nan_after, signal_at, 0, sleep
@@ -141,11 +143,12 @@ if __name__ == "__main__":  # subprocess driver: python tests/train_support.py C
     sys.exit(result["exit_code"])
 
 
-def sequential_worker(rank: int, world: int, ports: list, cfgs: list, out: str):
+def sequential_worker(rank: int, world: int, ports: list, cfgs: list, out: str, model_kw: dict | None = None):
     """Several train() runs one after another in the same processes (one process group each, own port)."""
     for i, (port, cfg) in enumerate(zip(ports, cfgs)):
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
         torch.set_num_threads(1)
-        res = train_tiny(cfg)
+        res = train_tiny(cfg, **(model_kw or {}))
         torch.save(res["losses"], f"{out}/run{i}_losses_rank{rank}.pt")
+        torch.save(res["val_loss"], f"{out}/run{i}_val_rank{rank}.pt")
