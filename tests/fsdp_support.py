@@ -92,10 +92,18 @@ def train_steps(step_model, params, steps: int, rank: int = 0, world: int = 1, a
     return losses
 
 
+def finish_dist() -> None:
+    """Both ranks leave together (as distributed.teardown does): a rank destroying the gloo group while the other is
+    still in its last collective aborted the process ("terminate called without an active exception") under load."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def strategy_worker(rank: int, world: int, port: int, out: str, variants: list) -> None:
     """Each variant (strategy, norm, accum, activation checkpointing): train 3 steps; save this rank's losses and
     rank 0's full final weights."""
-    import torch.distributed as dist
 
     from nest_ssl import fsdp
 
@@ -116,7 +124,8 @@ def strategy_worker(rank: int, world: int, port: int, out: str, variants: list) 
             state = step_model.module.state_dict()
         arrays = {f"w/{k}": v.detach().float().numpy() for k, v in state.items()}
         np.savez(f"{out}/{strategy}-{norm}-{accum}-{ckpt_mode}-rank{rank}.npz", losses=np.array(losses), **arrays)
-    dist.destroy_process_group()
+        del step_model, model  # DDP's reducer and FSDP's state go before their process group
+    finish_dist()
 
 
 def single_run(norm: str, steps: int = 3, accum: int = 1) -> tuple[list[float], dict]:
@@ -186,7 +195,6 @@ def _dcp_run(rank: int, world: int, out: str, mode: str, steps: int = 4) -> None
 def dcp_worker(rank: int, world: int, port: int, out: str, modes: list) -> None:
     """crash: steps 0-1, save, step 2, kill -9 in the next save. reference: steps 0-3 with an async save after
     step 1 written while step 2 trains. resume (fresh model and optimizer): the latest checkpoint, then steps 2-3."""
-    import torch.distributed as dist
 
     from nest_ssl import dcp_checkpoint
 
@@ -194,4 +202,4 @@ def dcp_worker(rank: int, world: int, port: int, out: str, modes: list) -> None:
     for mode in modes:
         _dcp_run(rank, world, out, mode)
     dcp_checkpoint.close()
-    dist.destroy_process_group()
+    finish_dist()
