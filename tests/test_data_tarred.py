@@ -127,7 +127,8 @@ def test_tarred_validation_with_workers_and_a_missing_shard_counts_each_item_onc
     assert sorted(seen) == [round(1.0 + 0.01 * i, 2) for i in range(16) if i % 4 != 3]
 
 
-def test_tarred_validation_over_sharded_manifests_counts_each_item_once(tmp_path):
+def _uneven_sharded_manifests(tmp_path) -> str:
+    """7 items in 3 shards of 3, 2, 2 items, with NeMo's per-shard manifests; returns the tarred directory."""
     rows = []
     for i in range(7):
         write_wav(tmp_path / f"v{i}.wav", 1.0 + 0.01 * i, seed=i)
@@ -138,6 +139,11 @@ def test_tarred_validation_over_sharded_manifests_counts_each_item_once(tmp_path
     for s in range(3):
         write_manifest(f"{d}/sharded_manifests/manifest_{s}.json",
                        [r for r in map(json.loads, open(f"{d}/tarred_audio_manifest.json")) if r["shard_id"] == s])
+    return d
+
+
+def test_tarred_validation_over_sharded_manifests_counts_each_item_once(tmp_path):
+    d = _uneven_sharded_manifests(tmp_path)
     every = [round(1 + 0.01 * i, 2) for i in range(7)]
     for strategy in ("scatter", "replicate"):
         c = dict(tarred_audio_filepaths=f"{d}/audio__OP_0..2_CL_.tar", tarred_shard_strategy=strategy,
@@ -149,16 +155,7 @@ def test_tarred_validation_over_sharded_manifests_counts_each_item_once(tmp_path
 
 
 def test_sharded_manifests_of_uneven_size_give_equal_batches(tmp_path):
-    rows = []
-    for i in range(7):
-        write_wav(tmp_path / f"v{i}.wav", 1.0 + 0.01 * i, seed=i)
-        rows.append({"audio_filepath": f"v{i}.wav", "duration": 1.0 + 0.01 * i})
-    d = str(tmp_path / "tar")
-    write_tarred_dataset(write_manifest(tmp_path / "m.json", rows), d, num_shards=3)  # 3, 2, 2 items
-    os.makedirs(f"{d}/sharded_manifests")
-    for s in range(3):
-        write_manifest(f"{d}/sharded_manifests/manifest_{s}.json",
-                       [r for r in map(json.loads, open(f"{d}/tarred_audio_manifest.json")) if r["shard_id"] == s])
+    d = _uneven_sharded_manifests(tmp_path)
     c = dict(tarred_audio_filepaths=f"{d}/audio__OP_0..2_CL_.tar",
              manifest_filepath=f"{d}/sharded_manifests/manifest__OP_0..2_CL_.json")
     epochs = [_epoch(build_dataloader(tcfg(d, **c), rank=r, world_size=2)) for r in range(2)]
