@@ -53,10 +53,12 @@ def setup(accelerator: str = "auto") -> DistInfo:
 
 
 def teardown() -> None:
-    """Called by every rank on the same decision (the step's all-reduced flags), never after an error."""
+    """Called by every rank on the same decision (the step's all-reduced flags), never after an error, once the
+    DDP/FSDP-wrapped models are gone. Every multi-process worker in the package and the tests leaves this way."""
     if dist.is_initialized():
         # All ranks leave together: a rank that destroys the group (and frees its DDP reducer) while another still
-        # writes its checkpoint or finishes a collective was seen to deadlock gloo's teardown under load.
+        # writes its checkpoint or finishes a collective was seen to deadlock gloo's teardown under load, or to abort
+        # the process ("terminate called without an active exception").
         dist.barrier()
         dist.destroy_process_group()
 

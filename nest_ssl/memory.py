@@ -131,7 +131,7 @@ def measure_worker(rank: int, world: int, port: int, overrides: list, seconds: f
 
     import torch.distributed as dist
 
-    from nest_ssl import fsdp
+    from nest_ssl import distributed, fsdp
     from nest_ssl.config import apply_overrides, load_yaml, resolve
     from nest_ssl.nemo_compat import build_model
 
@@ -160,7 +160,8 @@ def measure_worker(rank: int, world: int, port: int, overrides: list, seconds: f
             with open(out, "a") as f:
                 f.write(json.dumps(row) + "\n")
         dist.barrier()
-    dist.destroy_process_group()
+        del step_model, model  # DDP's reducer and FSDP's state go before their process group
+    distributed.teardown()
 
 
 class _LossStep(torch.nn.Module):

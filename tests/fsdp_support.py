@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from nest_ssl import distributed
+
 PARITY = Path(__file__).parent / "fixtures" / "parity"
 CFG = json.loads((PARITY / "nest_tiny" / "config.json").read_text())["model"]
 
@@ -92,15 +94,6 @@ def train_steps(step_model, params, steps: int, rank: int = 0, world: int = 1, a
     return losses
 
 
-def finish_dist() -> None:
-    """Both ranks leave together (as distributed.teardown does): a rank destroying the gloo group while the other is
-    still in its last collective aborted the process ("terminate called without an active exception") under load."""
-    import torch.distributed as dist
-
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 def strategy_worker(rank: int, world: int, port: int, out: str, variants: list) -> None:
     """Each variant (strategy, norm, accum, activation checkpointing): train 3 steps; save this rank's losses and
     rank 0's full final weights."""
@@ -125,7 +118,7 @@ def strategy_worker(rank: int, world: int, port: int, out: str, variants: list) 
         arrays = {f"w/{k}": v.detach().float().numpy() for k, v in state.items()}
         np.savez(f"{out}/{strategy}-{norm}-{accum}-{ckpt_mode}-rank{rank}.npz", losses=np.array(losses), **arrays)
         del step_model, model  # DDP's reducer and FSDP's state go before their process group
-    finish_dist()
+    distributed.teardown()
 
 
 def single_run(norm: str, steps: int = 3, accum: int = 1) -> tuple[list[float], dict]:
@@ -202,4 +195,4 @@ def dcp_worker(rank: int, world: int, port: int, out: str, modes: list) -> None:
     for mode in modes:
         _dcp_run(rank, world, out, mode)
     dcp_checkpoint.close()
-    finish_dist()
+    distributed.teardown()

@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from nest_ssl import distributed
 from nest_ssl.conformer.conv_module import glu_dwconv_norm_silu_torch
 from tests.train_support import free_port
 
@@ -241,8 +242,8 @@ def _sync_worker(rank, world, port, h, lengths, state, queue, done):
     results = [t.detach().numpy().copy() for t in (out, hs.grad, bn.running_mean, bn.weight.grad, dw.weight.grad,
                                                        bn.running_var)]
     queue.put((rank, results))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    del out, hs, dw, bn
+    distributed.teardown()
     done.wait(timeout=180)
 
 

@@ -1,5 +1,6 @@
 """Health metrics (nest_ssl/health.py): hand computations, the hooks on a real tiny NEST model, the collapse alarm,
 no host sync in the step, and the 2-rank reduction equal to one rank on the union batch."""
+import gc
 import json
 import math
 
@@ -9,7 +10,7 @@ import torch.multiprocessing as mp
 from test_host_syncs import HostSyncs
 
 from conftest import PARITY
-from nest_ssl import health
+from nest_ssl import distributed, health
 from nest_ssl.data.batch import AudioNoiseBatch
 from nest_ssl.nest.model import EncDecDenoiseMaskedTokenPredModel
 
@@ -151,7 +152,8 @@ def _rank_worker(rank, world, out_dir):
     part = AudioNoiseBatch(**{k: getattr(batch, k)[half] for k in ("audio", "audio_len", "noise", "noise_len",
                                                                    "noisy_audio", "noisy_audio_len")})
     torch.save(_eval_window(tiny_model(), part, masks[half]), f"{out_dir}/health_rank{rank}.pt")
-    dist.destroy_process_group()
+    gc.collect()  # the monitor's forward hooks and the model form a cycle: free them before the group goes
+    distributed.teardown()
 
 
 def _union_inputs():
