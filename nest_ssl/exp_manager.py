@@ -202,7 +202,10 @@ class CheckpointWriter:
         if not self.dir.is_dir():
             return []
         tmp = re.compile(f"^(?:{self.ours.pattern[1:-1]}\\.\\d+|{re.escape(self.nemo_name)}(?:\\.\\d+)?)\\.tmp$")
-        state.topk = [[score, Path(p).name] for score, p in state.topk if (self.dir / Path(p).name).is_file()]
+        # a sharded run's entries are .dcp directories: every rank must keep the same list (each decides alone
+        # whether a save is a top-k one, and that save is a collective)
+        state.topk = [[score, Path(p).name] for score, p in state.topk
+                      if (self.dir / Path(p).name).is_file() or dcp_checkpoint.is_complete(self.dir / Path(p).name)]
         keep = {name for _, name in state.topk}
         removed = []
         for path in sorted(self.dir.iterdir()):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from nest_ssl import checkpoint as ckpt
+from nest_ssl import dcp_checkpoint
 from nest_ssl.config import from_dict
 from nest_ssl.exp_manager import CheckpointWriter, ExpManagerConfig, TopK, format_name, log_dir
 
@@ -85,6 +86,17 @@ def test_writer_keeps_one_last_file_and_the_top_k(tmp_path):
     assert [score for score, _ in state.topk] == [1.0, 2.0] and writer.saved_step == 4
     saved = ckpt.load(tmp_path / names[-1])
     assert saved["train_state"]["topk"] == state.topk and saved["loader"] == {"epoch": 0, "start": 4}
+
+
+def test_tidy_keeps_sharded_top_k_directories(tmp_path):
+    writer = _writer(tmp_path)
+    kept = tmp_path / "run--val_loss=1.000-step=2.dcp"
+    kept.mkdir()
+    (kept / ".metadata").write_bytes(b"x"), (kept / dcp_checkpoint.TRAIN_STATE).write_bytes(b"x")
+    (tmp_path / "run--val_loss=2.000-step=3.dcp").mkdir()  # a save killed before its commit: not complete
+    state = ckpt.TrainState(topk=[[1.0, kept.name], [2.0, "run--val_loss=2.000-step=3.dcp"], [3.0, "gone.ckpt"]])
+    writer.tidy(state)
+    assert state.topk == [[1.0, kept.name]]
 
 
 def test_writer_alone_rank_save_leaves_the_top_k_alone(tmp_path):
