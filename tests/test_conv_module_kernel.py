@@ -12,7 +12,6 @@ from torch import nn
 
 from nest_ssl import distributed
 from nest_ssl.conformer.conv_module import glu_dwconv_norm_silu_torch
-from tests.train_support import free_port
 
 C = 12
 
@@ -226,9 +225,9 @@ def test_bad_shapes_raise_value_errors(triton_interpret):
         conv_glu_dw_bn_silu(torch.randn(2, 5, 2 * C), torch.tensor([5, 5]), dw.weight, dw.bias, bn, (2, 2))
 
 
-def _sync_worker(rank, world, port, h, lengths, state, queue, done):
+def _sync_worker(rank, world, store, h, lengths, state, queue, done):
     os.environ["TRITON_INTERPRET"] = "1"
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}")
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world, init_method=f"file://{store}")
     from nest_ssl.kernels.conv_module import conv_glu_dw_bn_silu
 
     dw, bn = _modules(9)
@@ -247,7 +246,7 @@ def _sync_worker(rank, world, port, h, lengths, state, queue, done):
     done.wait(timeout=180)
 
 
-def test_sync_batchnorm_on_two_gloo_ranks_equals_the_union_batch(triton_interpret):
+def test_sync_batchnorm_on_two_gloo_ranks_equals_the_union_batch(triton_interpret, tmp_path):
     h, lengths, pad = _inputs(4, 15, [15, 9, 12, 4])
     dw, bn = _modules(9)
     state = (copy.deepcopy(dw.state_dict()), copy.deepcopy(bn.state_dict()))
@@ -256,8 +255,9 @@ def test_sync_batchnorm_on_two_gloo_ranks_equals_the_union_batch(triton_interpre
     ref.sum().backward()
     ctx = mp.get_context("spawn")
     queue, done = ctx.Queue(), ctx.Event()
-    port = free_port()  # a fixed port collides with other test processes on the machine
-    procs = [ctx.Process(target=_sync_worker, args=(r, 2, port, h, lengths, state, queue, done)) for r in range(2)]
+    # a file store, not a TCP port: a port picked free can be taken by another process before rank 0 binds it
+    store = str(tmp_path / "store")
+    procs = [ctx.Process(target=_sync_worker, args=(r, 2, store, h, lengths, state, queue, done)) for r in range(2)]
     for p in procs:
         p.start()
     try:
