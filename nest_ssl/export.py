@@ -47,7 +47,11 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".nemo":
         return nemo_io.read_nemo(path)
-    ckpt = nemo_io.read_ptl_checkpoint(path)
+    return _ckpt_weights(nemo_io.read_ptl_checkpoint(path), path)
+
+
+def _ckpt_weights(ckpt: dict, path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(model config, state_dict) of a loaded `.ckpt`: NeMo's (hyper_parameters['cfg']) or ours ('config')."""
     if "hyper_parameters" in ckpt:
         cfg = (ckpt["hyper_parameters"] or {}).get("cfg")
         return _model_section(cfg, path, "hyper_parameters['cfg']"), dict(ckpt["state_dict"])
@@ -81,15 +85,17 @@ def load_pretrained(path: str | os.PathLike, map_location: str | torch.device = 
 _SCHED_KEYS = ("base_lrs", "last_epoch", "_step_count", "_last_lr", "_is_initial", "_get_lr_called_within_step")
 
 
-def training_state(path: str | os.PathLike, model: nn.Module, optim_cfg: dict) -> dict:
+def training_state(path: str | os.PathLike, model: nn.Module, optim_cfg: dict, ckpt: dict | None = None) -> dict:
     """The optimizer, scheduler and position of a NeMo Lightning `.ckpt`, as our training checkpoint holds them.
 
     Returns {"optimizer", "scheduler", "global_step", "epoch"}. The optimizer state is loaded into an optimizer
     built from `optim_cfg` (NeMo's `model.optim`) for `model` (weights already loaded), which checks the group
-    layout; each moment tensor's shape is checked against its parameter's (torch does not).
+    layout; each moment tensor's shape is checked against its parameter's (torch does not). `ckpt`: the file
+    already loaded, so a caller that has it does not unpickle it again.
     """
     path = Path(path)
-    ckpt = nemo_io.read_ptl_checkpoint(path)
+    if ckpt is None:
+        ckpt = nemo_io.read_ptl_checkpoint(path)
     if not ckpt.get("optimizer_states") or "global_step" not in ckpt:
         raise nemo_io.NemoFileError(f"{path}: no optimizer_states / global_step; not a Lightning training checkpoint")
     cfg = from_dict(OptimConfig, optim_cfg, "model.optim")
@@ -130,15 +136,20 @@ def to_training_checkpoint(src: str | os.PathLike, out: str | os.PathLike) -> Pa
 
         return dcp_checkpoint.to_single_file(src, out)
 
-    cfg, state = read_checkpoint(src)
+    src = Path(src)
+    if src.suffix == ".nemo" or not src.is_file():
+        ckpt, (cfg, state) = None, read_checkpoint(src)  # read_checkpoint names a missing file
+    else:
+        ckpt = nemo_io.read_ptl_checkpoint(src)  # one read: weights, and for NeMo's the optimizer too
+        cfg, state = _ckpt_weights(ckpt, src)
     model = build_model(cfg)
     model.load_state_dict(state, strict=True)
     body = {"format_version": checkpoint.FORMAT_VERSION, "state_dict": model.state_dict(), "global_step": 0,
             "config": {"model": cfg}}
-    if Path(src).suffix != ".nemo" and "hyper_parameters" in nemo_io.read_ptl_checkpoint(src):
+    if ckpt is not None and "hyper_parameters" in ckpt:
         if "optim" not in cfg:
             raise nemo_io.NemoFileError(f"{src}: hyper_parameters['cfg'] has no optim section")
-        ts = training_state(src, model, cfg["optim"])
+        ts = training_state(src, model, cfg["optim"], ckpt)
         loop = checkpoint.TrainState(step=ts["global_step"], epoch=ts["epoch"])
         body.update(ts, scaler=None, rng=checkpoint.rng_state(), train_state=dataclasses.asdict(loop),
                     loader={"epoch": ts["epoch"], "start": 0, "bad_samples": []})
@@ -291,7 +302,7 @@ def export_encoder(model: nn.Module, path: str | os.PathLike, with_preprocessor:
     try:
         with _without_value_checks(module):
             program = torch.export.export(module, args, dynamic_shapes=dyn, strict=False)
-    except Exception as e:
+    except Exception as e:  # export raises many types (UserError, Unsupported, guard errors): re-raised with context
         what = "encoder with preprocessor" if with_preprocessor else "encoder"
         raise RuntimeError(f"torch.export of the {what} failed ({type(e).__name__}: {str(e)[:400]})"
                            + ("; try again without --with-preprocessor" if with_preprocessor else "")) from e

@@ -213,7 +213,7 @@ def epoch_batches(loader, state: ckpt.TrainState, limits: Limits, on_error):
                 batch = next(it)
             except StopIteration:
                 break
-            except Exception as err:
+            except Exception as err:  # a bad file, a dead worker: checkpoint first, then re-raised unchanged
                 on_error(err)
                 raise
             yield batch
