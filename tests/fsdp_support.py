@@ -116,6 +116,7 @@ def strategy_worker(rank: int, world: int, port: int, out: str, variants: list) 
         else:
             state = step_model.module.state_dict()
         arrays = {f"w/{k}": v.detach().float().numpy() for k, v in state.items()}
+        arrays |= {f"b/{k}": v.detach().numpy() for k, v in model.named_buffers() if "running_" in k}  # this rank's
         np.savez(f"{out}/{strategy}-{norm}-{accum}-{ckpt_mode}-rank{rank}.npz", losses=np.array(losses), **arrays)
         del step_model, model  # DDP's reducer and FSDP's state go before their process group
     distributed.teardown()

@@ -23,6 +23,9 @@ def two_process_runs(tmp_path_factory):
         weights = {k[2:]: runs[0][k] for k in runs[0].files if k.startswith("w/")}  # rank 0's full weights
         return losses, weights
 
+    load.rank_stats = lambda strategy, rank: {  # a rank's own BatchNorm running statistics
+        k[2:]: v for k, v in np.load(out / f"{strategy}-batch_norm-1-none-rank{rank}.npz").items() if k[:2] == "b/"}
+
     return load
 
 
@@ -57,6 +60,11 @@ def test_fsdp_equals_ddp_with_batchnorm(two_process_runs):
     np.testing.assert_allclose(f_losses, d_losses, rtol=1e-5)
     _assert_weights_close(f_weights, d_weights)
     assert any("running_mean" in k for k in f_weights)
+    # rank 1's statistics: rank 0's from before the last step, then updated with rank 1's own last batch
+    f1, d1 = two_process_runs.rank_stats("fsdp", 1), two_process_runs.rank_stats("ddp", 1)
+    f0 = two_process_runs.rank_stats("fsdp", 0)
+    assert f1 and any(not np.allclose(f1[k], f0[k]) for k in f1)  # the ranks' last batches differ
+    _assert_weights_close(f1, d1)
 
 
 @pytest.mark.slow
