@@ -68,10 +68,15 @@ def broadcast_batchnorm_stats(module: nn.Module) -> None:
     changes)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for m in module.modules():
         if isinstance(m, _BatchNorm) and m.track_running_stats:
             for buf in (m.running_mean, m.running_var, m.num_batches_tracked):
-                dist.broadcast(buf, src=0)
+                by_dtype.setdefault(buf.dtype, []).append(buf)
+    for bufs in by_dtype.values():  # one broadcast per dtype, not three per BatchNorm (as DDP coalesces them)
+        flat = torch.cat([b.reshape(-1) for b in bufs])
+        dist.broadcast(flat, src=0)
+        torch._foreach_copy_(bufs, [f.view_as(b) for f, b in zip(flat.split([b.numel() for b in bufs]), bufs)])
 
 
 def shard(root: nn.Module, layers, precision=32, sync_batchnorm: bool = False, mesh=None) -> nn.Module:
@@ -87,7 +92,8 @@ def shard(root: nn.Module, layers, precision=32, sync_batchnorm: bool = False, m
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy, ignored_params=frozen & set(layer.parameters()) or None)
     fully_shard(root, mesh=mesh, mp_policy=policy, ignored_params=frozen or None)
-    root.register_forward_pre_hook(lambda module, args: broadcast_batchnorm_stats(module))
+    if not sync_batchnorm:  # SyncBatchNorm's statistics are already the same on every rank
+        root.register_forward_pre_hook(lambda module, args: broadcast_batchnorm_stats(module))
     return root
 
 
