@@ -145,8 +145,10 @@ def build_dataloader(ds_cfg: DatasetConfig, *, rank: int = 0, world_size: int = 
                            concat_temperature=c.concat_sampling_temperature,
                            concat_probs=c.concat_sampling_probabilities if c.concat_sampling_technique == "random"
                            else None, even=is_train)
-    _check_batches(len(sampler), len(sampler.global_batches()), len(entries), c, world_size, where)
-    return _with_report(DataLoaderWrapper(c, ds, collate, sampler, len(sampler)), report)
+    n = len(sampler)  # each len() and global_batches() plans a whole epoch: plan the all-rank one only if needed
+    total = n if is_train and n > 0 else len(sampler.global_batches())
+    _check_batches(n, total, len(entries), c, world_size, where)
+    return _with_report(DataLoaderWrapper(c, ds, collate, sampler, n), report)
 
 
 def _read_manifests(key: str, *args, **kwargs):
