@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import stat
 
 import numpy as np
 import soundfile as sf
@@ -34,12 +35,15 @@ _EXACT_HEADER_FORMATS = ("WAV", "WAVEX", "FLAC", "AIFF", "W64", "RF64", "CAF", "
 
 
 def check_file(path: str) -> None:
-    """BadSample unless `path` is a non-empty file: "no such file", a directory, 0 bytes."""
-    if os.path.isdir(path):
+    """BadSample unless `path` is a non-empty file: "no such file", a directory, 0 bytes. One stat call: this runs
+    for every item of every epoch, on file systems where a stat is a network round trip."""
+    try:
+        st = os.stat(path)
+    except OSError:  # as os.path.exists: missing, or a path this process may not look into
+        raise BadSample(path, "no such file", "no_such_file") from None
+    if stat.S_ISDIR(st.st_mode):
         raise BadSample(path, "is a directory, not an audio file", "is_directory")
-    if not os.path.exists(path):
-        raise BadSample(path, "no such file", "no_such_file")
-    if os.path.getsize(path) == 0:
+    if st.st_size == 0:
         raise BadSample(path, "empty file (0 bytes)", "empty")
 
 
