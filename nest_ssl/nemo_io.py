@@ -210,8 +210,6 @@ _STORAGES = {f"{n}Storage": getattr(torch, f"{n}Storage") for n in (
     "Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool")}
 _DTYPES = {n: getattr(torch, n) for n in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16",
                                           "int8", "uint8", "bool")}
-ALLOWED_GLOBALS = sorted(f"{m}.{n}" for m, n in [*_OMEGACONF_GLOBALS, *_PLAIN_GLOBALS]) + sorted(
-    f"torch.{n}" for n in [*_STORAGES, *_DTYPES])
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -320,14 +318,3 @@ def read_ptl_checkpoint(path: str | os.PathLike) -> dict:
         keys = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise NemoFileError(f"{path}: no 'state_dict' in the checkpoint (keys: {keys})")
     return ckpt
-
-
-def load_nemo_weights(path: str | os.PathLike) -> tuple[dict | None, dict[str, torch.Tensor]]:
-    """(model config, weights) from a `.nemo` or a NeMo Lightning `.ckpt` (config None if it holds none)."""
-    path = Path(path)
-    if path.suffix == ".nemo":
-        return read_nemo(path)
-    ckpt = read_ptl_checkpoint(path)
-    cfg = (ckpt.get("hyper_parameters") or {}).get("cfg")
-    weights = {k: v for k, v in ckpt["state_dict"].items() if isinstance(v, torch.Tensor)}
-    return (cfg if isinstance(cfg, dict) else None), weights

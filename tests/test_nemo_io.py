@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from conftest import FIXTURES
-from nest_ssl.nemo_io import NemoFileError, load_nemo_weights, read_nemo, read_ptl_checkpoint, write_nemo
+from nest_ssl import export
+from nest_ssl.nemo_io import NemoFileError, read_nemo, read_ptl_checkpoint, write_nemo
 
 CFG = {"sample_rate": 16000, "encoder": {"_target_": "nemo.collections.asr.modules.ConformerEncoder", "d_model": 8},
        "target": "nemo.collections.asr.models.ssl_models.EncDecDenoiseMaskedTokenPredModel"}
@@ -119,7 +120,7 @@ def test_lightning_ckpt_with_pickled_omegaconf_reads_without_omegaconf():
     assert ckpt["global_step"] == 3
     assert ckpt["state_dict"]["quantizer.codebooks"].dtype == torch.float64
     assert ckpt["state_dict"]["encoder.layers.0.conv.batch_norm.num_batches_tracked"].dtype == torch.int64
-    cfg, sd = load_nemo_weights(path)
+    cfg, sd = export.read_checkpoint(path)
     assert cfg["optim"]["betas"] == [0.9, 0.98] and cfg["optim"]["sched"]["name"] == "NoamAnnealing"
     assert list(sd) == list(ckpt["state_dict"])
 
