@@ -60,16 +60,16 @@ def file_info(path: str):
         raise _open_error(path, e) from None
 
 
-def measure_duration(path: str, offset: float = 0.0, data: bytes | None = None) -> tuple[float, str]:
-    """(seconds after `offset`, "header" | "decoded") of a file without a manifest duration: the header's frame
-    count for formats that store it exactly, otherwise a full decode (block by block, little memory)."""
-    if data is None:
-        check_file(path)
+def measure_duration(entry) -> float:
+    """Seconds after the entry's offset of a manifest entry's file without a duration: the header's frame count
+    for formats that store it exactly, otherwise a full decode (block by block, little memory)."""
+    path, offset = entry.audio_filepath, entry.offset
+    check_file(path)
     try:
-        with sf.SoundFile(io.BytesIO(data) if data is not None else path) as f:
-            frames, sr, how = f.frames, f.samplerate, "header"
+        with sf.SoundFile(path) as f:
+            frames, sr = f.frames, f.samplerate
             if f.format not in _EXACT_HEADER_FORMATS or frames <= 0:
-                frames, how = sum(b.shape[0] for b in f.blocks(blocksize=1 << 16, dtype="float32")), "decoded"
+                frames = sum(b.shape[0] for b in f.blocks(blocksize=1 << 16, dtype="float32"))
     except (RuntimeError, OSError, sf.LibsndfileError, ValueError) as e:
         raise _open_error(path, e) from None
     if frames == 0:
@@ -77,7 +77,7 @@ def measure_duration(path: str, offset: float = 0.0, data: bytes | None = None) 
     seconds = frames / sr - (offset or 0.0)
     if seconds <= 0:
         raise BadSample(path, f"offset {offset} s is past the end of the {frames / sr:.3f} s file", "offset_past_end")
-    return seconds, how
+    return seconds
 
 
 def check_span(name: str, file_seconds: float, offset: float, duration: float | None, whole_file: bool,

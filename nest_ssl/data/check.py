@@ -91,7 +91,7 @@ def check(manifest, tarred=None, min_duration: float | None = None, max_duration
           tolerance: float | None = 0.1, workers: int = 2) -> dict:
     """The report: totals over the lines that would be trained on, and errors / warnings / filtered entries."""
     rep = ManifestReport()
-    measure = lambda e: measure_duration(e.audio_filepath, e.offset)[0]  # noqa: E731
+    measure = measure_duration
     if tarred:  # as the loader: only the duration filters need a duration, and a member cannot be measured
         measure = unmeasurable if min_duration is not None or max_duration is not None else None
     entries = read_manifests(manifest, min_duration, max_duration, report=rep, skip_bad=True, measure=measure)

@@ -232,7 +232,7 @@ def _measure(c: DatasetConfig):
         return None
     if c.is_tarred:
         return unmeasurable
-    return lambda e: measure_duration(e.audio_filepath, e.offset)[0]
+    return measure_duration
 
 
 def _with_report(loader: DataLoaderWrapper, report: ManifestReport) -> DataLoaderWrapper:
