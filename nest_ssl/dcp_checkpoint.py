@@ -28,6 +28,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from nest_ssl.distributed import barrier
 from nest_ssl.fsdp import broadcast_batchnorm_stats
 
 FORMAT_VERSION = 1
@@ -41,11 +42,6 @@ def _rank() -> int:
 
 def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def is_complete(path: str | os.PathLike) -> bool:
@@ -112,7 +108,7 @@ def save(path: str | os.PathLike, model, optimizer, train_state: dict, rank_stat
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a killed writer
         tmp.mkdir(parents=True)
-    _barrier()
+    barrier()
     # Replicated tensors are written once, by whichever rank DCP picks: make BatchNorm statistics rank 0's on every
     # rank first (what DDP and fsdp.shard use), so the file never holds another rank's.
     broadcast_batchnorm_stats(model)
@@ -124,9 +120,9 @@ def save(path: str | os.PathLike, model, optimizer, train_state: dict, rank_stat
     if async_save:
         return AsyncSave(dcp.async_save(state, checkpoint_id=tmp, process_group=_checkpoint_group()), tmp, final)
     dcp.save(state, checkpoint_id=tmp)
-    _barrier()  # every rank's shards and rank file are on disk
+    barrier()  # every rank's shards and rank file are on disk
     _commit(tmp, final)
-    _barrier()
+    barrier()
     return final
 
 
