@@ -110,15 +110,11 @@ def accumulation(model: nn.Module, last_micro_batch: bool):
 
 
 def clip_grad_norm(params, max_norm: float) -> torch.Tensor:
-    """Total gradient norm over all ranks' shards (clipped in place when max_norm > 0), as a plain tensor."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()  # the sum of squares over shards: one all-reduce
-    if max_norm > 0:  # torch's clip_grads_with_norm_ arithmetic, applied to each rank's shard
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        with torch.no_grad():
-            torch._foreach_mul_([g.to_local() if isinstance(g, DTensor) else g for g in grads], coef)
+    """torch's clip_grad_norm_ for plain or sharded (DTensor) gradients: the total norm over all ranks' shards as
+    a plain tensor, gradients clipped in place when max_norm > 0."""
+    norm = replicated(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    if max_norm > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm
 
 
@@ -127,15 +123,6 @@ def full_state_dict(model: nn.Module) -> dict:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def clip_grad_value(params, clip: float) -> None:
-    """Clamp every gradient element to [-clip, clip], shard by shard."""
-    with torch.no_grad():
-        for p in params:
-            if p.grad is not None:
-                g = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
-                g.clamp_(-clip, clip)
 
 
 def replicated(t: torch.Tensor) -> torch.Tensor:

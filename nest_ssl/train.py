@@ -432,7 +432,7 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
         groups = grad_norms(model) if tc.health.enabled and (state.step + 1) % tc.log_every_n_steps == 0 else None
         if sharded and groups:
             groups = {g: fsdp.replicated(v) for g, v in groups.items()}  # norms over every rank's shards
-        grad_norm = clip_gradients(model, tc, sharded)
+        grad_norm = clip_gradients(model, tc)
         loss_val, grad_norm, tok, bad, preempted = step_stats(window_loss, grad_norm, tokens, scaler is None,
                                                                preempt.requested(), dist.device)
         window_loss = tokens = torch.zeros((), device=dist.device)
@@ -524,25 +524,18 @@ def probe_scores(model: nn.Module, tc: TrainerConfig) -> dict:
     return {k: v for k, v in result.items() if k.startswith("probe_")} | weights
 
 
-def clip_gradients(model: nn.Module, tc: TrainerConfig, sharded: bool = False) -> torch.Tensor:
+def clip_gradients(model: nn.Module, tc: TrainerConfig) -> torch.Tensor:
     """Total gradient norm before clipping, as a device tensor (reading it is left to step_stats); clips by norm or
     value when gradient_clip_val > 0. Sharded gradients: the norm over every rank's shards."""
     params = [p for p in model.parameters() if p.grad is not None]
     if not params:
         return torch.zeros(())
     clip = tc.gradient_clip_val or 0.0
-    if sharded:
-        norm = fsdp.clip_grad_norm(params, clip if tc.gradient_clip_algorithm == "norm" else 0.0)
-        if clip > 0 and tc.gradient_clip_algorithm == "value":
-            fsdp.clip_grad_value(params, clip)
-        return norm
     if clip > 0 and tc.gradient_clip_algorithm == "value":
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        norm = fsdp.clip_grad_norm(params, 0.0)
         torch.nn.utils.clip_grad_value_(params, clip)
         return norm
-    if clip > 0:
-        return torch.nn.utils.clip_grad_norm_(params, clip)
-    return torch.nn.utils.get_total_norm([p.grad for p in params])
+    return fsdp.clip_grad_norm(params, clip)
 
 
 def step_stats(loss, grad_norm, tokens, check_grad: bool, preempt: bool, device) -> tuple[float, float, float, bool,
