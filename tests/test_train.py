@@ -187,3 +187,22 @@ def test_validation_data_error_checkpoints_the_steps_done(data, tmp_path):
         train_tiny(cfg)
     assert "saved to" in "\n".join(getattr(info.value, "__notes__", []))
     assert ckpt.load(last_ckpt(tmp_path / "a"))["global_step"] == 2  # the first validation came after step 2
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_clip_gradients_returns_the_norm_before_clipping(algorithm):
+    from nest_ssl.config import from_dict
+    from nest_ssl.run_config import TrainerConfig
+    from nest_ssl.train import clip_gradients
+
+    model = torch.nn.Linear(3, 2)
+    grads = [torch.tensor([[3.0, -0.2, 0.1], [0.0, 4.0, -5.0]]), torch.tensor([0.3, -2.0])]
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    tc = from_dict(TrainerConfig, {"gradient_clip_val": 0.5, "gradient_clip_algorithm": algorithm}, "trainer")
+    norm = clip_gradients(model, tc)
+    full = torch.cat([g.flatten() for g in grads]).norm()
+    assert norm == pytest.approx(float(full))
+    for p, g in zip(model.parameters(), grads):
+        want = g.clamp(-0.5, 0.5) if algorithm == "value" else g * (0.5 / (float(full) + 1e-6))
+        torch.testing.assert_close(p.grad, want)
