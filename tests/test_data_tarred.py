@@ -223,6 +223,17 @@ def test_check_data_tarred(tarred):
     assert rc == 0 and rep["utterances"] == 16
 
 
+def test_check_data_reads_pipe_shards_and_names_a_missing_one(tarred):
+    d, _ = tarred
+    pipes = [f"pipe:cat {d}/audio_{i}.tar" for i in range(4)]
+    rc, rep = run_check("--manifest", f"{d}/tarred_audio_manifest.json", "--tarred", ",".join(pipes))
+    assert rc == 0 and rep["utterances"] == 16
+    os.remove(f"{d}/audio_3.tar")
+    rc, rep = run_check("--manifest", f"{d}/tarred_audio_manifest.json", "--tarred", ",".join(pipes))
+    assert rc == 1 and {(e["path"], e["kind"]) for e in rep["errors"] if e["path"] == pipes[3]} == {
+        (pipes[3], "unreadable")}
+
+
 def test_tarred_resume_mid_epoch(tarred):
     d, _ = tarred
     c = dict(shuffle=True, shuffle_n=4)

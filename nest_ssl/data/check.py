@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import collections
 import io
-import os
-import tarfile
 from concurrent.futures import ProcessPoolExecutor
 
 import soundfile as sf
 
 from nest_ssl.data.audio import AudioLoader, BadSample, file_info, measure_duration
 from nest_ssl.data.manifest import Finding, ManifestEntry, ManifestReport, read_manifests
-from nest_ssl.data.tarred import shard_list, unmeasurable
+from nest_ssl.data.tarred import ShardError, shard_list, shard_members, stem, unmeasurable
 
 WARNING_KINDS = ("all_zero", "missing_duration")
 
@@ -48,19 +46,15 @@ def _inspect_tarred(entries: list[ManifestEntry], shards: list[str], tolerance) 
     """Stream every shard once; entries are matched to members by file stem, as TarredAudioNoiseDataset does."""
     by_stem, seen, out = collections.defaultdict(list), set(), []
     for e in entries:
-        by_stem[os.path.splitext(os.path.basename(e.audio_filepath))[0]].append(e)
+        by_stem[stem(e.audio_filepath)].append(e)
     for shard in shards:
-        if not os.path.isfile(shard):
-            out.append((shard, shard, None, 0.0, "no_such_file", "no such shard"))
-            continue
         try:
-            with tarfile.open(shard, "r|*") as tar:
-                for m in tar:
-                    for e in by_stem.get(os.path.splitext(os.path.basename(m.name))[0], []) if m.isfile() else []:
-                        seen.add(e.where)
-                        out.append(_member(e, tar.extractfile(m).read(), f"{shard}:{m.name}", tolerance))
-        except (tarfile.TarError, OSError, EOFError) as err:
-            out.append((shard, shard, None, 0.0, "unreadable", f"truncated or corrupt shard ({type(err).__name__})"))
+            for s, data, name in shard_members(shard, by_stem):
+                for e in by_stem[s]:
+                    seen.add(e.where)
+                    out.append(_member(e, data, name, tolerance))
+        except ShardError as err:
+            out.append((shard, shard, None, 0.0, err.kind, err.reason))
     out += [(e.where, e.audio_filepath, None, 0.0, "not_in_shards", "no member of that name in any shard")
             for e in entries if e.where not in seen]
     return out

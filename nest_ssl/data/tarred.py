@@ -138,6 +138,36 @@ def _open_tar(src: str):
     return tarfile.open(src, mode="r|*"), None
 
 
+def stem(path: str) -> str:
+    """What a manifest entry and a tar member are matched by: the file name without folder and extension."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+class ShardError(Exception):
+    """A shard that cannot be read to its end: `kind` as check_data reports it, `reason` for the bad-sample log."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.kind, self.reason = kind, reason
+
+
+def shard_members(shard: str, wanted):
+    """(stem, bytes, "shard:member") of each file member whose stem is in `wanted`, streaming the shard (a path or
+    a `pipe:` command) once; ShardError when it is missing, truncated or corrupt, or its command fails."""
+    if not shard.startswith("pipe:") and not os.path.isfile(shard):
+        raise ShardError("no_such_file", "missing shard")
+    try:
+        tar, proc = _open_tar(shard)
+        with tar:
+            for m in tar:
+                if m.isfile() and stem(m.name) in wanted:
+                    yield stem(m.name), tar.extractfile(m).read(), f"{shard}:{m.name}"
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ShardError("unreadable", f"truncated or corrupt shard ({type(e).__name__}: {str(e)[:100]})") from None
+    if proc is not None and proc.wait() != 0:
+        raise ShardError("unreadable", f"pipe command exited with {proc.returncode}")
+
+
 class TarredAudioNoiseDataset(torch.utils.data.IterableDataset):
     """Yields AudioNoiseItem / BadItem. `base` (an AudioNoiseDataset over the filtered manifest) supplies entries,
     decoding, padding and noise."""
@@ -150,29 +180,18 @@ class TarredAudioNoiseDataset(torch.utils.data.IterableDataset):
         for i, e in enumerate(base.entries):
             if keep is not None and i % keep[1] != keep[0]:
                 continue
-            self.by_stem.setdefault(os.path.splitext(os.path.basename(e.audio_filepath))[0], []).append(i)
+            self.by_stem.setdefault(stem(e.audio_filepath), []).append(i)
 
     def __len__(self) -> int:
         return len(self.base)
 
     def _samples(self, shard: str):
-        if not shard.startswith("pipe:") and not os.path.isfile(shard):
-            yield BadItem(shard, "missing shard")
-            return
         try:
-            tar, proc = _open_tar(shard)
-            with tar:
-                for m in tar:
-                    idx = self.by_stem.get(os.path.splitext(os.path.basename(m.name))[0]) if m.isfile() else None
-                    if not idx:
-                        continue
-                    data = tar.extractfile(m).read()
-                    for i in idx:
-                        yield self._item(i, data, f"{shard}:{m.name}")
-            if proc is not None and proc.wait() != 0:
-                yield BadItem(shard, f"pipe command exited with {proc.returncode}")
-        except (tarfile.TarError, OSError, EOFError) as e:
-            yield BadItem(shard, f"truncated or corrupt shard ({type(e).__name__}: {str(e)[:100]})")
+            for s, data, name in shard_members(shard, self.by_stem):
+                for i in self.by_stem[s]:
+                    yield self._item(i, data, name)
+        except ShardError as e:
+            yield BadItem(shard, e.reason)
 
     def _item(self, i: int, data: bytes, name: str):
         e = self.base.entries[i]
@@ -226,9 +245,9 @@ def write_tarred_dataset(manifest: str, out: str, num_shards: int, shuffle: bool
         raise ValueError(f"num_shards={num_shards} must be in [1, {len(entries)}]")
     owner: dict[str, str] = {}
     for e in entries:
-        stem = os.path.splitext(os.path.basename(e.audio_filepath))[0]
-        if owner.setdefault(stem, e.audio_filepath) != e.audio_filepath:
-            raise ValueError(f"{e.where}: {e.audio_filepath} and {owner[stem]} share the stem {stem!r}; tarred "
+        s = stem(e.audio_filepath)
+        if owner.setdefault(s, e.audio_filepath) != e.audio_filepath:
+            raise ValueError(f"{e.where}: {e.audio_filepath} and {owner[s]} share the stem {s!r}; tarred "
                              "members are matched by stem, so rename one")
     os.makedirs(out, exist_ok=True)
     tars = []
