@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -53,13 +54,20 @@ def setup(accelerator: str = "auto") -> DistInfo:
 
 
 def teardown() -> None:
-    """Called by every rank on the same decision (the step's all-reduced flags), never after an error, once the
-    DDP/FSDP-wrapped models are gone. Every multi-process worker in the package and the tests leaves this way."""
+    """Called by every rank on the same decision (the step's all-reduced flags), never after an error. Every
+    multi-process worker in the package and the tests leaves this way."""
     if dist.is_initialized():
-        # All ranks leave together: a rank that destroys the group (and frees its DDP reducer) while another still
-        # writes its checkpoint or finishes a collective was seen to deadlock gloo's teardown under load, or to abort
-        # the process ("terminate called without an active exception").
+        # All ranks leave together: a rank that destroys the group while another still writes its checkpoint or
+        # finishes a collective was seen to deadlock gloo's teardown under load.
         dist.barrier()
+        # Gloo's group destructor (run by destroy_process_group, or later by a DDP reducer that still holds the
+        # group) joins its worker threads while holding the GIL. A worker that has just finished a collective may
+        # still be dropping the last reference to that collective's tensors, which needs the GIL: a deadlock
+        # (seen with gdb: main thread in ~ProcessGroupGloo -> thread::join, pt_gloo_runloop in take_gil from
+        # TensorImpl::decref_pyobject), or at interpreter exit an abort ("terminate called without an active
+        # exception"). Sleeping releases the GIL so such a worker finishes first. It narrows the window; torch
+        # offers no way to wait for the workers to go idle.
+        time.sleep(0.1)
         dist.destroy_process_group()
 
 
