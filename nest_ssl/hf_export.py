@@ -260,7 +260,10 @@ model.encoder.load_state_dict(encoder.state_dict())
 def read_hf(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(ParakeetEncoder config, encoder state) of an HF directory: a `parakeet_encoder`, or the encoder of a
     `parakeet_ctc` / `parakeet_rnnt` / `parakeet_tdt` model (its `encoder_config`, its `encoder.*` weights)."""
-    from safetensors.torch import load_file
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise ImportError(f"init_from_hf needs safetensors: {EXTRA}") from None
 
     path = Path(path)
     if not (path / "config.json").is_file() or not (path / WEIGHTS).is_file():
@@ -301,8 +304,10 @@ def init_from_hf(model: nn.Module, path: str | os.PathLike) -> list[str]:
         raise ValueError(f"init_from_hf={str(path)!r}: {' '.join(str(e).split())[:400]}") from e
     loaded = {id(t) for k, t in enc.state_dict(keep_vars=True).items() if k in expected}
     # by identity: post_conv's `pre_encoder.*` aliases are the encoder's own (loaded) tensors
-    fresh = sorted({k.rsplit(".", 1)[0] if k.startswith("encoder.") else k.split(".")[0]
-                    for k, t in model.state_dict(keep_vars=True).items() if id(t) not in loaded})
+    everything = model.state_dict(keep_vars=True).items()
+    partly = {k.split(".")[0] for k, t in everything if id(t) in loaded}  # named by module inside these
+    fresh = sorted({k.rsplit(".", 1)[0] if k.split(".")[0] in partly else k.split(".")[0]
+                    for k, t in everything if id(t) not in loaded})
     return [f"init_from_hf: {len(mapped)} encoder tensors (encoder.*) from {Path(path) / WEIGHTS}",
             f"init_from_hf: fresh (not in the source): {', '.join(fresh)}"]
 
