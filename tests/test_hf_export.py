@@ -182,3 +182,21 @@ def test_readme_finetuning_example_runs(tmp_path, capsys):
     assert last < first  # three AdamW steps on the same six utterances lower the CTC loss
     readme = (REPO / "README.md").read_text()
     assert "python scripts/examples/finetune_hf_ctc.py" in readme
+
+
+@pytest.mark.slow
+def test_pretraining_continues_from_an_hf_encoder(tmp_path, capsys):
+    from nest_ssl.train import train
+    from tests.train_support import make_data
+
+    out = hf_export.save_hf(export.load_pretrained(NEMO), tmp_path / "hf")
+    data = make_data(tmp_path / "demo")
+    plain, _ = load_config(REPO / "configs" / "nest_tiny_cpu.yaml", [
+        f"model.train_ds.manifest_filepath={data['train']}", f"model.validation_ds.manifest_filepath={data['val']}",
+        f"exp_manager.exp_dir={tmp_path / 'run'}", "trainer.max_steps=1", "trainer.val_check_interval=1",
+        "model.train_ds.batch_size=2", "model.validation_ds.batch_size=2", f"+init_from_hf={out}"])
+    result = train(plain)
+    assert len(result["losses"]) == 1 and torch.isfinite(torch.tensor(result["losses"])).all()
+    printed = capsys.readouterr().out
+    assert f"init_from_hf: 92 encoder tensors (encoder.*) from {out / 'model.safetensors'}" in printed
+    assert "init_from_hf: fresh (not in the source): decoder, mask_processor, preprocessor, quantizer" in printed
