@@ -84,6 +84,11 @@ def main(argv=None) -> int:
 def _export_hf(args) -> int:
     from nest_ssl import export, hf_export
 
+    ignored = [flag for flag, used in (("--with-preprocessor", args.with_preprocessor), ("--max-time", args.max_time),
+                                       ("--device", args.device != "cpu")) if used]
+    if ignored:  # the directory holds weights and configs; verification runs on the CPU
+        raise ValueError(f"{', '.join(ignored)} do not apply to --format hf (the preprocessor goes to "
+                         "preprocessor_config.json, the weights are device-free)")
     hf_export.require_hf()  # before reading the checkpoint: a missing extra is one line at once
     import transformers
 

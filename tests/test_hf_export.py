@@ -161,6 +161,25 @@ def test_init_from_hf_refuses_a_different_encoder(tmp_path):
         hf_export.init_from_hf(other, tmp_path)
 
 
+def test_init_from_hf_takes_the_encoder_of_a_parakeet_ctc_model(tmp_path):
+    model = randomized("nest_tiny_cpu.yaml", [], seed=5)
+    encoder = load_hf(hf_export.save_hf(model, tmp_path / "enc"))
+    ctc = transformers.ParakeetForCTC(transformers.ParakeetCTCConfig(encoder_config=encoder.config.to_dict(),
+                                                                     vocab_size=5, pad_token_id=4))
+    ctc.encoder.load_state_dict(encoder.state_dict())
+    ctc.save_pretrained(tmp_path / "ctc")
+    back = randomized("nest_tiny_cpu.yaml", [], seed=6)
+    hf_export.init_from_hf(back, tmp_path / "ctc")  # ctc_head.* is not the encoder's and is left out
+    for key, t in model.encoder.state_dict().items():
+        assert torch.equal(back.encoder.state_dict()[key], t), key
+
+
+def test_format_hf_refuses_flags_it_would_ignore(tmp_path, capsys):
+    main = script_main("scripts/export.py")
+    assert main([str(NEMO), "--format", "hf", "--out", str(tmp_path / "hf"), "--with-preprocessor"]) == 1
+    assert "--with-preprocessor do not apply to --format hf" in capsys.readouterr().err
+
+
 def test_init_from_hf_is_a_run_config_key():
     _, run = load_config(REPO / "configs" / "nest_tiny_cpu.yaml", ["+init_from_hf=enc_hf"])
     assert run.init_from_hf == "enc_hf"
