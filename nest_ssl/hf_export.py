@@ -176,13 +176,18 @@ def from_hf_state(hf_state: dict[str, torch.Tensor], post_conv: bool) -> dict[st
 
 
 def source_step(path: str | os.PathLike) -> int | None:
-    """The training step a `.ckpt` (NeMo's or ours) records; None for a `.nemo` or a sharded directory."""
+    """The training step a `.ckpt` (NeMo's or ours) or a sharded `.dcp` directory records; None for a `.nemo`."""
     from nest_ssl import nemo_io
 
     path = Path(path)
-    if path.suffix == ".nemo" or not path.is_file():
+    if path.is_dir():
+        from nest_ssl import dcp_checkpoint  # torch.distributed.checkpoint: only for a sharded checkpoint
+
+        step = dcp_checkpoint.read_train_state(path).get("global_step")
+    elif path.suffix == ".nemo" or not path.is_file():
         return None
-    step = nemo_io.read_ptl_checkpoint(path).get("global_step")
+    else:
+        step = nemo_io.read_ptl_checkpoint(path).get("global_step")
     return int(step) if step is not None else None
 
 
