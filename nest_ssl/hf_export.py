@@ -20,15 +20,12 @@ transformers and safetensors are the optional extra `hf` (`pip install 'nest_ssl
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 EXTRA = "pip install 'nest_ssl[hf]'"
 WEIGHTS = "model.safetensors"
@@ -201,7 +198,13 @@ def feature_extractor_kwargs(preprocessor: nn.Module) -> dict:
 def to_hf_encoder(model: nn.Module):
     """An HF ParakeetEncoder (eval) holding our encoder's weights; raises ValueError naming every unsupported key."""
     transformers = require_hf()
-    problems = unsupported(model.encoder.cfg, _hf_config_fields()) + unsupported_preprocessor(model.preprocessor.cfg)
+    fields = _hf_config_fields()
+    problems = unsupported(model.encoder.cfg, fields) + unsupported_preprocessor(model.preprocessor.cfg)
+    # an older ParakeetEncoderConfig keeps an unknown keyword as a plain attribute: the model would ignore it
+    absent = sorted(set(hf_config(model.encoder.cfg)) - fields - {"convolution_bias"})  # use_bias: checked above
+    if absent:
+        problems.append(f"transformers {transformers.__version__}'s ParakeetEncoderConfig has no {absent}; "
+                        "upgrade transformers (the mapping was read from 5.23)")
     if problems:
         raise ValueError("Hugging Face's ParakeetEncoder cannot represent this model: " + "; ".join(problems))
     hf = transformers.ParakeetEncoder(transformers.ParakeetEncoderConfig(**hf_config(model.encoder.cfg)))
@@ -217,9 +220,6 @@ def save_hf(model: nn.Module, out: str | os.PathLike, source: str = "", step: in
     out = Path(out)
     hf = to_hf_encoder(model)
     hf.save_pretrained(out)
-    if model.preprocessor.cfg.pad_value != 0.0:
-        log.warning("model.preprocessor.pad_value=%s: ParakeetFeatureExtractor pads with 0",
-                    model.preprocessor.cfg.pad_value)
     ParakeetFeatureExtractor(**feature_extractor_kwargs(model.preprocessor)).save_pretrained(out)
     (out / "README.md").write_text(model_card(model, hf.config, source, step))
     return out

@@ -145,6 +145,13 @@ def test_unrepresentable_preprocessor_settings_are_refused_by_name(key, value):
     assert len(problems) == 1 and problems[0].startswith(f"model.preprocessor.{key}={value!r}"), problems
 
 
+def test_export_refuses_a_transformers_without_a_config_key_it_needs(tmp_path, monkeypatch):
+    fields = hf_export._hf_config_fields()
+    monkeypatch.setattr(hf_export, "_hf_config_fields", lambda: fields - {"scale_input"})  # an older release
+    with pytest.raises(ValueError, match=r"ParakeetEncoderConfig has no \['scale_input'\]; upgrade transformers"):
+        hf_export.save_hf(randomized("nest_tiny_cpu.yaml", [], seed=0), tmp_path / "hf")
+
+
 def test_export_refuses_a_model_hf_cannot_represent(tmp_path):
     model = randomized("nest_tiny_cpu.yaml", ["model.encoder.conv_norm_type=layer_norm"], seed=0)
     with pytest.raises(ValueError, match=r"model.encoder.conv_norm_type='layer_norm'"):
