@@ -1,6 +1,8 @@
 from setuptools import setup
 
 ONNX = ["onnx>=1.16", "onnxscript>=0.1", "onnxruntime>=1.18"]
+# transformers' ParakeetEncoder (4.57+); convolution_bias (use_bias: false encoders) is in the pinned 5.23
+HF = ["transformers>=4.57", "safetensors>=0.4"]
 
 setup(
     name="nest_ssl",
@@ -20,9 +22,11 @@ setup(
         "tensorboard>=2.14",
         "triton>=3.0; platform_system == 'Linux'",
     ],
-    # dev includes the onnx extra so that `make test` exercises the ONNX export and its onnxruntime check.
+    # dev includes the onnx and hf extras so that `make test` exercises the ONNX export and its onnxruntime check,
+    # and the Hugging Face round trip.
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist>=3", "ruff>=0.5", *ONNX],
+        "dev": ["pytest>=8", "pytest-xdist>=3", "ruff>=0.5", *ONNX, *HF],
         "onnx": ONNX,
+        "hf": HF,
     },
 )

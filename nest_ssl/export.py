@@ -410,7 +410,8 @@ def _partial(state: dict, include, exclude) -> dict:
 def init_from_pretrained(model: nn.Module, run_cfg: dict) -> list[str]:
     """Apply the run config's top-level `init_from_nemo_model` / `init_from_ptl_ckpt` as NeMo does
     (`maybe_init_from_pretrained_checkpoint`): a path loads every weight, a mapping `{name: {path, include, exclude}}`
-    loads the filtered part; both with `strict=False`. Returns one log line per source (keys loaded, missing).
+    loads the filtered part; both with `strict=False`. Then ours, `init_from_hf: DIR`: a transformers Parakeet
+    directory's encoder, strictly (hf_export.init_from_hf). Returns one log line per source (keys loaded, missing).
 
     Both take weights only, as in NeMo: the AdamW state, scheduler and step of a `.ckpt` are not applied here. To
     continue a NeMo run with them, convert the `.ckpt` with `to_training_checkpoint` (`scripts/export.py --format
@@ -435,4 +436,8 @@ def init_from_pretrained(model: nn.Module, run_cfg: dict) -> list[str]:
             result = model.load_state_dict(part, strict=False)
             lines.append(f"{where}: loaded {len(part)} tensors from {entry['path']}; "
                          f"{len(result.missing_keys)} model keys not in it, {len(result.unexpected_keys)} unexpected")
+    if run_cfg.get("init_from_hf"):  # after NeMo's keys: the encoder it names wins
+        from nest_ssl import hf_export  # safetensors: only for this key
+
+        lines += hf_export.init_from_hf(model, run_cfg["init_from_hf"])
     return lines

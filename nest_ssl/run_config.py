@@ -122,6 +122,7 @@ class RunConfig:
     init_from_nemo_model: Optional[Any] = None  # a path, or NeMo's {name: {path, include, exclude}}
     init_from_pretrained_model: Optional[Any] = None  # NGC model name: needs a download, refused at train()
     init_from_ptl_ckpt: Optional[Any] = None
+    init_from_hf: Optional[str] = None  # ours: a transformers Parakeet directory; its encoder, loaded strictly
     seed: int = 0
 
 

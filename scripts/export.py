@@ -7,6 +7,7 @@
     python scripts/export.py nemo_run-last.ckpt --out run/checkpoints/x-last.ckpt --format ckpt  # continue a NeMo run
     python scripts/export.py run/checkpoints/x-last.dcp --out x.nemo --format nemo  # a sharded (fsdp) checkpoint
     python scripts/export.py run/checkpoints/x-last.dcp --out x.ckpt --format ckpt  # sharded -> one file
+    python scripts/export.py model.nemo --out enc_hf/ --format hf --verify 3  # transformers' ParakeetEncoder
 
 The checkpoint may be a `.nemo`, a NeMo Lightning `.ckpt`, one of our training checkpoints or the directory of a
 sharded (DCP) checkpoint written by a `trainer.strategy: fsdp` run. Inputs of the exported
@@ -15,7 +16,10 @@ program: (x, lengths) with x = features (B, feat_in, T) or, with --with-preproce
 through torch.export.load, a .onnx through onnxruntime) and eager on N random batches and says which file it ran;
 without onnxruntime an ONNX export is checked through the torch program it came from, and the output says so.
 `--format ckpt` writes our training checkpoint; from a NeMo `.ckpt` it keeps the AdamW state, scheduler and step
-(resume it with exp_manager.resume_from_checkpoint).
+(resume it with exp_manager.resume_from_checkpoint). `--format hf` writes a directory that
+`transformers.AutoModel.from_pretrained` loads as ParakeetEncoder (needs: pip install 'nest_ssl[hf]'); its `--verify N`
+compares last_hidden_state with our encoder on N random padded batches and ParakeetFeatureExtractor with our
+preprocessor.
 """
 import argparse
 import sys
@@ -24,9 +28,10 @@ import sys
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help=".nemo, NeMo .ckpt, our training checkpoint or a sharded .dcp directory")
-    p.add_argument("--out", required=True, help="output file (.pt2, .onnx, .nemo or .ckpt)")
-    p.add_argument("--format", choices=("pt2", "onnx", "nemo", "ckpt"), default="pt2",
-                   help="ckpt: our training checkpoint (from a NeMo .ckpt or a sharded .dcp directory)")
+    p.add_argument("--out", required=True, help="output file (.pt2, .onnx, .nemo or .ckpt; a directory for hf)")
+    p.add_argument("--format", choices=("pt2", "onnx", "nemo", "ckpt", "hf"), default="pt2",
+                   help="ckpt: our training checkpoint (from a NeMo .ckpt or a sharded .dcp directory); "
+                        "hf: a Hugging Face transformers ParakeetEncoder directory")
     p.add_argument("--with-preprocessor", action="store_true", help="take audio instead of features")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]; the program is exported for this device")
     p.add_argument("--verify", type=int, default=3, metavar="N",
@@ -43,9 +48,11 @@ def main(argv=None) -> int:
         if args.format == "ckpt":
             print(f"wrote {export.to_training_checkpoint(args.checkpoint, args.out)}")
             return 0
+        if args.format == "hf":
+            return _export_hf(args)
         model = export.load_pretrained(args.checkpoint, map_location=args.device)
-    except (ValueError, FileNotFoundError) as e:  # a missing, malformed or unsafe file (NemoFileError: ValueError)
-        if args.debug:
+    except (ValueError, FileNotFoundError, ImportError) as e:  # a missing, malformed or unsafe file
+        if args.debug:  # (NemoFileError is a ValueError; ImportError: a missing optional extra)
             raise
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
@@ -72,6 +79,36 @@ def main(argv=None) -> int:
         if not rep["lengths_equal"] or rep["max_rel_err"] > 1e-4:
             return 1
     return 0
+
+
+def _export_hf(args) -> int:
+    from nest_ssl import export, hf_export
+
+    ignored = [flag for flag, used in (("--with-preprocessor", args.with_preprocessor), ("--max-time", args.max_time),
+                                       ("--device", args.device != "cpu")) if used]
+    if ignored:  # the directory holds weights and configs; verification runs on the CPU
+        raise ValueError(f"{', '.join(ignored)} do not apply to --format hf (the preprocessor goes to "
+                         "preprocessor_config.json, the weights are device-free)")
+    hf_export.require_hf()  # before reading the checkpoint: a missing extra is one line at once
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # its per-file progress bars would bury the report
+    model = export.load_pretrained(args.checkpoint)
+    out = hf_export.save_hf(model, args.out, source=args.checkpoint, step=hf_export.source_step(args.checkpoint))
+    print(f"wrote {out} (transformers ParakeetEncoder: config.json, model.safetensors, preprocessor_config.json, "
+          "README.md)")
+    if args.verify <= 0:
+        return 0
+    rep = hf_export.verify_hf(model, out, n=args.verify)
+    same = "equal" if rep["lengths_equal"] else "DIFFER"
+    print(f"verify {out} with transformers against our encoder (eval, fp32, valid frames): {rep['batches']} random "
+          f"padded batches, max rel err {rep['max_rel_err']:.3e}, lengths {same}")
+    f = hf_export.compare_features(model, out)
+    print(f"features: ParakeetFeatureExtractor vs our preprocessor (eval) on the same audio: max abs diff "
+          f"{f['max_abs_diff']:.3e} over valid frames, lengths {'equal' if f['lengths_equal'] else 'DIFFER'}; "
+          f"T {f['frames_ours']} ours (pad_to={f['pad_to']!r}) vs {f['frames_hf']} HF (padded frames are outside "
+          f"the lengths); dither {f['dither']} is ours in training only, HF has none; both normalize per_feature")
+    return 0 if rep["lengths_equal"] and rep["max_rel_err"] <= 1e-4 else 1
 
 
 if __name__ == "__main__":

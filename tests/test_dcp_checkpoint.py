@@ -91,6 +91,17 @@ def test_export_script_takes_a_dcp_directory(runs, tmp_path):
     for k, v in state.items():
         torch.testing.assert_close(nemo_state[k], v, rtol=0, atol=0, msg=k)
     assert torch.load(tmp_path / "m.ckpt", weights_only=True)["global_step"] == 2
+    if hf_available():  # the Hugging Face export reads the same directory (the hf extra is in dev)
+        assert main([str(dcp_dir), "--out", str(tmp_path / "hf"), "--format", "hf", "--verify", "1"]) == 0
+        assert "training step: 2" in (tmp_path / "hf" / "README.md").read_text()
+
+
+def hf_available() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def test_another_world_size_is_refused(runs):
