@@ -16,6 +16,9 @@ torch.set_num_threads(1)
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU-only machines)")
     config.addinivalue_line("markers", "slow: slower CPU test (still run by make test)")
+    config.addinivalue_line("markers", "numerics: compares numbers with a reference from another run or machine "
+                                       "(golden losses, NeMo parity, kernel vs torch); `make test-numerics` runs "
+                                       "them again under another CPU dispatch")
     # Triton's interpreter (TRITON_INTERPRET=1) turns 1-element arrays into scalars, which NumPy >= 1.25 deprecates:
     # hundreds of identical warnings per run that are not ours. Only that message from that module is dropped.
     config.addinivalue_line("filterwarnings", "ignore:Conversion of an array with ndim > 0 to a scalar"

@@ -78,6 +78,7 @@ def test_patch_count_rules():
         MaskedPatchAugmentation(MaskedPatchAugmentationConfig(mask_patches=-1))
 
 
+@pytest.mark.numerics
 def test_decoders_match_nemo():
     e, d = npz("encoder.npz"), npz("decoders.npz")
     rec = ConvASRDecoderReconstruction(
@@ -90,6 +91,7 @@ def test_decoders_match_nemo():
     assert rel(mlm(enc).detach(), d["mlm_log_probs"]) <= 1e-4
 
 
+@pytest.mark.numerics
 def test_quantizer_eval_and_train_match_nemo():
     q, p = npz("quantizer.npz"), npz("preprocessor.npz")
     loss = contrastive_loss()
@@ -106,6 +108,7 @@ def test_quantizer_eval_and_train_match_nemo():
     assert np.array_equal(ids.numpy(), q["target_ids"])  # ids stay the noise-free argmax in training
 
 
+@pytest.mark.numerics
 def test_contrastive_loss_matches_nemo_and_negatives_replay_from_seed():
     p, m, d, c = npz("preprocessor.npz"), npz("masking.npz"), npz("decoders.npz"), npz("contrastive.npz")
     loss = contrastive_loss()
@@ -124,6 +127,7 @@ def test_contrastive_loss_matches_nemo_and_negatives_replay_from_seed():
     assert np.array_equal(loss.last["neg_idxs"].numpy(), c["neg_idxs"])
 
 
+@pytest.mark.numerics
 def test_non_quantized_targets_loss_and_gradients_match_nemo():
     p, m, d, n = npz("preprocessor.npz"), npz("masking.npz"), npz("decoders.npz"), npz("contrastive_nonquant.npz")
     loss = ContrastiveLoss(ContrastiveLossConfig(**CFG["derived"]["nonquant_loss_kwargs"]))

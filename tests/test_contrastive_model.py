@@ -49,6 +49,7 @@ def test_config_selects_the_contrastive_model_class():
     assert model_class(CFG["model"]) is SpeechEncDecSelfSupervisedModel
 
 
+@pytest.mark.numerics
 def test_eval_forward_and_losses_match_nemo():
     model = nemo_model().eval()
     e, f, c, m = npz("encoder.npz"), npz("forward.npz"), npz("contrastive.npz"), npz("masking.npz")
@@ -66,6 +67,7 @@ def test_eval_forward_and_losses_match_nemo():
     assert rel(values["mlm"], f["loss_mlm"]) <= 1e-4
 
 
+@pytest.mark.numerics
 def test_train_mode_loss_gradients_and_batchnorm_match_nemo():
     model = nemo_model(dither=False).train()
     t, g = npz("train.npz"), npz("grads.npz")
@@ -81,6 +83,8 @@ def test_train_mode_loss_gradients_and_batchnorm_match_nemo():
     params = dict(model.named_parameters())
     assert set(g) == {k for k, p in params.items() if p.requires_grad}
     scale = max(float(np.abs(v).max()) for k, v in g.items() if k not in zero)
+    # 1e-4 of max|ref| per gradient (the parity checker's rule): ours are within 1.9e-6 of NeMo's under AVX2 and
+    # ATEN_CPU_CAPABILITY=default, 1-2 threads, so another CPU's rounding has 50x room.
     for name, ref in g.items():
         got = params[name].grad.numpy()
         if name in zero:  # 0 in exact arithmetic: bound on the scale of the largest gradient

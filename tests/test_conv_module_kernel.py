@@ -60,6 +60,7 @@ def _run_both(k, context, B, T, lengths, dtype, train=True):
     return (ref, h_ref, dw, bn), (out, h_k, dw2, bn2)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("k,context", [(5, (2, 2)), (9, (4, 4)), (9, (8, 0)), (31, (15, 15)), (9, (6, 2))])
 @pytest.mark.parametrize("T,lengths", [(1, [1, 1]), (23, [23, 9]), (17, [17, 0])])
 def test_fp32_output_grads_and_running_stats_match_torch(triton_interpret, k, context, T, lengths):
@@ -93,6 +94,7 @@ def _torch_finalize(part, T, n_tb, out_rows, gamma, beta, running_mean, running_
     return mean.float(), rstd, scale, beta - mean.float() * scale, (1 / n).float().expand(part.shape[-1])
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("B,T,out_rows,offset", [(2, 23, 8, 0.0), (3, 40, 8, 1000.0), (1, 5, 8, -3.0)])
 def test_finalize_kernel_matches_the_torch_chan_combine(triton_interpret, B, T, out_rows, offset):
     """Per-channel statistics of a (B, T, 19) tensor, blocks of out_rows frames (the last one short), and a mean far
@@ -185,6 +187,7 @@ def test_training_step_launches_only_kernels_and_allocations(triton_interpret):
     assert fwd_ops.count("add_") == 1 and fwd_ops.count("_to_copy") == 1
 
 
+@pytest.mark.numerics
 def test_bf16_inputs_match_fp32_reference(triton_interpret):
     (ref, h_ref, dw, bn), (out, h_k, dw2, bn2) = _run_both(9, (4, 4), 2, 21, [21, 13], torch.bfloat16)
     assert out.dtype == torch.bfloat16 and h_k.grad.dtype == torch.bfloat16
@@ -197,6 +200,7 @@ def test_bf16_inputs_match_fp32_reference(triton_interpret):
     close(bn2.running_var, bn.running_var, 1e-2)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("k,context", [(9, (4, 4)), (9, (8, 0))])
 def test_eval_folds_batchnorm_into_one_kernel(triton_interpret, k, context):
     with torch.no_grad():

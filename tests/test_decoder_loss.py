@@ -18,6 +18,7 @@ def _rel(a, b):
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(b)))
 
 
+@pytest.mark.numerics
 def test_decoder_log_probs_match_nemo():
     sd = np.load(SET / "state_dict.npz")
     f = np.load(SET / "forward.npz")
@@ -50,6 +51,7 @@ def test_squeeze_single_decoder():
     ("masking.npz:masks", "forward.npz:log_probs", "forward.npz:tokens", "decoder_loss.npz:loss"),
     ("decoder_loss.npz:syn_masks", "decoder_loss.npz:syn_log_probs", "decoder_loss.npz:syn_targets",
      "decoder_loss.npz:syn_loss")])
+@pytest.mark.numerics
 def test_mlm_loss_matches_nemo(masks_key, lp_key, tok_key, loss_key):
     def load(key):
         name, arr = key.split(":")

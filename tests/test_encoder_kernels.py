@@ -21,6 +21,7 @@ def _run(impl, x, lengths, train, state=None):
     return enc, out, out_len
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("train", [False, True])
 def test_triton_kernels_in_the_encoder_match_torch(triton_interpret, train):
     x = torch.randn(2, 80, 136)

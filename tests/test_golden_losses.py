@@ -1,5 +1,17 @@
 """Golden losses: 8 training steps of configs/nest_tiny_cpu.yaml (1 thread, seed 0) must reproduce
-tests/assets/losses/nest_tiny_cpu.txt bit for bit, so a refactor that must not change the math cannot.
+tests/assets/losses/nest_tiny_cpu.txt within REL_TOL, so a refactor that must not change the math cannot.
+
+Why a tolerance and not equality: the file was recorded on one CPU. Another CPU (or another ATen/oneDNN/MKL dispatch,
+or another thread count) sums the same float32 terms in another order or vector width, which moves a loss by a few
+units of float32 roundoff u = 2**-24 (6.0e-8 relative). Each step's loss is a float32 mean over the masked tokens of a
+64-class log-softmax whose logits are 64-term dot products; reordering those reductions changes each term by O(u) and
+the mean of ~10^2 such terms by O(u) too, and AdamW's m / sqrt(v) update is insensitive to O(u) relative gradient
+changes, so the difference does not grow over 8 steps. Measured (this file vs fresh runs on an AMD EPYC, AVX2, with
+ATEN_CPU_CAPABILITY=avx2|default, DNNL_MAX_CPU_ISA=AVX2|SSE41, MKL_ENABLE_INSTRUCTIONS=AVX2|SSE4_2, 1 and 2 threads;
+the file itself came from another machine): at most 3.5 u (2.06e-7) on any step. REL_TOL = 7 u (4.2e-7) gives twice
+that, and a real one-line change still fails: LayerNorm eps 1e-5 -> 1e-6 moves the losses by up to 12.7 u (7.6e-7),
+eps 1e-5 -> 2e-5 by up to 14.6 u. On one machine and dispatch a run is bit-identical to the previous one; only the
+file's cross-machine use needs the tolerance.
 
 A change that is meant to alter the numbers rewrites the file on purpose:
 
@@ -11,11 +23,25 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "assets" / "losses" / "nest_tiny_cpu.txt"
 STEPS = 8
+U = 2.0 ** -24  # float32 unit roundoff
+REL_TOL = 7 * U  # twice the measured cross-dispatch spread (module docstring)
+
+# Fresh runs under other dispatches, as measured for the docstring: each must pass, so REL_TOL cannot be tightened
+# below what another CPU produces without this test saying so.
+CROSS_DISPATCH = {
+    "AVX2, 1 thread": [4.293787956237793, 4.377275466918945, 4.605538368225098, 4.399059295654297,
+                       4.161691665649414, 4.62110710144043, 4.177077293395996, 3.7868471145629883],
+    "AVX2, 2 threads": [4.293787956237793, 4.377275466918945, 4.605538368225098, 4.399059295654297,
+                        4.161691188812256, 4.621106147766113, 4.177077293395996, 3.7868471145629883],
+    "default + SSE41, 1 thread": [4.293787956237793, 4.377275466918945, 4.605538368225098, 4.399059295654297,
+                                  4.161691188812256, 4.621106147766113, 4.177077293395996, 3.7868473529815674],
+}
 
 
 def golden_run(root: Path) -> list[float]:
@@ -39,10 +65,36 @@ def read_golden() -> list[float]:
     return [float(line) for line in GOLDEN.read_text().split()]
 
 
-def test_tiny_cpu_train_losses_equal_the_golden_file(tmp_path):
+def golden_mismatches(losses: list[float], golden: list[float], rel_tol: float = REL_TOL) -> list[str]:
+    """One line per step whose loss is off the golden one by more than rel_tol (relative), in units of u."""
+    if len(losses) != len(golden):
+        return [f"{len(losses)} losses, the golden file has {len(golden)}"]
+    return [f"step {i}: {got!r} vs golden {want!r} ({abs(got - want) / abs(want) / U:.1f} u > {rel_tol / U:.1f} u)"
+            for i, (got, want) in enumerate(zip(losses, golden)) if abs(got - want) > rel_tol * abs(want)]
+
+
+@pytest.mark.numerics
+def test_tiny_cpu_train_losses_match_the_golden_file(tmp_path):
     losses = golden_run(tmp_path)
     assert len(losses) == STEPS
-    assert losses == read_golden()  # exact: repr() round-trips every float
+    assert golden_mismatches(losses, read_golden()) == []
+
+
+@pytest.mark.parametrize("name", sorted(CROSS_DISPATCH))
+def test_golden_tolerance_accepts_the_measured_cross_dispatch_runs(name):
+    assert golden_mismatches(CROSS_DISPATCH[name], read_golden()) == []
+
+
+@pytest.mark.numerics
+def test_a_layernorm_eps_change_fails_the_golden_comparison(tmp_path, monkeypatch):
+    """The tolerance still catches a real one-line change: every LayerNorm's eps 1e-5 -> 1e-6 (NeMo uses 1e-5)."""
+    layer_norm = torch.nn.functional.layer_norm
+
+    def eps_tenth(x, shape, weight=None, bias=None, eps=1e-5):
+        return layer_norm(x, shape, weight, bias, eps / 10)
+
+    monkeypatch.setattr(torch.nn.functional, "layer_norm", eps_tenth)
+    assert golden_mismatches(golden_run(tmp_path), read_golden()) != []
 
 
 if __name__ == "__main__":

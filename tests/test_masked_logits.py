@@ -38,6 +38,7 @@ def _loss_and_grads(dec, loss, masks, encoded, tokens, chunk):
     return out.detach(), enc.grad, [p.grad.clone() for p in dec.parameters()], loss.last_num_selected
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("chunk", [16, 64, 1024])  # nest_tiny: 3 x 38 frames; 1024 is one slice
 def test_head_loss_and_grads_equal_full_log_probs_on_nest_tiny(chunk):
     sd, f, m = _npz("state_dict.npz"), _npz("forward.npz"), _npz("masking.npz")

@@ -195,15 +195,23 @@ def test_nest_large_state_dict_equals_nemo():
     assert (summary["total"], summary["trainable"]) == (113_106_000, 112_964_608)
 
 
+@pytest.mark.numerics
 def test_burn_rng_reproduces_nemo_seeded_init():
-    """nest_tiny's state_dict is NeMo's init after torch.manual_seed(1234); burn_rng replays NeMo's build order."""
+    """nest_tiny's state_dict is NeMo's init after torch.manual_seed(1234); burn_rng replays NeMo's build order.
+
+    Same draws, not the same bits: uniform_ (from + x * (to - from)) and normal_ (Box-Muller: log, sqrt, cos) round
+    differently in ATen's vectorised and scalar kernels, so another CPU dispatch moves values by a few units of
+    float32 roundoff u (measured with ATEN_CPU_CAPABILITY=default: 8 u of max|w| at most, on the normal_ draws).
+    A draw out of order changes a tensor by O(max|w|), so 64 u of max|w| per tensor still catches it."""
     sd = np.load(PARITY / "nest_tiny" / "state_dict.npz")
     torch.manual_seed(json.loads((PARITY / "nest_tiny" / "manifest.json").read_text())["seed"])
     model = EncDecDenoiseMaskedTokenPredModel.from_config(TINY, burn_rng=True)
     ours = model.state_dict()
     assert list(ours) == list(sd.files)
-    differ = [k for k in sd.files if not np.array_equal(ours[k].numpy(), sd[k])]
-    assert differ == []
+    tol = 64 * 2.0 ** -24
+    differ = {k: float(np.abs(ours[k].numpy() - sd[k]).max() / max(np.abs(sd[k]).max(), 1e-30)) for k in sd.files
+              if not np.array_equal(ours[k].numpy(), sd[k])}
+    assert {k: e for k, e in differ.items() if not e <= tol} == {}
 
 
 # ---- post_conv: NeMo's ConvFeatureMaksingWrapper layout ---------------------------------------------------------

@@ -75,6 +75,7 @@ def test_fixtures_are_the_bytes_nemo_wrote():
         assert hashlib.sha256((FILES / name).read_bytes()).hexdigest() == sha, name
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("path", [CKPT, NEMO], ids=["ckpt", "nemo"])
 def test_nemo_written_file_reproduces_nemo_outputs(path):
     model = export.load_pretrained(path)

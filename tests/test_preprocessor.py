@@ -34,6 +34,7 @@ def rel_err(got, ref):
     return float(np.abs(np.asarray(got, np.float64) - ref).max() / np.abs(ref).max())
 
 
+@pytest.mark.numerics
 def test_buffers_equal_nemo_state_dict(nemo):
     sd, _, _ = nemo
     m = make()
@@ -51,6 +52,7 @@ def test_state_dict_keys_shapes_dtypes_and_strict_load(nemo):
     m.load_state_dict(nemo_keys, strict=True)
 
 
+@pytest.mark.numerics
 def test_features_match_nemo(nemo):
     sd, pre, cfg = nemo
     section = {k: v for k, v in cfg["model"]["preprocessor"].items() if k != "_target_"}
@@ -62,6 +64,7 @@ def test_features_match_nemo(nemo):
     assert rel_err(feats.numpy(), pre["features"]) <= 1e-4
 
 
+@pytest.mark.numerics
 def test_mel_filterbank_matches_torchaudio_slaney():
     ta = pytest.importorskip("torchaudio")
     ref = ta.functional.melscale_fbanks(257, 0.0, 8000.0, 80, 16000, norm="slaney", mel_scale="slaney").T

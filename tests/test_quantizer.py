@@ -24,6 +24,7 @@ def _tiny(**kw):
     return RandomProjectionVectorQuantizer(RandomProjectionVectorQuantizerConfig(**base))
 
 
+@pytest.mark.numerics
 def test_nest_tiny_tokens_and_xq_equal_nemo():
     cfg = json.loads((SET / "config.json").read_text())["model"]["quantizer"]
     q = RandomProjectionVectorQuantizer(RandomProjectionVectorQuantizerConfig(
@@ -59,6 +60,7 @@ def test_cosine_is_argmax_of_cosine_similarity():
     assert torch.equal(tokens, sim.argmax(-1))
 
 
+@pytest.mark.numerics
 def test_init_matches_nemo_recipe_and_freeze():
     torch.manual_seed(3)
     q = _tiny()

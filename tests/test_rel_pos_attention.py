@@ -71,11 +71,13 @@ CASES = [  # (B, H, T, d_k, lengths, p_batch, att_context_size)
 ]
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("B,H,T,d,lengths,p_batch,ctx", CASES)
 def test_fp32_output_and_grads_match_torch_reference(triton_interpret, B, H, T, d, lengths, p_batch, ctx):
     _compare(_inputs(B, H, T, d, p_batch), torch.tensor(lengths), ctx, tol=1e-5)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)])
 def test_half_precision_inputs_match_fp32_reference(triton_interpret, dtype, tol):
     # Tolerance: bf16 has 8 mantissa bits (rel. step 7.8e-3); inputs and outputs are rounded, math is fp32.

@@ -137,15 +137,15 @@ def build_model(cfg: dict, state_dict: dict | None = None, train: bool = False):
     return model.train(train)
 
 
-def _run_model(model, wave, wave_lengths, noisy_wave, noisy_wave_lengths, masks):
+def _run_model(model, wave, wave_lengths, noisy_wave, noisy_wave_lengths, masks, dtype=torch.float32):
     captured = {}
     handle = model.encoder.register_forward_hook(lambda mod, args, out: captured.update(encoded=out[0]))
     try:
         log_probs, enc_len, masks, tokens = model(
-            input_signal=_t(wave, torch.float32), input_signal_length=_t(wave_lengths, torch.int64),
-            noisy_input_signal=_t(noisy_wave, torch.float32),
+            input_signal=_t(wave, dtype), input_signal_length=_t(wave_lengths, torch.int64),
+            noisy_input_signal=_t(noisy_wave, dtype),
             noisy_input_signal_length=_t(noisy_wave_lengths, torch.int64), apply_mask=True,
-            masks=_t(masks, torch.float32))
+            masks=_t(masks, dtype))
     finally:
         handle.remove()
     loss, _ = model.compute_loss(log_probs, enc_len, masks, tokens)
@@ -164,9 +164,12 @@ def forward(wave, wave_lengths, noisy_wave, noisy_wave_lengths, masks, state_dic
     return out
 
 
-def train_grads(wave, wave_lengths, noisy_wave, noisy_wave_lengths, masks, state_dict, cfg):
-    model = build_model(cfg, state_dict, train=True)
-    loss, log_probs, _, _, encoded = _run_model(model, wave, wave_lengths, noisy_wave, noisy_wave_lengths, masks)
+def train_grads(wave, wave_lengths, noisy_wave, noisy_wave_lengths, masks, state_dict, cfg, dtype=torch.float32):
+    """dtype=torch.float64 runs everything after the (float32, as in NeMo) preprocessor in float64: gradients exact
+    to ~1e-12, so a comparison with NeMo's float32 gradients measures NeMo's rounding only, on any CPU."""
+    model = build_model(cfg, state_dict, train=True).to(dtype)
+    loss, log_probs, _, _, encoded = _run_model(model, wave, wave_lengths, noisy_wave, noisy_wave_lengths, masks,
+                                                dtype)
     loss.backward()
     grads = {n: p.grad.numpy() for n, p in model.named_parameters() if p.grad is not None}
     bn_after = {k: v.numpy() for k, v in model.state_dict().items() if ".batch_norm." in k}
