@@ -68,9 +68,12 @@ def test_the_gradient_noise_floor_is_what_the_tolerance_assumes():
 # sum grow like sqrt(n) * u * sum|terms|: sqrt(18240) * 2**-24 * 20 = 1.6e-4 of max|grad|. On the 2-norm scale
 # ||g32 - g64|| / ||g64|| (elementwise relative error means nothing for a gradient with near-zero entries) we measured
 # <= 4.0e-5 under AVX2 and ATEN_CPU_CAPABILITY=default, 1 and 2 threads, the worst on self_attn.linear_k.weight and
-# pos_bias_u (behind train-mode BatchNorm, whose backward subtracts means; NeMo's own worst, 5.2e-5, is there too):
-# the bound leaves 4x.
-GRAD_ROUNDING_TOL = math.sqrt(3 * 152 * 40) * 2.0 ** -24 * 20
+# pos_bias_u (behind train-mode BatchNorm, whose backward subtracts means; NeMo's own worst, 5.2e-5, is there too).
+# The estimate covers one reduction, but a first-layer gradient carries the rounding of the whole backward chain: on
+# an AVX-512/AMX Xeon a first-layer gradient after a full backward was seen 2.1e-4 away from the AVX2 one. The bound
+# is therefore 3x the one-reduction estimate (4.9e-4): 2.3x over that AVX-512 move, 12x over what we measure here, and
+# still under the 1e-3 that a float32 matmul or conv silently computed in TF32 (10-bit mantissa) or bf16 would give.
+GRAD_ROUNDING_TOL = 3 * math.sqrt(3 * 152 * 40) * 2.0 ** -24 * 20
 
 
 @pytest.mark.numerics
