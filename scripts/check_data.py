@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     manifest, tarred, sec = a.manifest, a.tarred, {}
     if a.config:
         from nest_ssl.config import apply_overrides, load_yaml, resolve  # YAML with ${} interpolation + overrides
-        sec = resolve(apply_overrides(load_yaml(a.config), a.overrides))
+        from nest_ssl.run_config import schema_keys
+        sec = resolve(apply_overrides(load_yaml(a.config), a.overrides, schema_keys))
         for k in a.section.split("."):
             sec = sec[k]
         manifest = sec["manifest_filepath"]
