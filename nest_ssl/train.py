@@ -298,6 +298,7 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
     check_probe_monitor(em_cfg.checkpoint_callback_params.monitor, tc)
     sharded = check_sharded(tc, em_cfg)
     name = em_cfg.name or run.name
+    em.check_writable(em_cfg, run.name)  # a read-only exp_dir is a config error, not a traceback at the first save
 
     # ---- distributed, seeds, model, optimizer, data ---------------------------------------------------
     dist = dist_utils.setup(tc.accelerator)

@@ -8,13 +8,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nest_ssl.config import ConfigError  # noqa: E402
+from nest_ssl import cli  # noqa: E402
 from nest_ssl.estimate import estimate, format_report  # noqa: E402
 from nest_ssl.run_config import load_config  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config")
     ap.add_argument("overrides", nargs="*", help="Hydra-style overrides, e.g. trainer.precision=bf16")
     ap.add_argument("--hours", type=float, default=1000.0, help="hours of audio per epoch (default 1000)")
@@ -24,13 +24,13 @@ def main(argv=None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU peak (H100/H200 dense bf16: 989)")
     ap.add_argument("--seconds", type=float, default=None, help="utterance length (default train_ds.max_duration)")
     args = ap.parse_args(argv)
-    try:
-        plain, run = load_config(args.config, args.overrides)
-        e = estimate(plain, run, hours=args.hours, gpus=args.gpus, mfu=args.mfu, peak_tflops=args.peak_tflops,
-                     seconds=args.seconds, epochs=args.epochs)
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    return cli.run(lambda: report(args), args.debug)
+
+
+def report(args) -> int:
+    plain, run = load_config(args.config, args.overrides)
+    e = estimate(plain, run, hours=args.hours, gpus=args.gpus, mfu=args.mfu, peak_tflops=args.peak_tflops,
+                 seconds=args.seconds, epochs=args.epochs)
     print(format_report(e, Path(args.config).stem))
     return 0
 

@@ -16,18 +16,10 @@ is removed, the previous checkpoints are intact); 75 preempted (checkpoint writt
 import sys
 
 from nest_ssl.checkpoint import DISK_FULL_EXIT_CODE, DiskFullError
+from nest_ssl.cli import USER_ERRORS, one_line
 from nest_ssl.config import config_file_from_args
 from nest_ssl.run_config import load_config
 from nest_ssl.train import train
-
-# Errors a person fixes in the config or the data: ValueError (ConfigError and every bad-value error of the
-# package), a missing file, an owner module that cannot import.
-USER_ERRORS = (ValueError, FileNotFoundError, ImportError)
-
-
-def one_line(err: BaseException) -> str:
-    notes = " ".join(getattr(err, "__notes__", []))
-    return " ".join(f"{err} {notes}".split())
 
 
 def main(argv=None) -> int:
