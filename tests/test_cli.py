@@ -231,3 +231,12 @@ def test_the_probe_table_never_cuts_a_path():
     lines = script_main("probe.py").__globals__["format_rows"](rows).splitlines()
     assert lines[1].startswith(long + " ") and lines[2].startswith("random init ")
     assert len({line.index("ctc") if "ctc" in line else line.index("classification") for line in lines[1:]}) == 1
+
+
+def test_make_demo_data_prints_progress_lines(tmp_path, capsys):
+    script_main("make_demo_data.py")(["--out", str(tmp_path), "--num-files", "26", "--num-val", "1", "--num-noise",
+                                      "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines[:-1]] == [
+        "make_demo_data: train 25/26 files", "make_demo_data: train 26/26 files", "make_demo_data: val 1/1 files",
+        "make_demo_data: noise 1/1 files"]
