@@ -240,3 +240,14 @@ def test_make_demo_data_prints_progress_lines(tmp_path, capsys):
     assert [line.split(",")[0] for line in lines[:-1]] == [
         "make_demo_data: train 25/26 files", "make_demo_data: train 26/26 files", "make_demo_data: val 1/1 files",
         "make_demo_data: noise 1/1 files"]
+
+
+def test_pretrain_strict_mode_stops_at_start_up_on_a_missing_audio_file(tmp_path, demo, capsys):
+    gone = tmp_path / "train.json"
+    gone.write_text(Path(demo["train"]).read_text() + json.dumps({"audio_filepath": str(tmp_path / "gone.wav"),
+                                                                  "duration": 1.0}) + "\n")
+    n = len(gone.read_text().splitlines())
+    rc = script_main("pretrain.py")(pretrain(tmp_path, *manifests(demo, gone), "model.train_ds.skip_bad_samples=false"))
+    line = error_line(capsys)
+    assert rc == 1 and f"{gone}:{n}: {tmp_path / 'gone.wav'}: no such file" in line and "max_bad_samples" not in line
+    assert not list((tmp_path / "exp").rglob("*.ckpt"))  # stopped before the first step: nothing to save

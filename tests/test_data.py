@@ -141,9 +141,14 @@ def test_bad_item_skipped_counted_and_strict_mode_raises(tmp_path, kind):
     assert [len(b) for b in batches] == [4]
     assert len(loader.bad_samples) == 1 and loader.bad_samples[0][0].endswith("bad.wav")
     assert (loader.bad_samples[0][1] == "no such file") == (kind == "missing")
-    strict = build_dataloader(cfg(m, shuffle=False, batch_size=5, skip_bad_samples=False))
     with pytest.raises(ValueError, match="bad.wav"):
-        list(strict)
+        list(build_dataloader(cfg(m, shuffle=False, batch_size=5, skip_bad_samples=False)))
+
+
+def test_strict_mode_finds_a_missing_file_at_start_up_naming_manifest_and_line(tmp_path):
+    m = _bad_corpus(tmp_path, "missing")  # bad.wav is line 2
+    with pytest.raises(ValueError, match=f"{m}:2: .*bad.wav: no such file \\(skip_bad_samples=false\\)"):
+        build_dataloader(cfg(m, shuffle=False, batch_size=5, skip_bad_samples=False))  # no batch is read
 
 
 def test_max_bad_samples_error_names_files(tmp_path):
