@@ -2,7 +2,7 @@
 """Encoder forward+backward throughput (audio-seconds per second) for a config, batch and duration, CPU or GPU.
 
     python scripts/benchmark_encoder.py --config configs/nest_fast-conformer.yaml --batch 8 --seconds 20
-    # NeMo's CPU anchor (nemo_cpu_anchors.md section 3, 42.5 audio-s/s): NEST YAML reduced to d256/4 heads/4 layers
+    # the encoder row of README's paired NeMo comparison: NEST YAML reduced to d256/4 heads/4 layers
     OMP_NUM_THREADS=2 python scripts/benchmark_encoder.py --config configs/nest_fast-conformer.yaml \\
         model.encoder.d_model=256 model.encoder.n_heads=4 model.encoder.n_layers=4 --device cpu --dtype fp32 \\
         --batch 4 --seconds 8

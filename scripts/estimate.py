@@ -19,7 +19,7 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="Hydra-style overrides, e.g. trainer.precision=bf16")
     ap.add_argument("--hours", type=float, default=1000.0, help="hours of audio per epoch (default 1000)")
     ap.add_argument("--epochs", type=float, default=1.0)
-    ap.add_argument("--gpus", type=int, default=8)
+    ap.add_argument("--gpus", type=int, default=None, help="default: trainer.devices x trainer.num_nodes")
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOP utilisation (default 0.4)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU peak (H100/H200 dense bf16: 989)")
     ap.add_argument("--seconds", type=float, default=None, help="utterance length (default train_ds.max_duration)")

@@ -41,3 +41,13 @@ def test_readme_documents_the_data_options():
     # the parse above must find what it is meant to check (otherwise the test above checks nothing)
     assert {"skip_bad_samples", "max_bad_samples", "duration_tolerance", "batch_duration"} <= set(data_option_names())
     assert "model.train_ds.noise_manifest" in dotted_keys()
+
+
+# Files README names as what a command writes (they appear when it runs), not as something in the repository.
+WRITTEN_BY_COMMANDS = {"feats/features_manifest.json", "feats/features_failed.json", "kernels/results/bench.csv"}
+
+
+def test_every_file_readme_cites_is_in_the_repository():
+    cited = set(re.findall(r"`([^`\s]+/[^`\s]+\.(?:md|py|yaml|sh|json|txt|csv))`", README))
+    assert len(cited) > 20  # the pattern finds README's citations
+    assert sorted(p for p in cited - WRITTEN_BY_COMMANDS if not (ROOT / p).exists()) == []
