@@ -251,3 +251,11 @@ def test_pretrain_strict_mode_stops_at_start_up_on_a_missing_audio_file(tmp_path
     line = error_line(capsys)
     assert rc == 1 and f"{gone}:{n}: {tmp_path / 'gone.wav'}: no such file" in line and "max_bad_samples" not in line
     assert not list((tmp_path / "exp").rglob("*.ckpt"))  # stopped before the first step: nothing to save
+
+
+def test_make_install_is_not_quiet():
+    """The first install downloads ~4.8 GB: pip must show what it is fetching (issue 25: minutes of silence)."""
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile.split("$(STAMP): setup.py constraints.txt\n", 1)[1].split("\n\n", 1)[0]
+    pip_lines = [line for line in recipe.splitlines() if "pip install" in line]
+    assert len(pip_lines) == 2 and all(" -q" not in line and "--progress-bar on" in line for line in pip_lines)
