@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from nest_ssl import cli
 from nest_ssl.nemo_compat import instantiate
 from nest_ssl.run_config import load_config
 
@@ -24,7 +25,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/nest_fast-conformer.yaml")
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--batch", type=int, default=8)
@@ -37,6 +38,10 @@ def main(argv=None) -> int:
     ap.add_argument("--conv-impl", default="torch", choices=["auto", "torch", "triton"])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    return cli.run(lambda: bench(args), args.debug)
+
+
+def bench(args) -> int:
     plain, _ = load_config(args.config, [*args.overrides, f"++model.encoder.attention_impl={args.attention_impl}",
                                          f"++model.encoder.conv_impl={args.conv_impl}"])
     device = torch.device(args.device)

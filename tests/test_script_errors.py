@@ -57,12 +57,17 @@ CASES = [
     ("make_demo_data.py", ["--out", "{ro}/demo", "--num-files", "1", "--num-val", "1", "--num-noise", "0"],
      "Read-only file system"),
     ("pretrain.py", ["--config", "{missing}"], "{missing}"),
+    ("benchmark_encoder.py", ["--config", "{missing}", "--device", "cpu", "--dtype", "fp32"], "{missing}"),
+    ("benchmark_train.py", ["--config", "{missing}", "--device", "cpu", "--dtype", "fp32", "--modes", "eager"],
+     "{missing}"),
+    ("benchmark_data.py", ["--workers", "one"], "'one'"),
     ("pretrain.py", ["--config", TINY, "model.train_ds.manifest_filepath={manifest}",
                      "model.validation_ds.manifest_filepath={manifest}", "exp_manager.exp_dir={ro}/exp"],
      "exp_manager.exp_dir: cannot write the run directory {ro}/exp/"),
 ]
 BAD_OPTION = ["check_data.py", "extract_features.py", "export.py", "estimate.py", "probe.py", "make_manifest.py",
-              "make_tarred_dataset.py", "make_demo_data.py"]
+              "make_tarred_dataset.py", "make_demo_data.py", "benchmark_data.py", "benchmark_encoder.py",
+              "benchmark_memory.py", "benchmark_train.py"]
 
 
 def run(script: str, argv: list[str], capsys) -> tuple[int, list[str], str]:
