@@ -145,6 +145,8 @@ def _child(tree: dict, node: Any, parts: list[str], i: int, op: str, schema: Sch
     if not isinstance(node, dict):
         raise ConfigError(f"{path}: parent is not a mapping ({node!r})")
     if part not in node:
+        if op == "~":
+            raise ConfigError(f"Could not delete '{'.'.join(parts)}': no such key")
         keys = schema(tree, parts[:i]) if schema else None
         if op in ("+", "++") or (op == "=" and keys is not None and part in keys):
             node[part] = {}

@@ -401,6 +401,11 @@ def test_a_misspelled_key_suggests_the_nearest_valid_key_never_plus(override, su
     assert "use +" not in str(err.value)  # the schema would reject the key: `+` is never the way out
 
 
+def test_deleting_a_key_the_yaml_does_not_set_says_so():
+    with pytest.raises(ConfigError, match=r"^Could not delete 'trainer.health.enabled': no such key$"):
+        load_config(NEMO_YAML, [*MANIFESTS, "~trainer.health.enabled"])
+
+
 def test_an_unknown_key_far_from_every_valid_one_lists_the_section_keys_not_plus():
     with pytest.raises(ConfigError, match=r"no such key; valid keys under 'trainer': \[.*'max_steps'") as err:
         load_config(NEMO_YAML, [*MANIFESTS, "trainer.zzzz=1"])
