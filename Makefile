@@ -14,11 +14,12 @@ DEMO_THREADS ?= 1
 
 install: $(STAMP)
 
-# Re-runs only when setup.py or the pins change, so a second `make install` takes seconds.
+# Re-runs only when setup.py or the pins change, so a second `make install` takes seconds. Not quiet: the first
+# install downloads ~4.8 GB (torch's CUDA build), and pip's lines and progress bars show that it is alive.
 $(STAMP): setup.py constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --progress-bar on --upgrade pip
+	$(BIN)/python -m pip install --progress-bar on -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 # Kernel tests run on CPU through Triton's interpreter.

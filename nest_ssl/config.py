@@ -2,7 +2,7 @@
 conversion into dataclasses.
 
     raw = load_yaml(path)                      # PyYAML + YAML-1.1 floats (`1e-3` is a float, not a string)
-    raw = apply_overrides(raw, ["a.b=1", "+a.new=2", "~a.c", "++a.d=[1,2]"])   # before resolution
+    raw = apply_overrides(raw, ["a.b=1", "+a.new=2", "~a.c", "++a.d=[1,2]"], schema)   # before resolution
     plain = resolve(raw)                       # every ${a.b.c} replaced; `???` stays the string "???"
     cfg = from_dict(SomeConfig, plain, "")     # typed dataclasses; `???` -> Missing(path), error when used
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import re
 import types
 import typing
@@ -119,19 +120,42 @@ def _split(key: str) -> list[str]:
     return parts
 
 
-def _child(node: Any, part: str, path: str, create: bool) -> Any:
+# A schema tells the overrides which keys exist beyond the YAML file's own: schema(tree, parts) -> the keys valid
+# under the section `parts`, or None where the schema does not fix them (a free-form mapping). Like Hydra's
+# structured configs, `a.b=v` then sets every key the schema knows, written in the file or not.
+Schema = typing.Callable[[dict, list], "list[str] | None"]
+
+
+def _no_such_key(path: str, node: Any, keys: list[str] | None) -> ConfigError:
+    """The error for an override of an unknown key: the nearest valid key, or `+` only where the schema allows it."""
+    parent, _, last = path.rpartition(".")
+    known = sorted(set(keys or []) | set(node if isinstance(node, dict) else []))
+    near = difflib.get_close_matches(last, known, n=1, cutoff=0.6)
+    if near:
+        return ConfigError(f"Could not override '{path}': no such key; did you mean {_join(parent, near[0])}?")
+    if keys is None:
+        return ConfigError(f"Could not override '{path}': no such key (use +{path}=... to add a new key)")
+    return ConfigError(f"Could not override '{path}': no such key; valid keys under '{parent or '<root>'}': {known}")
+
+
+def _child(tree: dict, node: Any, parts: list[str], i: int, op: str, schema: Schema | None) -> Any:
+    part, path = parts[i], ".".join(parts[: i + 1])
     if isinstance(node, list) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
         return node[int(part)]
     if not isinstance(node, dict):
         raise ConfigError(f"{path}: parent is not a mapping ({node!r})")
     if part not in node:
-        if not create:
-            raise ConfigError(f"Could not override '{path}': no such key")
-        node[part] = {}
+        if op == "~":
+            raise ConfigError(f"Could not delete '{'.'.join(parts)}': no such key")
+        keys = schema(tree, parts[:i]) if schema else None
+        if op in ("+", "++") or (op == "=" and keys is not None and part in keys):
+            node[part] = {}
+        else:
+            raise _no_such_key(path, node, keys)
     return node[part]
 
 
-def _apply_one(tree: dict, text: str) -> None:
+def _apply_one(tree: dict, text: str, schema: Schema | None) -> None:
     op, body = ("~", text[1:]) if text.startswith("~") else ("++", text[2:]) if text.startswith("++") \
         else ("+", text[1:]) if text.startswith("+") else ("=", text)
     key, eq, val = body.partition("=")
@@ -139,8 +163,8 @@ def _apply_one(tree: dict, text: str) -> None:
         raise ConfigError(f"override {text!r} must look like key=value, +key=value, ++key=value or ~key")
     parts = _split(key.strip())
     parent = tree
-    for i, part in enumerate(parts[:-1]):
-        parent = _child(parent, part, ".".join(parts[: i + 1]), create=op in ("+", "++"))
+    for i in range(len(parts) - 1):
+        parent = _child(tree, parent, parts, i, op, schema)
     last = parts[-1]
     if isinstance(parent, list) and last.lstrip("-").isdigit():
         if not -len(parent) <= int(last) < len(parent):
@@ -158,19 +182,27 @@ def _apply_one(tree: dict, text: str) -> None:
             raise ConfigError(f"Could not delete '{key}': no such key")
         del parent[last]
     elif op == "=" and not exists:
-        raise ConfigError(f"Could not override '{key}': no such key (use +{key}=... to add a new key)")
+        keys = schema(tree, parts[:-1]) if schema else None
+        if keys is None or last not in keys:
+            raise _no_such_key(key.strip(), parent, keys)
+        parent[last] = parse_value(val)
     elif op == "+" and exists:
         raise ConfigError(f"Could not append to '{key}': it already exists (use {key}=... or ++{key}=...)")
     else:
         parent[last] = parse_value(val)
 
 
-def apply_overrides(tree: dict, overrides: typing.Iterable[str]) -> dict:
-    """Hydra's dotted syntax on a copy: `a.b=v` (must exist), `+a.b=v` (must not), `++a.b=v`, `~a.b`."""
+def apply_overrides(tree: dict, overrides: typing.Iterable[str], schema: Schema | None = None) -> dict:
+    """Hydra's dotted syntax on a copy: `a.b=v` (must exist in the tree or the schema), `+a.b=v` (must not be in
+    the tree), `++a.b=v`, `~a.b`."""
     tree = copy.deepcopy(tree)
     for text in overrides:
-        _apply_one(tree, text)
+        _apply_one(tree, text, schema)
     return tree
+
+
+def dataclass_keys(cls: type) -> list[str]:
+    return sorted(f.name for f in dataclasses.fields(cls) if f.init)
 
 
 # -------------------------------------------------------------------------------------------------- interpolation
@@ -369,9 +401,11 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = [k for k in data if k not in fields and k != "_target_"]
     if unknown:
+        near = [m for k in unknown for m in difflib.get_close_matches(str(k), list(fields), n=1, cutoff=0.6)]
+        hint = f"did you mean {', '.join(_join(path, m) for m in near)}? " if near else ""
         raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "
                           f"{', '.join(repr(_join(path, k)) for k in unknown)} for {cls.__name__}; "
-                          f"valid keys: {sorted(fields)}")
+                          f"{hint}valid keys: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, f in fields.items():

@@ -69,10 +69,24 @@ def saved_activation_bytes(model: nn.Module, batch: int, seconds: float, dtype: 
     return sum(seen.values())
 
 
-def estimate(plain: dict, run, hours: float = 1000.0, gpus: int = 8, mfu: float = 0.4, peak_tflops: float = 989.0,
-             seconds: Optional[float] = None, epochs: float = 1.0) -> dict:
-    """All figures for a resolved config (nest_ssl.config.load_config); see the module docstring."""
+def config_gpus(trainer) -> tuple[int, str]:
+    """(GPU count, where it came from) from `trainer.devices` x `num_nodes`; 1 when devices means "all visible"
+    (-1 / auto: unknown before launch), said so."""
+    devices = getattr(trainer, "devices", 1) if trainer is not None else 1
+    nodes = int(getattr(trainer, "num_nodes", 1) or 1) if trainer is not None else 1
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices > 0:
+        return devices * nodes, f"trainer.devices={devices} x num_nodes={nodes}"
+    return nodes, f"--gpus not given and trainer.devices={devices!r} (all visible) is unknown before launch: " \
+                  f"assuming 1 per node x num_nodes={nodes}; pass --gpus"
+
+
+def estimate(plain: dict, run, hours: float = 1000.0, gpus: Optional[int] = None, mfu: float = 0.4,
+             peak_tflops: float = 989.0, seconds: Optional[float] = None, epochs: float = 1.0) -> dict:
+    """All figures for a resolved config (nest_ssl.config.load_config); see the module docstring. `gpus` None: from
+    the config's trainer.devices x num_nodes."""
     from nest_ssl.nemo_compat import build_model
+
+    gpus, gpus_from = (gpus, "--gpus") if gpus is not None else config_gpus(run.trainer)
 
     for name, v in (("hours", hours), ("gpus", gpus), ("mfu", mfu), ("peak_tflops", peak_tflops), ("epochs", epochs)):
         if not v > 0:
@@ -101,7 +115,8 @@ def estimate(plain: dict, run, hours: float = 1000.0, gpus: int = 8, mfu: float 
     return {"params": total, "trainable": trainable, "buffers": buffers, "seconds": seconds, "batch": batch,
             "precision": precision, "optimizer": optim, "memory": memory, "memory_total": sum(memory.values()),
             "activation_bytes_per_audio_second": act / (batch * seconds), "flops_per_audio_second": flops,
-            "hours": hours, "gpus": gpus, "mfu": mfu, "peak_tflops": peak_tflops, "epochs": epochs,
+            "hours": hours, "gpus": gpus, "gpus_from": gpus_from, "mfu": mfu, "peak_tflops": peak_tflops,
+            "epochs": epochs,
             "wall_clock_s": epochs * hours * 3600 / per_second, "max_steps": steps, "step_audio_s": step_audio,
             "steps_wall_clock_s": steps * step_audio / per_second}
 
@@ -112,9 +127,10 @@ def format_report(e: dict, name: str = "") -> str:
              f"model FLOPs (fwd+bwd) per audio-second at {e['seconds']:g} s utterances: "
              f"{e['flops_per_audio_second'] / 1e9:.2f} GFLOP",
              f"memory per GPU, batch {e['batch']} x {e['seconds']:g} s, precision {e['precision']}, "
-             f"{e['optimizer']}, {e['gpus']} GPU(s):"]
-    lines += [f"  {k:<22} {v / gib:8.2f} GiB" for k, v in e["memory"].items() if v]
-    lines.append(f"  {'total':<22} {e['memory_total'] / gib:8.2f} GiB   (+ CUDA context, fragmentation; "
+             f"{e['optimizer']}, {e['gpus']} GPU(s) ({e['gpus_from']}):"]
+    unit, scale = ("GiB", gib) if e["memory_total"] >= gib / 10 else ("MiB", 2.0**20)  # a tiny model is not 0.00 GiB
+    lines += [f"  {k:<22} {v / scale:8.2f} {unit}" for k, v in e["memory"].items() if v]
+    lines.append(f"  {'total':<22} {e['memory_total'] / scale:8.2f} {unit}   (+ CUDA context, fragmentation; "
                  f"activations {e['activation_bytes_per_audio_second'] / 2**20:.1f} MiB per audio-second)")
     lines.append(f"wall-clock for {e['epochs']:g} epoch(s) of {e['hours']:g} h of audio on {e['gpus']} GPU(s) at "
                  f"{e['mfu']:.0%} MFU of {e['peak_tflops']:g} TFLOP/s: {human_duration(e['wall_clock_s'])} "
@@ -128,6 +144,10 @@ def format_report(e: dict, name: str = "") -> str:
 
 
 def human_duration(seconds: float) -> str:
+    if seconds < 1:  # a tiny config's figures are fractions of a second: never "0 s"
+        return f"{seconds * 1e3:.3g} ms"
+    if seconds < 10:
+        return f"{seconds:.2g} s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     if seconds < 2 * 3600:

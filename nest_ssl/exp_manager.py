@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import math
+import os
 import re
 import shutil
 import time
@@ -102,6 +103,26 @@ def log_dir(cfg: ExpManagerConfig, run_name: str) -> Path:
         return root if cfg.version is None else root / cfg.version
     version = cfg.version or (time.strftime("%Y-%m-%d_%H-%M-%S") if cfg.use_datetime_version else None)
     return root / version if version else root
+
+
+def check_writable(cfg: ExpManagerConfig, run_name: str) -> None:
+    """ValueError naming the key when the run directory or the checkpoint directory cannot be created or written
+    (a read-only file system, no permission): at start-up, before any work, not as a traceback at the first save.
+    os.access asks the kernel, which refuses a read-only mount even to root."""
+    dirs = [("exp_manager.explicit_log_dir", cfg.explicit_log_dir)] if cfg.explicit_log_dir else \
+        [("exp_manager.exp_dir" if cfg.exp_dir else "exp_manager.exp_dir (unset: ./nemo_experiments)",
+          Path(cfg.exp_dir or "nemo_experiments") / (cfg.name or run_name))]
+    if cfg.checkpoint_callback_params.dirpath:
+        dirs.append(("exp_manager.checkpoint_callback_params.dirpath", cfg.checkpoint_callback_params.dirpath))
+    for key, wanted in dirs:
+        path = Path(wanted).absolute()
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            raise ValueError(f"{key}: cannot create the directory {path}: {existing} is a file")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            why = "read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "no write permission"
+            raise ValueError(f"{key}: cannot write the run directory {path}: {existing} is not writable ({why}); "
+                             "point the key at a writable directory")
 
 
 def checkpoint_dir(cfg: ExpManagerConfig, logdir: Path) -> Path:

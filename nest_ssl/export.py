@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -322,17 +324,46 @@ def onnx_available() -> bool:
     return True
 
 
+# Messages of torch's exporters that the user cannot act on; each filter matches one exact message and nothing else.
+_ONNX_REGISTRY_LOGGER = "torch.onnx._internal.exporter._registration"
+_TORCHVISION_NOTE = "torchvision is not installed"  # its ops are not ours: the registry skips them, 4 lines
+_LEAFSPEC_NOTE = r"`isinstance\(treespec, LeafSpec\)` is deprecated"  # torch's own pytree call, during decomposition
+_READONLY_BUFFER_NOTE = "The given buffer is not writable"  # torch.export.load reads weights from a bytes object
+
+
+def _drop_torchvision_note(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_TORCHVISION_NOTE)
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str, log_filter, *warning_messages: str):
+    """Within: `log_filter` on one logger, and the warnings whose message starts with one of `warning_messages`
+    ignored."""
+    logger = logging.getLogger(logger_name)
+    logger.addFilter(log_filter)
+    try:
+        with warnings.catch_warnings():
+            for message in warning_messages:
+                warnings.filterwarnings("ignore", message=message)
+            yield
+    finally:
+        logger.removeFilter(log_filter)
+
+
 def _onnx_export(program, path: Path) -> None:
     if not onnx_available():
         raise RuntimeError("ONNX export needs the `onnx` extra (pip install 'nest_ssl[onnx]': onnx, onnxscript)")
-    onnx_program = torch.onnx.export(program, dynamo=True, input_names=["x", "lengths"],
-                                     output_names=["encoded", "encoded_len"])
+    with _quiet(_ONNX_REGISTRY_LOGGER, _drop_torchvision_note, _LEAFSPEC_NOTE):
+        onnx_program = torch.onnx.export(program, dynamo=True, input_names=["x", "lengths"],
+                                         output_names=["encoded", "encoded_len"])
     onnx_program.save(str(path))
 
 
 def load_exported(path: str | os.PathLike):
     """A callable from a saved `.pt2` (torch.export.load(...).module())."""
-    return torch.export.load(str(path)).module()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_READONLY_BUFFER_NOTE, category=UserWarning)
+        return torch.export.load(str(path)).module()
 
 
 def onnxruntime_available() -> bool:

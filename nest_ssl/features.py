@@ -3,11 +3,14 @@
 Audio from a NeMo manifest -> preprocessor -> encoder, in padded batches on the model's device, with forward hooks on
 `encoder.layers[i]` (their output is (B, T', d)) and the encoder output itself ("final", (B, d, T') transposed).
 Each utterance's valid frames, (T', d) float32, are written as `<out>/<stem>.npz` (keys `layer_<i>`, `final`) or as
-`<out>/<layer>/<stem>.npy`, and an output manifest repeats each input line with the feature path(s) added.
+`<out>/<layer>/<stem>.npy`, and an output manifest repeats each input line with the feature path(s) added. The
+manifest is written when every utterance has been tried (a temp file renamed), so it never looks complete while the
+run is not; an utterance whose audio cannot be read is left out of it and listed in `features_failed.json`.
 """
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -16,10 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from nest_ssl.data.audio import AudioLoader
+from nest_ssl.data.audio import AudioLoader, BadSample
 from nest_ssl.data.manifest import read_manifests
 
 FEATURE_FORMATS = ("npz", "npy")
+MANIFEST, FAILED = "features_manifest.json", "features_failed.json"
 
 
 def parse_layers(spec, n_layers: int) -> list:
@@ -99,9 +103,32 @@ def _write(out_dir: Path, stem: str, feats: dict, fmt: str) -> dict:
     return paths
 
 
+def _write_lines(path: Path, rows: list[dict]) -> None:
+    """JSON lines to `path` through a temp file and a rename: a reader sees the whole list or the previous file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def _load_all(loader: AudioLoader, chunk: list[dict], failed: list[dict]) -> tuple[list[int], list]:
+    """Indices into `chunk` of its readable entries, and their audio; each unreadable entry goes to `failed` with its
+    kind and reason."""
+    good, wavs = [], []
+    for i, e in enumerate(chunk):
+        try:
+            wavs.append(loader.load(e["audio_filepath"], e["offset"], e["duration"]))
+            good.append(i)
+        except BadSample as err:
+            failed.append({**e, "kind": err.kind, "reason": err.reason})
+    return good, wavs
+
+
 def extract_features(model: nn.Module, manifest: str | Path, out_dir: str | Path, layers="-1", batch_size: int = 8,
-                     fmt: str = "npz", device: str | torch.device | None = None, progress: bool = True) -> Path:
-    """Write features for every manifest entry; returns the output manifest (`<out_dir>/features_manifest.json`)."""
+                     fmt: str = "npz", device: str | torch.device | None = None,
+                     progress: bool = True) -> tuple[Path, list[dict]]:
+    """Write features for every readable manifest entry. Returns the output manifest
+    (`<out_dir>/features_manifest.json`) and the entries that failed (each with `kind` and `reason`; also in
+    `<out_dir>/features_failed.json`, removed when none)."""
     if fmt not in FEATURE_FORMATS:
         raise ValueError(f"fmt={fmt!r}; allowed: {list(FEATURE_FORMATS)}")
     if batch_size < 1:
@@ -112,20 +139,30 @@ def extract_features(model: nn.Module, manifest: str | Path, out_dir: str | Path
     entries, out_dir = read_manifest(manifest), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stems, loader = _stems(entries), AudioLoader(int(model.preprocessor.cfg.sample_rate))
-    out_manifest, t0 = out_dir / "features_manifest.json", time.time()
-    with open(out_manifest, "w") as mf:
+    rows, failed, t0 = [], [], time.time()
+    try:
         for start in range(0, len(entries), batch_size):
-            chunk = entries[start:start + batch_size]
-            wavs = [loader.load(e["audio_filepath"], e["offset"], e["duration"]) for e in chunk]
-            lengths = torch.tensor([len(w) for w in wavs], dtype=torch.int64)
-            audio = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True)  # (B, L), zero-padded
-            out = encode_batch(model, audio.to(device), lengths.to(device), keys)
-            lens = out.pop("_len").cpu()
-            for b, entry in enumerate(chunk):
-                feats = {k: out[k][b, : int(lens[b])].float().cpu().numpy() for k in keys}  # (T', d)
-                mf.write(json.dumps({**entry, **_write(out_dir, stems[start + b], feats, fmt)}) + "\n")
+            chunk, failed_before = entries[start:start + batch_size], len(failed)
+            good, wavs = _load_all(loader, chunk, failed)
+            if good:
+                lengths = torch.tensor([len(w) for w in wavs], dtype=torch.int64)
+                audio = torch.nn.utils.rnn.pad_sequence(wavs, batch_first=True)  # (B, L), zero-padded
+                out = encode_batch(model, audio.to(device), lengths.to(device), keys)
+                lens = out.pop("_len").cpu()
+                for b, i in enumerate(good):
+                    feats = {k: out[k][b, : int(lens[b])].float().cpu().numpy() for k in keys}  # (T', d)
+                    rows.append({**chunk[i], **_write(out_dir, stems[start + i], feats, fmt)})
             if progress:
                 done = min(start + batch_size, len(entries))
-                print(f"\rextract_features: {done}/{len(entries)} utterances, {time.time() - t0:.1f} s",
-                      end="" if done < len(entries) else "\n", file=sys.stderr, flush=True)
-    return out_manifest
+                print(f"\rextract_features: {done}/{len(entries)} utterances, {len(failed)} failed, "
+                      f"{time.time() - t0:.1f} s", end="" if done < len(entries) and len(failed) == failed_before
+                      else "\n", file=sys.stderr, flush=True)  # a line with a new failure stays on screen
+    finally:
+        if progress and entries and start + batch_size < len(entries):
+            print(file=sys.stderr)  # stopped mid-run: the error that follows starts on its own line
+    _write_lines(out_dir / MANIFEST, rows)
+    if failed:
+        _write_lines(out_dir / FAILED, failed)
+    else:
+        (out_dir / FAILED).unlink(missing_ok=True)  # a previous run's list no longer applies
+    return out_dir / MANIFEST, failed

@@ -288,15 +288,19 @@ def find_demo_checkpoint(root: str) -> Optional[str]:
 
 
 def demo(out_dir: str, checkpoint: Optional[str], model_cfg: dict, seed: int = 0, steps: int = 400,
-         num_train: int = 160, num_eval: int = 48) -> list[dict]:
+         num_train: int = 160, num_eval: int = 48, progress=None) -> list[dict]:
     """Synthetic labelled corpus (nest_ssl.data.probe_corpus) -> both probe tasks on a random-init encoder (seeded,
-    the checkpoint's architecture when there is one) and on `checkpoint`. Returns one row per (encoder, task)."""
+    the checkpoint's architecture when there is one) and on `checkpoint`. Returns one row per (encoder, task).
+    `progress(line)` hears what is being done as it starts (the whole demo is minutes of CPU)."""
+    import time
     from pathlib import Path
 
     from nest_ssl.data.probe_corpus import write_probe_corpus
     from nest_ssl.export import load_pretrained, read_checkpoint
     from nest_ssl.nemo_compat import build_model
 
+    t0, say = time.time(), progress or (lambda line: None)
+    say(f"probe demo: writing the labelled corpus ({num_train} train, {num_eval} eval) under {out_dir}")
     corpus = write_probe_corpus(Path(out_dir), num_train, num_eval, seed)
     encoders = {}
     if checkpoint:
@@ -310,5 +314,7 @@ def demo(out_dir: str, checkpoint: Optional[str], model_cfg: dict, seed: int = 0
         for task, labels in (("ctc", corpus["labels"]), ("classification", corpus["classes"])):
             cfg = ProbeConfig(task=task, train_manifest=corpus["train"], eval_manifest=corpus["eval"], labels=labels,
                               steps=steps, seed=seed)
+            say(f"probe demo: {len(rows) + 1}/{2 * len(encoders)} {name}, {task} ({steps} head steps), "
+                f"{time.time() - t0:.0f} s")
             rows.append({"encoder": name, "task": task, **run_probe(model, cfg)})
     return rows

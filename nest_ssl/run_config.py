@@ -10,7 +10,9 @@ prints the resolved YAML, or one `config error:` line and exit code 1.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
+import types
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ from nest_ssl.config import (
     apply_overrides,
     blame_origin,
     config_file_from_args,
+    dataclass_keys,
     from_dict,
     load_yaml,
     missing_keys,
@@ -33,7 +36,7 @@ from nest_ssl.data.config import DatasetConfig
 from nest_ssl.exp_manager import ExpManagerConfig
 from nest_ssl.fsdp import mixed_precision
 from nest_ssl.health import HealthConfig
-from nest_ssl.nemo_compat import validate_targets
+from nest_ssl.nemo_compat import TARGETS, target_class, validate_targets
 from nest_ssl.optim import OptimConfig
 from nest_ssl.probe import ProbeConfig
 
@@ -209,9 +212,37 @@ def build_run_config(plain: dict) -> RunConfig:
     return run
 
 
+def _section_class(tp: Any, node: Any) -> type | None:
+    """The dataclass that types a section: its annotation's (Optional unwrapped), or its `_target_`'s config_class."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = options[0] if len(options) == 1 else None
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if isinstance(node, dict) and node.get("_target_") in TARGETS:
+        return getattr(target_class(node, "?"), "config_class", None)
+    return None
+
+
+def schema_keys(tree: dict, parts: list[str]) -> list[str] | None:
+    """The keys RunConfig accepts under section `parts` of a raw config tree (None: not fixed by the schema), so
+    that every documented key is settable with a plain `a.b=v` override (config.apply_overrides)."""
+    tp, node = RunConfig, tree
+    for part in parts:
+        cls = _section_class(tp, node)
+        if cls is None:
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return []
+        tp, node = hints[part], node.get(part) if isinstance(node, dict) else None
+    cls = _section_class(tp, node)
+    return None if cls is None else dataclass_keys(cls)
+
+
 def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> tuple[dict, RunConfig]:
     """YAML file + overrides -> (resolved plain dict, validated RunConfig)."""
-    plain, origins = resolve_with_origins(apply_overrides(load_yaml(path), overrides))
+    plain, origins = resolve_with_origins(apply_overrides(load_yaml(path), overrides, schema_keys))
     try:
         return plain, build_run_config(plain)
     except ConfigError as e:

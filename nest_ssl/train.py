@@ -36,7 +36,7 @@ from nest_ssl import distributed as dist_utils
 from nest_ssl import exp_manager as em
 from nest_ssl.config import to_yaml
 from nest_ssl.data.batch import synthetic_batch
-from nest_ssl.data.loader import build_loader
+from nest_ssl.data.loader import TooManyBadSamples, build_loader
 from nest_ssl.export import init_from_pretrained
 from nest_ssl.fit_scan import fit_scan, largest_batch
 from nest_ssl.health import HealthMonitor, grad_norms
@@ -298,6 +298,7 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
     check_probe_monitor(em_cfg.checkpoint_callback_params.monitor, tc)
     sharded = check_sharded(tc, em_cfg)
     name = em_cfg.name or run.name
+    em.check_writable(em_cfg, run.name)  # a read-only exp_dir is a config error, not a traceback at the first save
 
     # ---- distributed, seeds, model, optimizer, data ---------------------------------------------------
     dist = dist_utils.setup(tc.accelerator)
@@ -377,9 +378,10 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
         a dead worker): keep the run. The checkpoint holds the last optimizer step and a loader position just after
         it (the micro-batches of an unfinished accumulation are read again on resume)."""
         path = writer.save(state, {**train_loader.state_dict(), "start": train_loader.start - state.micro}, sync=False)
-        if path is not None:
+        if path is not None:  # raising max_bad_samples is advice only for the error it can fix
+            limit = " or raise model.train_ds.max_bad_samples" if isinstance(err, TooManyBadSamples) else ""
             err.add_note(f"nest_ssl: training state at step {state.step} saved to {path}; fix the data (scripts/"
-                         "check_data.py lists every bad item) or raise model.train_ds.max_bad_samples, then resume")
+                         f"check_data.py lists every bad item){limit}, then resume")
 
     if val_loader is not None and tc.num_sanity_val_steps and saved is None:
         validate(step_model, val_loader, dist, run.seed, amp_dtype, limit=tc.num_sanity_val_steps, device_mix=val_mix)

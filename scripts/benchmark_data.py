@@ -21,6 +21,7 @@ import soundfile as sf
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nest_ssl import cli  # noqa: E402
 from nest_ssl.data.augmentation import (  # noqa: E402
     MultiSpeakerNoiseAugmentation,
     MultiSpeakerNoiseAugmentationConfig,
@@ -102,13 +103,17 @@ def bench_format(fmt, args, aug):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--files", type=int, default=200)
     ap.add_argument("--noise_files", type=int, default=20)
     ap.add_argument("--workers", default="0,1,2")
     ap.add_argument("--formats", default="wav,flac")
     ap.add_argument("--json", help="append results as JSON lines here")
     args = ap.parse_args(argv)
+    return cli.run(lambda: bench(args), args.debug)
+
+
+def bench(args) -> int:
     args.workers = [int(x) for x in args.workers.split(",")]
     torch.set_num_threads(1)  # one core per process, as in the NeMo anchors (audio-s per CPU-s comparable)
     aug = MultiSpeakerNoiseAugmentation(MultiSpeakerNoiseAugmentationConfig(**NEST_AUG))

@@ -2,7 +2,7 @@
 """Encoder forward+backward throughput (audio-seconds per second) for a config, batch and duration, CPU or GPU.
 
     python scripts/benchmark_encoder.py --config configs/nest_fast-conformer.yaml --batch 8 --seconds 20
-    # NeMo's CPU anchor (nemo_cpu_anchors.md section 3, 42.5 audio-s/s): NEST YAML reduced to d256/4 heads/4 layers
+    # the encoder row of README's paired NeMo comparison: NEST YAML reduced to d256/4 heads/4 layers
     OMP_NUM_THREADS=2 python scripts/benchmark_encoder.py --config configs/nest_fast-conformer.yaml \\
         model.encoder.d_model=256 model.encoder.n_heads=4 model.encoder.n_layers=4 --device cpu --dtype fp32 \\
         --batch 4 --seconds 8
@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from nest_ssl import cli
 from nest_ssl.nemo_compat import instantiate
 from nest_ssl.run_config import load_config
 
@@ -24,7 +25,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/nest_fast-conformer.yaml")
     ap.add_argument("overrides", nargs="*")
     ap.add_argument("--batch", type=int, default=8)
@@ -37,6 +38,10 @@ def main(argv=None) -> int:
     ap.add_argument("--conv-impl", default="torch", choices=["auto", "torch", "triton"])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    return cli.run(lambda: bench(args), args.debug)
+
+
+def bench(args) -> int:
     plain, _ = load_config(args.config, [*args.overrides, f"++model.encoder.attention_impl={args.attention_impl}",
                                          f"++model.encoder.conv_impl={args.conv_impl}"])
     device = torch.device(args.device)

@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from nest_ssl import cli
+
 MiB = 2**20
 
 
@@ -25,13 +27,17 @@ def _port() -> int:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worlds", default="2,4", help="process counts (gloo, CPU)")
     ap.add_argument("--seconds", type=float, default=4.0, help="utterance length")
     ap.add_argument("--batch", type=int, default=2, help="utterances per rank")
     ap.add_argument("--override", action="append", default=[], help="extra config override (model.encoder.x=y)")
     ap.add_argument("--head-frames", type=int, default=0, help="only the head comparison, at this many frames")
     args = ap.parse_args(argv)
+    return cli.run(lambda: bench(args), args.debug)
+
+
+def bench(args) -> int:
 
     import torch.multiprocessing as mp
 

@@ -13,12 +13,13 @@ import sys
 
 import torch
 
+from nest_ssl import cli
 from nest_ssl.benchmark import DTYPES, append_rows, build, run_mode
 from nest_ssl.fit_scan import fit_scan
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/nest_fast-conformer.yaml")
     ap.add_argument("overrides", nargs="*", help="Hydra-style overrides, e.g. model.encoder.n_layers=4")
     ap.add_argument("--batch", type=int, default=32)
@@ -35,6 +36,10 @@ def main(argv=None) -> int:
     ap.add_argument("--scan", action="store_true", help="check that the batch fits, then exit")
     ap.add_argument("--profile", action="store_true", help="print the top 15 kernels of one step per mode")
     args = ap.parse_args(argv)
+    return cli.run(lambda: bench(args, ap), args.debug)
+
+
+def bench(args, ap) -> int:
     device = torch.device(args.device)
     if args.scan:
         _, run, model, _ = build(args.config, args.overrides, "eager", device)  # trainer.fit_scan's check

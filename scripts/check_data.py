@@ -17,11 +17,12 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nest_ssl import cli  # noqa: E402
 from nest_ssl.data.check import check, format_report  # noqa: E402
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config")
     ap.add_argument("--section", default="model.train_ds")
     ap.add_argument("--manifest")
@@ -35,17 +36,30 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("overrides", nargs="*", help="dotted overrides for --config (model.train_ds.manifest_filepath=M)")
     a = ap.parse_args(argv)
+    if not (a.config or a.manifest):
+        ap.error("give --config or --manifest")
+    return cli.run(lambda: report(a), a.debug)
+
+
+def config_section(path: str, section: str, overrides: list[str]) -> dict:
+    from nest_ssl.config import apply_overrides, load_yaml, resolve  # YAML with ${} interpolation + overrides
+    from nest_ssl.run_config import schema_keys
+
+    sec = resolve(apply_overrides(load_yaml(path), overrides, schema_keys))
+    for i, k in enumerate(section.split(".")):
+        if not isinstance(sec, dict) or k not in sec:
+            raise ValueError(f"--section {section}: {path} has no '{'.'.join(section.split('.')[:i + 1])}'")
+        sec = sec[k]
+    return sec
+
+
+def report(a) -> int:
     manifest, tarred, sec = a.manifest, a.tarred, {}
     if a.config:
-        from nest_ssl.config import apply_overrides, load_yaml, resolve  # YAML with ${} interpolation + overrides
-        sec = resolve(apply_overrides(load_yaml(a.config), a.overrides))
-        for k in a.section.split("."):
-            sec = sec[k]
-        manifest = sec["manifest_filepath"]
+        sec = config_section(a.config, a.section, a.overrides)
+        manifest = sec.get("manifest_filepath")
         tarred = sec.get("tarred_audio_filepaths") if sec.get("is_tarred") else None
-    if not manifest:
-        ap.error("give --config or --manifest")
-    pick = (lambda cli, key, default=None: cli if cli is not None else sec.get(key, default))
+    pick = (lambda cli_value, key, default=None: cli_value if cli_value is not None else sec.get(key, default))
     rep = check(manifest, tarred, pick(a.min_duration, "min_duration"), pick(a.max_duration, "max_duration"),
                 pick(a.duration_tolerance, "duration_tolerance", 0.1), a.workers)
     print(json.dumps(rep) if a.json else format_report(rep))

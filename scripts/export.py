@@ -21,15 +21,22 @@ without onnxruntime an ONNX export is checked through the torch program it came 
 compares last_hidden_state with our encoder on N random padded batches and ParakeetFeatureExtractor with our
 preprocessor.
 """
-import argparse
+import os
 import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nest_ssl import cli  # noqa: E402
+
+SUFFIXES = {"pt2": ".pt2", "onnx": ".onnx", "nemo": ".nemo", "ckpt": ".ckpt", "hf": ""}  # hf writes a directory
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", help=".nemo, NeMo .ckpt, our training checkpoint or a sharded .dcp directory")
-    p.add_argument("--out", required=True, help="output file (.pt2, .onnx, .nemo or .ckpt; a directory for hf)")
-    p.add_argument("--format", choices=("pt2", "onnx", "nemo", "ckpt", "hf"), default="pt2",
+    p.add_argument("--out", required=True, help="output file (.pt2, .onnx, .nemo or .ckpt, as --format; a directory "
+                                                "for hf)")
+    p.add_argument("--format", choices=tuple(SUFFIXES), default="pt2",
                    help="ckpt: our training checkpoint (from a NeMo .ckpt or a sharded .dcp directory); "
                         "hf: a Hugging Face transformers ParakeetEncoder directory")
     p.add_argument("--with-preprocessor", action="store_true", help="take audio instead of features")
@@ -37,25 +44,25 @@ def main(argv=None) -> int:
     p.add_argument("--verify", type=int, default=3, metavar="N",
                    help="run the written file and eager on N random batches and compare (0: off)")
     p.add_argument("--max-time", type=int, default=None, help="largest T (features) or samples (audio) to export for")
-    p.add_argument("--debug", action="store_true", help="show the traceback of an unreadable checkpoint")
     args = p.parse_args(argv)
+    # A .txt that is really a .pt2 misleads whoever opens it.
+    if args.format != "hf" and Path(args.out).suffix != SUFFIXES[args.format]:
+        p.error(f"--out {args.out}: --format {args.format} writes a {SUFFIXES[args.format]} file; name it "
+                f"{Path(args.out).with_suffix(SUFFIXES[args.format])} (or choose the --format of its extension)")
+    return cli.run(lambda: export_to(args), args.debug)
 
+
+def export_to(args) -> int:
     import torch  # after argument parsing: --help is instant
 
     from nest_ssl import export
 
-    try:
-        if args.format == "ckpt":
-            print(f"wrote {export.to_training_checkpoint(args.checkpoint, args.out)}")
-            return 0
-        if args.format == "hf":
-            return _export_hf(args)
-        model = export.load_pretrained(args.checkpoint, map_location=args.device)
-    except (ValueError, FileNotFoundError, ImportError) as e:  # a missing, malformed or unsafe file
-        if args.debug:  # (NemoFileError is a ValueError; ImportError: a missing optional extra)
-            raise
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 1
+    if args.format == "ckpt":
+        print(f"wrote {export.to_training_checkpoint(args.checkpoint, args.out)}")
+        return 0
+    if args.format == "hf":
+        return _export_hf(args)
+    model = export.load_pretrained(args.checkpoint, map_location=args.device)
     if args.format == "nemo":
         print(f"wrote {export.save_nemo(model, model.model_cfg, args.out)}")
         return 0

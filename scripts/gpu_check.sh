@@ -9,15 +9,20 @@
 # Every CSV and log goes under OUTDIR. NEST_SSL_PIN_KERNEL_CONFIGS=1 pins one autotune configuration per attention
 # kernel (the conv kernels have fixed blocks), so each (kernel, dtype, head-dim block, dropout) specialisation
 # compiles once; each step has its own time limit so the whole check stays under 8 minutes on one H100/H200.
-# --dry-run lists the steps, their limits and the compile estimate, and runs nothing (tested on CPU).
+# --dry-run lists the steps, their limits and the compile estimate, and runs nothing (tested on CPU); --help prints
+# this text.
 set -euo pipefail
 
 OUTDIR=""
 DRY=0
+usage() {  # the header comment above, without its leading '# '
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+}
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY=1 ;;
-        -*) echo "gpu_check.sh: unknown option $arg (usage: scripts/gpu_check.sh OUTDIR [--dry-run])" >&2; exit 2 ;;
+        -h|--help) usage; exit 0 ;;
+        -*) echo "gpu_check.sh: unknown option $arg (usage: scripts/gpu_check.sh OUTDIR [--dry-run] [--help])" >&2; exit 2 ;;
         *) OUTDIR="$arg" ;;
     esac
 done

@@ -12,14 +12,20 @@ noise_manifest.json (one JSON object per line: audio_filepath, duration, text).
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
 import torchaudio
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nest_ssl import cli  # noqa: E402
 
 SR = 16000
 VOWELS = [(730, 1090, 2440), (270, 2290, 3010), (300, 870, 2240), (530, 1840, 2480), (640, 1190, 2390)]
@@ -65,19 +71,23 @@ def noise(rng: np.random.Generator) -> np.ndarray:
     return (0.3 * x / (np.abs(x).max() + 1e-9)).astype(np.float32)
 
 
-def write_set(out: Path, sub: str, signals: list[np.ndarray]) -> Path:
+def write_set(out: Path, sub: str, make: Callable[[], np.ndarray], count: int, t0: float) -> Path:
+    """`count` signals from make() as wavs + manifest, with a progress line every 25 files (the whole build takes
+    ~30 s of CPU: it must not look hung)."""
     (out / sub).mkdir(parents=True, exist_ok=True)
     manifest = out / f"{sub}_manifest.json"
     with open(manifest, "w") as f:
-        for i, x in enumerate(signals):
-            path = out / sub / f"{sub}_{i:04d}.wav"
+        for i in range(count):
+            x, path = make(), out / sub / f"{sub}_{i:04d}.wav"
             sf.write(path, x, SR, subtype="PCM_16")
             f.write(json.dumps({"audio_filepath": str(path.resolve()), "duration": len(x) / SR, "text": ""}) + "\n")
+            if (i + 1) % 25 == 0 or i + 1 == count:
+                print(f"make_demo_data: {sub} {i + 1}/{count} files, {time.time() - t0:.0f} s", flush=True)
     return manifest
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv=None) -> int:
+    ap = cli.Parser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="demo_data")
     ap.add_argument("--num-files", type=int, default=100)
     ap.add_argument("--num-val", type=int, default=12)
@@ -85,13 +95,18 @@ def main(argv=None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     if a.num_files < 1 or a.num_val < 1 or a.num_noise < 0:
-        raise ValueError(f"--num-files={a.num_files}, --num-val={a.num_val} must be >= 1, --num-noise >= 0")
-    rng, out = np.random.default_rng(a.seed), Path(a.out)
-    write_set(out, "train", [utterance(rng) for _ in range(a.num_files)])
-    write_set(out, "val", [utterance(rng) for _ in range(a.num_val)])
-    write_set(out, "noise", [noise(rng) for _ in range(a.num_noise)])
+        ap.error(f"--num-files={a.num_files}, --num-val={a.num_val} must be >= 1, --num-noise={a.num_noise} >= 0")
+    return cli.run(lambda: build(a), a.debug)
+
+
+def build(a) -> int:
+    rng, out, t0 = np.random.default_rng(a.seed), Path(a.out), time.time()
+    write_set(out, "train", lambda: utterance(rng), a.num_files, t0)  # one rng, drawn in this order: same corpus
+    write_set(out, "val", lambda: utterance(rng), a.num_val, t0)
+    write_set(out, "noise", lambda: noise(rng), a.num_noise, t0)
     print(f"wrote {a.num_files} train, {a.num_val} val and {a.num_noise} noise files + manifests under {out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

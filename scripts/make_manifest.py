@@ -4,8 +4,9 @@
 
 Every file is decoded in full (the training loader's own reader), so `duration` is the decoded length: a truncated
 file whose header promises more gets what it really holds. Unreadable, empty or NaN files are listed on stderr with
-the reason and left out; the manifest of the good ones is still written. Exit status: 0 every file is in the
-manifest, 1 some were skipped (or none was found), 2 bad arguments.
+check_data.py's kind and reason (`SKIPPED path [empty]: empty file (0 bytes)`) and left out; the manifest of the
+good ones is still written. Exit status: 0 every file is in the manifest, 1 some were skipped (or none was found), 2
+bad arguments.
 """
 import argparse
 import json
@@ -13,22 +14,20 @@ import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
 
-import soundfile as sf
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from nest_ssl.data.audio import AudioLoader, BadSample  # noqa: E402
+from nest_ssl import cli  # noqa: E402
+from nest_ssl.data.audio import AudioLoader, BadSample, file_info  # noqa: E402
 
 
-def decoded_duration(path: str) -> tuple[str, float | None, str | None]:
-    """(path, seconds decoded, None) or (path, None, why it is unusable)."""
+def decoded_duration(path: str) -> tuple[str, float | None, str | None, str | None]:
+    """(path, seconds decoded, None, None) or (path, None, kind, reason): the kinds and reasons of check_data.py
+    and the training loader (nest_ssl.data.audio.BAD_KINDS), from the same reader."""
     try:
-        sr = sf.info(path).samplerate
+        sr = file_info(path).samplerate
         samples = AudioLoader(sr).load(path).shape[0]  # at the file's own rate: no resampling
     except BadSample as e:
-        return path, None, e.reason
-    except (RuntimeError, OSError, ValueError) as e:  # sf.info on a file that is not audio at all
-        return path, None, f"unreadable audio ({type(e).__name__}: {str(e)[:120]})"
-    return path, samples / sr, None
+        return path, None, e.kind, e.reason
+    return path, samples / sr, None, None
 
 
 def audio_files(folder: str, exts) -> list[str]:
@@ -38,8 +37,9 @@ def audio_files(folder: str, exts) -> list[str]:
 
 
 def make_manifest(folder: str, out: str, exts=("wav", "flac"), relative: bool = False,
-                  workers: int = 1) -> tuple[int, list[tuple[str, str]]]:
-    """Write the manifest of every readable file under `folder`; returns (entries written, [(bad path, reason)])."""
+                  workers: int = 1) -> tuple[int, list[tuple[str, str, str]]]:
+    """Write the manifest of every readable file under `folder`; returns (entries written, [(bad path, kind,
+    reason)])."""
     paths = audio_files(folder, exts)
     if workers > 1 and len(paths) > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -48,9 +48,9 @@ def make_manifest(folder: str, out: str, exts=("wav", "flac"), relative: bool = 
         results = [decoded_duration(p) for p in paths]
     base = os.path.dirname(os.path.abspath(out))
     rows, bad = [], []
-    for p, seconds, reason in results:
-        if reason is not None:
-            bad.append((p, reason))
+    for p, seconds, kind, reason in results:
+        if kind is not None:
+            bad.append((p, kind, reason))
             continue
         path = os.path.relpath(p, base) if relative else os.path.abspath(p)
         rows.append({"audio_filepath": path, "duration": seconds, "text": ""})
@@ -61,7 +61,7 @@ def make_manifest(folder: str, out: str, exts=("wav", "flac"), relative: bool = 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folder", help="searched recursively")
     ap.add_argument("out", help="manifest to write (JSON lines)")
     ap.add_argument("--ext", default="wav,flac", help="comma-separated file extensions (default wav,flac)")
@@ -70,9 +70,13 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if not os.path.isdir(a.folder):
         ap.error(f"{a.folder} is not a directory")
+    return cli.run(lambda: write(a), a.debug)
+
+
+def write(a) -> int:
     n, bad = make_manifest(a.folder, a.out, tuple(a.ext.split(",")), a.relative, a.workers)
-    for path, reason in bad:
-        print(f"SKIPPED {path}: {reason}", file=sys.stderr)
+    for path, kind, reason in bad:
+        print(f"SKIPPED {path} [{kind}]: {reason}", file=sys.stderr)
     print(f"wrote {n} entries to {a.out}" + (f"; skipped {len(bad)} unusable file(s), listed above" if bad else ""))
     if n == 0 and not bad:
         print(f"no .{' / .'.join(a.ext.split(','))} files under {a.folder}", file=sys.stderr)

@@ -17,11 +17,12 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from nest_ssl import cli  # noqa: E402
 from nest_ssl.data.tarred import write_tarred_dataset  # noqa: E402
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--manifest", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--num_shards", type=int, default=8)
@@ -30,6 +31,10 @@ def main(argv=None):
     ap.add_argument("--min_duration", type=float)
     ap.add_argument("--max_duration", type=float)
     a = ap.parse_args(argv)
+    return cli.run(lambda: write(a), a.debug)
+
+
+def write(a) -> int:
     tars = write_tarred_dataset(a.manifest, a.out, a.num_shards, a.shuffle, a.seed, a.min_duration, a.max_duration)
     print(f"wrote {len(tars)} shards to {a.out} (tarred_audio_filepaths: {a.out}/audio__OP_0..{len(tars) - 1}_CL_.tar)")
 

@@ -13,21 +13,17 @@ Exit codes: 0 done; 1 config or data error (one line on stderr); 74 no space lef
 is removed, the previous checkpoints are intact); 75 preempted (checkpoint written: requeue the job).
 """
 
+import os
 import sys
 
+import torch
+
+from nest_ssl import cpu_run
 from nest_ssl.checkpoint import DISK_FULL_EXIT_CODE, DiskFullError
+from nest_ssl.cli import USER_ERRORS, one_line
 from nest_ssl.config import config_file_from_args
 from nest_ssl.run_config import load_config
 from nest_ssl.train import train
-
-# Errors a person fixes in the config or the data: ValueError (ConfigError and every bad-value error of the
-# package), a missing file, an owner module that cannot import.
-USER_ERRORS = (ValueError, FileNotFoundError, ImportError)
-
-
-def one_line(err: BaseException) -> str:
-    notes = " ".join(getattr(err, "__notes__", []))
-    return " ".join(f"{err} {notes}".split())
 
 
 def main(argv=None) -> int:
@@ -40,7 +36,7 @@ def main(argv=None) -> int:
     try:
         path, overrides = config_file_from_args(argv)
         plain, _ = load_config(path, overrides)
-        return train(plain)["exit_code"]
+        return run(plain)
     except DiskFullError as e:
         if debug:
             raise
@@ -51,6 +47,20 @@ def main(argv=None) -> int:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)
         return 1
+
+
+def run(plain: dict) -> int:
+    """train(plain)'s exit code; on a CPU the thread count and the loader settings are chosen first and said."""
+    if not cpu_run.is_cpu_run(plain):
+        return train(plain)["exit_code"]
+    threads = torch.get_num_threads()
+    try:
+        for line in filter(None, (cpu_run.pick_threads(), cpu_run.adjust_loaders(plain))):
+            if os.environ.get("RANK", "0") == "0":
+                print(line, flush=True)
+        return train(plain)["exit_code"]
+    finally:
+        torch.set_num_threads(threads)  # a caller in this process (a test) keeps its own setting
 
 
 if __name__ == "__main__":

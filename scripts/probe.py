@@ -7,16 +7,16 @@ Manifests are NeMo's JSON lines: `audio_filepath`, `duration`, `text` (task ctc)
 Tarred sets: `--train-tarred 'shards/audio__OP_0..7_CL_.tar'` with the tarred manifest as --train-manifest.
 The checkpoint may be a `.nemo`, a NeMo Lightning `.ckpt` or one of our training checkpoints.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from nest_ssl import cli  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.Parser(description=__doc__.splitlines()[0])
     p.add_argument("checkpoint", nargs="?", help=".nemo, NeMo .ckpt or our checkpoint (with --demo: optional)")
     p.add_argument("--demo", action="store_true", help="synthetic corpus; random init vs --checkpoint / make demo's")
     p.add_argument("--demo-dir", default="demo_out/probe", help="where --demo writes its corpus")
@@ -35,49 +35,55 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
+    if not args.demo and not (args.checkpoint and args.train_manifest and args.eval_manifest):
+        p.error("give CHECKPOINT, --train-manifest and --eval-manifest (or --demo)")
+    return cli.run(lambda: run_demo(args) if args.demo else run(args), args.debug)
+
+
+def run_demo(args) -> int:
+    from nest_ssl import probe
+    from nest_ssl.run_config import load_config
+
+    ckpt = args.checkpoint or probe.find_demo_checkpoint(args.demo_runs)
+    if ckpt is None:
+        print(f"note: no checkpoint under {args.demo_runs} (run `make demo` first); random init only", file=sys.stderr)
+    plain, _ = load_config(Path(__file__).resolve().parent.parent / "configs" / "nest_tiny_cpu.yaml")
+    rows = probe.demo(args.demo_dir, ckpt, plain["model"], seed=args.seed, steps=args.steps,
+                      progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps(rows, indent=1) if args.json else format_rows(rows))
+    return 0
+
+
+def run(args) -> int:
+    import torch
 
     from nest_ssl import probe
     from nest_ssl.export import load_pretrained
-    from nest_ssl.run_config import load_config
 
-    try:
-        if args.demo:
-            ckpt = args.checkpoint or probe.find_demo_checkpoint(args.demo_runs)
-            if ckpt is None:
-                print(f"note: no checkpoint under {args.demo_runs} (run `make demo` first); random init only",
-                      file=sys.stderr)
-            plain, _ = load_config(Path(__file__).resolve().parent.parent / "configs" / "nest_tiny_cpu.yaml")
-            rows = probe.demo(args.demo_dir, ckpt, plain["model"], seed=args.seed, steps=args.steps)
-            print(json.dumps(rows, indent=1) if args.json else format_rows(rows))
-            return 0
-        if not (args.checkpoint and args.train_manifest and args.eval_manifest):
-            p.error("give CHECKPOINT, --train-manifest and --eval-manifest (or --demo)")
-        labels = None
-        if args.labels is not None:
-            labels = args.labels.split(",") if args.task == "classification" else list(args.labels)
-        cfg = probe.ProbeConfig(task=args.task, train_manifest=args.train_manifest, eval_manifest=args.eval_manifest,
-                                train_tarred_audio_filepaths=args.train_tarred,
-                                eval_tarred_audio_filepaths=args.eval_tarred, labels=labels, layers=args.layers,
-                                steps=args.steps, batch_size=args.batch_size, hidden=args.hidden, lr=args.lr,
-                                seed=args.seed)
-        import torch
-        model = load_pretrained(args.checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
-        result = probe.run_probe(model, cfg)
-    except (ValueError, OSError) as e:  # bad config / manifest / labels; a missing or unreadable file
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    labels = None
+    if args.labels is not None:
+        labels = args.labels.split(",") if args.task == "classification" else list(args.labels)
+    cfg = probe.ProbeConfig(task=args.task, train_manifest=args.train_manifest, eval_manifest=args.eval_manifest,
+                            train_tarred_audio_filepaths=args.train_tarred,
+                            eval_tarred_audio_filepaths=args.eval_tarred, labels=labels, layers=args.layers,
+                            steps=args.steps, batch_size=args.batch_size, hidden=args.hidden, lr=args.lr,
+                            seed=args.seed)
+    model = load_pretrained(args.checkpoint, "cuda" if torch.cuda.is_available() else "cpu")
+    result = probe.run_probe(model, cfg)
     print(json.dumps(result, indent=1) if args.json else format_rows([{"encoder": args.checkpoint, "task": args.task,
                                                                        **result}]))
     return 0
 
 
 def format_rows(rows) -> str:
-    lines = [f"{'encoder':<48} {'task':<15} score               layer weights"]
+    """A table whose encoder column is as wide as its longest path: a path is never cut."""
+    width = max([len("encoder"), *(len(str(r["encoder"])) for r in rows)])
+    lines = [f"{'encoder':<{width}} {'task':<15} score               layer weights"]
     for r in rows:
         score = (f"CER {r['probe_cer']:.3f} WER {r['probe_wer']:.3f}" if "probe_cer" in r
                  else f"acc {r['probe_acc']:.3f}")
         weights = " ".join(f"{w:.2f}" for w in r["layer_weights"])
-        lines.append(f"{str(r['encoder'])[-48:]:<48} {r['task']:<15} {score:<19} {weights}")
+        lines.append(f"{str(r['encoder']):<{width}} {r['task']:<15} {score:<19} {weights}")
     return "\n".join(lines)
 
 

@@ -68,7 +68,9 @@ def test_make_manifest_lists_bad_files_and_writes_the_good_ones(mixed_folder, tm
     assert [Path(r["audio_filepath"]).name for r in rows] == ["a.wav", "b.flac"]
     assert [r["duration"] for r in rows] == [1.0, 1.25]
     skipped = {line.split(":")[0].removeprefix("SKIPPED ") for line in captured.err.splitlines()}
-    assert skipped == {str(mixed_folder / n) for n in ("cut.flac", "empty.wav", "garbage.wav")}
+    assert skipped == {f"{mixed_folder / n} [{kind}]" for n, kind in (("cut.flac", "unreadable"),
+                                                                      ("empty.wav", "empty"),
+                                                                      ("garbage.wav", "unreadable"))}
     assert "skipped 3" in captured.out
     assert rc == 1  # some files were left out
 
@@ -79,7 +81,7 @@ def test_make_manifest_duration_is_what_decodes_not_the_header(tmp_path, capsys)
     truncated_flac(d / "cut.flac", 2.0)  # header: 2.0 s; the decoder cannot deliver that
     rc = script_main("make_manifest.py")([str(d), str(tmp_path / "m.json")])
     assert rc == 1 and (tmp_path / "m.json").read_text() == ""
-    assert "cut.flac: unreadable" in capsys.readouterr().err
+    assert "cut.flac [unreadable]: unreadable" in capsys.readouterr().err
 
 
 def test_make_manifest_all_good_exits_0_with_relative_paths(tmp_path):
@@ -206,3 +208,54 @@ def test_a_wrong_type_reached_through_interpolation_blames_the_source_key(tmp_pa
         load_config(ROOT / "configs" / "nest_tiny_cpu.yaml", ["model.encoder.d_model=abc"])
     assert script_main("pretrain.py")(pretrain(tmp_path, *manifests(demo), "model.encoder.d_model=abc")) == 1
     assert error_line(capsys).startswith("error: model.encoder.d_model='abc'")
+
+
+def test_a_zero_byte_file_is_empty_in_make_manifest_and_check_data_alike(tmp_path, capsys):
+    d = tmp_path / "audio"
+    d.mkdir()
+    (d / "zero.wav").write_bytes(b"")
+    assert script_main("make_manifest.py")([str(d), str(tmp_path / "m.json")]) == 1
+    skipped = capsys.readouterr().err.strip()
+    manifest = tmp_path / "z.json"
+    manifest.write_text(json.dumps({"audio_filepath": str(d / "zero.wav"), "duration": 1.0}) + "\n")
+    assert script_main("check_data.py")(["--manifest", str(manifest), "--json", "--workers", "1"]) == 1
+    (error,) = json.loads(capsys.readouterr().out)["errors"]
+    assert skipped == f"SKIPPED {d / 'zero.wav'} [{error['kind']}]: {error['reason']}"
+    assert error["kind"] == "empty"
+
+
+def test_the_probe_table_never_cuts_a_path():
+    long = "/a/very/long/run/directory/" + "x" * 80 + "/checkpoints/SSL-NEST-FastConformer.nemo"
+    rows = [{"encoder": long, "task": "ctc", "probe_cer": 0.5, "probe_wer": 0.9, "layer_weights": [0.5, 0.5]},
+            {"encoder": "random init", "task": "classification", "probe_acc": 0.25, "layer_weights": [1.0]}]
+    lines = script_main("probe.py").__globals__["format_rows"](rows).splitlines()
+    assert lines[1].startswith(long + " ") and lines[2].startswith("random init ")
+    assert len({line.index("ctc") if "ctc" in line else line.index("classification") for line in lines[1:]}) == 1
+
+
+def test_make_demo_data_prints_progress_lines(tmp_path, capsys):
+    script_main("make_demo_data.py")(["--out", str(tmp_path), "--num-files", "26", "--num-val", "1", "--num-noise",
+                                      "1"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(",")[0] for line in lines[:-1]] == [
+        "make_demo_data: train 25/26 files", "make_demo_data: train 26/26 files", "make_demo_data: val 1/1 files",
+        "make_demo_data: noise 1/1 files"]
+
+
+def test_pretrain_strict_mode_stops_at_start_up_on_a_missing_audio_file(tmp_path, demo, capsys):
+    gone = tmp_path / "train.json"
+    gone.write_text(Path(demo["train"]).read_text() + json.dumps({"audio_filepath": str(tmp_path / "gone.wav"),
+                                                                  "duration": 1.0}) + "\n")
+    n = len(gone.read_text().splitlines())
+    rc = script_main("pretrain.py")(pretrain(tmp_path, *manifests(demo, gone), "model.train_ds.skip_bad_samples=false"))
+    line = error_line(capsys)
+    assert rc == 1 and f"{gone}:{n}: {tmp_path / 'gone.wav'}: no such file" in line and "max_bad_samples" not in line
+    assert not list((tmp_path / "exp").rglob("*.ckpt"))  # stopped before the first step: nothing to save
+
+
+def test_make_install_is_not_quiet():
+    """The first install downloads ~4.8 GB: pip must show what it is fetching (issue 25: minutes of silence)."""
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile.split("$(STAMP): setup.py constraints.txt\n", 1)[1].split("\n\n", 1)[0]
+    pip_lines = [line for line in recipe.splitlines() if "pip install" in line]
+    assert len(pip_lines) == 2 and all(" -q" not in line and "--progress-bar on" in line for line in pip_lines)

@@ -385,3 +385,39 @@ def test_mandatory_value_used_in_post_init_names_the_key():
         from_dict(_Checked, {"d_model": "???"}, "model.encoder")
     with pytest.raises(ConfigError, match=r"model\.encoder: d_model=-1 must be positive"):
         from_dict(_Checked, {"d_model": -1}, "model.encoder")
+
+
+@pytest.mark.parametrize("override,suggestion", [
+    ("trainer.max_step=5", "did you mean trainer.max_steps?"),
+    ("+trainer.max_step=5", "did you mean trainer.max_steps?"),
+    ("model.train_ds.skip_bad_sample=false", "did you mean model.train_ds.skip_bad_samples?"),
+    ("trainer.helth.enabled=false", "did you mean trainer.health?"),
+    ("model.encoder.d_modle=64", "did you mean model.encoder.d_model?"),
+])
+def test_a_misspelled_key_suggests_the_nearest_valid_key_never_plus(override, suggestion):
+    with pytest.raises(ConfigError) as err:
+        load_config(NEMO_YAML, [*MANIFESTS, override])
+    assert suggestion in str(err.value)
+    assert "use +" not in str(err.value)  # the schema would reject the key: `+` is never the way out
+
+
+def test_deleting_a_key_the_yaml_does_not_set_says_so():
+    with pytest.raises(ConfigError, match=r"^Could not delete 'trainer.health.enabled': no such key$"):
+        load_config(NEMO_YAML, [*MANIFESTS, "~trainer.health.enabled"])
+
+
+def test_an_unknown_key_far_from_every_valid_one_lists_the_section_keys_not_plus():
+    with pytest.raises(ConfigError, match=r"no such key; valid keys under 'trainer': \[.*'max_steps'") as err:
+        load_config(NEMO_YAML, [*MANIFESTS, "trainer.zzzz=1"])
+    assert "+" not in str(err.value)
+
+
+@pytest.mark.parametrize("override,get", [
+    ("model.train_ds.skip_bad_samples=false", lambda r: r.model.train_ds.skip_bad_samples is False),
+    ("model.train_ds.max_bad_samples=3", lambda r: r.model.train_ds.max_bad_samples == 3),
+    ("trainer.health.enabled=false", lambda r: r.trainer.health.enabled is False),
+    ("model.encoder.attention_impl=torch", lambda r: r.model.encoder["attention_impl"] == "torch"),
+])
+def test_a_schema_key_absent_from_the_yaml_is_set_without_plus(override, get):
+    _, run = load_config(NEMO_YAML, [*MANIFESTS, override])
+    assert get(run)

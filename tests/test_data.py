@@ -1,6 +1,7 @@
 """Data pipeline: manifests, bad items, decoding, noise, collate, samplers, resume, determinism."""
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -141,9 +142,14 @@ def test_bad_item_skipped_counted_and_strict_mode_raises(tmp_path, kind):
     assert [len(b) for b in batches] == [4]
     assert len(loader.bad_samples) == 1 and loader.bad_samples[0][0].endswith("bad.wav")
     assert (loader.bad_samples[0][1] == "no such file") == (kind == "missing")
-    strict = build_dataloader(cfg(m, shuffle=False, batch_size=5, skip_bad_samples=False))
     with pytest.raises(ValueError, match="bad.wav"):
-        list(strict)
+        list(build_dataloader(cfg(m, shuffle=False, batch_size=5, skip_bad_samples=False)))
+
+
+def test_strict_mode_finds_a_missing_file_at_start_up_naming_manifest_and_line(tmp_path):
+    m = _bad_corpus(tmp_path, "missing")  # bad.wav is line 2
+    with pytest.raises(ValueError, match=f"{m}:2: .*bad.wav: no such file \\(skip_bad_samples=false\\)"):
+        build_dataloader(cfg(m, shuffle=False, batch_size=5, skip_bad_samples=False))  # no batch is read
 
 
 def test_max_bad_samples_error_names_files(tmp_path):
@@ -321,3 +327,36 @@ def test_fixed_batches_wrap_around_when_fewer_items_than_batch_size():
     s = BatchSampler([1.0] * 3, 8, shuffle=False, drop_last=False)
     assert list(s) == [[0, 1, 2, 0, 1, 2, 0, 1]]
     assert list(BatchSampler([1.0] * 3, 8, shuffle=False, drop_last=True)) == []
+
+
+def test_resample_and_downmix_notes_are_logged_once_per_run_across_loaders_workers_and_epochs(tmp_path):
+    """Workers restart every epoch with a fresh copy of the dataset; train and validation have their own loaders.
+    A subprocess, so that the workers' log lines reach a stderr we can read."""
+    import subprocess
+    import sys
+    import textwrap
+
+    rows = []
+    for i in range(6):  # 22.05 kHz stereo: every file is resampled and down-mixed
+        p = tmp_path / f"a{i}.wav"
+        sf.write(str(p), np.random.default_rng(i).uniform(-0.3, 0.3, (22050, 2)).astype(np.float32), 22050)
+        rows.append({"audio_filepath": str(p), "duration": 1.0})
+    m = write_manifest(tmp_path / "m.json", rows)
+    code = textwrap.dedent(f"""
+        import logging, sys
+        from nest_ssl.data.config import DatasetConfig
+        from nest_ssl.data.loader import build_dataloader
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        for is_train in (True, False):
+            loader = build_dataloader(DatasetConfig(manifest_filepath={str(m)!r}, noise_manifest={str(m)!r},
+                                                    batch_size=2, num_workers=2), is_train=is_train)
+            for epoch in range(2):
+                loader.set_epoch(epoch)
+                for _ in loader:
+                    pass
+        """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("further resampling is not logged") == 1, run.stderr
+    assert run.stderr.count("further down-mixes are not logged") == 1, run.stderr

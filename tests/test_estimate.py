@@ -76,3 +76,19 @@ def test_cli_prints_the_report():
                           "nest_tiny_cpu.yaml"), "trainer.precision=bf16", "--gpus", "1"],
                          capture_output=True, text=True, check=True).stdout
     assert "parameters" in out and "GFLOP" in out and "autocast_weight_cache" in out and "wall-clock" in out
+
+
+def test_the_gpu_count_comes_from_the_config_and_tiny_times_are_not_zero():
+    from nest_ssl.estimate import format_report, human_duration
+    from nest_ssl.run_config import load_config
+
+    plain, run = load_config(ROOT / "configs" / "nest_tiny_cpu.yaml", ["model.train_ds.manifest_filepath=a.json",
+                                                                      "model.validation_ds.manifest_filepath=b.json"])
+    report = format_report(estimate(plain, run), "tiny")
+    assert "1 GPU(s) (trainer.devices=1 x num_nodes=1)" in report and "8 GPU" not in report
+    assert not any(line.rstrip().endswith(": 0 s") for line in report.splitlines())
+    assert " 0.00 GiB" not in report  # a 256k-parameter model is shown in MiB
+    run.trainer.devices, run.trainer.num_nodes = -1, 2
+    assert "--gpus not given" in format_report(estimate(plain, run), "all visible")
+    assert estimate(plain, run, gpus=3)["gpus"] == 3
+    assert [human_duration(s) for s in (0.0003, 0.17, 4.25, 86)] == ["0.3 ms", "170 ms", "4.2 s", "86 s"]

@@ -1,5 +1,6 @@
 """nest_ssl.features: per-utterance layer features from a manifest, batched, equal to one-at-a-time encoding."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,8 +37,9 @@ def _one_at_a_time(model, path, layers):
 @pytest.mark.parametrize("fmt", features.FEATURE_FORMATS)
 def test_batched_features_equal_single_utterance_encoding(tmp_path, manifest, fmt):
     model = tiny_model()
-    out_manifest = features.extract_features(model, manifest, tmp_path / "feats", layers="0,-1", batch_size=2,
-                                             fmt=fmt, device="cpu", progress=False)
+    out_manifest, failed = features.extract_features(model, manifest, tmp_path / "feats", layers="0,-1",
+                                                     batch_size=2, fmt=fmt, device="cpu", progress=False)
+    assert failed == []
     rows = [json.loads(line) for line in out_manifest.read_text().splitlines()]
     assert [r["duration"] for r in rows] == list(DURATIONS)
     d_model = model.model_cfg["encoder"]["d_model"]
@@ -68,8 +70,8 @@ def test_last_layer_hook_equals_encoder_output(tmp_path, manifest):
 def test_extract_from_a_nemo_file(tmp_path, manifest):
     model = tiny_model()
     nemo = export.save_nemo(model, model.model_cfg, tmp_path / "m.nemo")
-    out = features.extract_features(export.load_pretrained(nemo), manifest, tmp_path / "f", layers="final",
-                                    device="cpu", progress=False)
+    out, _ = features.extract_features(export.load_pretrained(nemo), manifest, tmp_path / "f", layers="final",
+                                       device="cpu", progress=False)
     assert len(out.read_text().splitlines()) == len(DURATIONS)
 
 
@@ -82,3 +84,19 @@ def test_bad_layer_specs_are_refused(spec, needle):
 
 def test_layer_spec_parsing():
     assert features.parse_layers("0, 1,-1,final", 2) == [0, 1, "final"]
+
+
+def test_a_missing_audio_mid_run_is_listed_and_never_in_a_manifest_that_looks_complete(tmp_path, manifest, capsys):
+    lines = manifest.read_text().splitlines()
+    gone = json.loads(lines[1])["audio_filepath"]
+    Path(gone).unlink()  # the second of three: met mid-run, after the first batch was written
+    out, failed = features.extract_features(tiny_model(), manifest, tmp_path / "f", batch_size=1, device="cpu")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["audio_filepath"] for r in rows] == [json.loads(lines[i])["audio_filepath"] for i in (0, 2)]
+    assert [(f["audio_filepath"], f["kind"]) for f in failed] == [(gone, "no_such_file")]
+    listed = [json.loads(line) for line in (tmp_path / "f" / features.FAILED).read_text().splitlines()]
+    assert listed == failed
+    err = capsys.readouterr().err
+    assert "1/3 utterances, 0 failed" in err and err.endswith("\n")
+    assert "2/3 utterances, 1 failed, " in err.split("\n")[0]  # the failure ends the \r line: nothing joins it
+    assert not list((tmp_path / "f").glob(".*.tmp"))

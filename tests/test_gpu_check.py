@@ -57,3 +57,12 @@ def test_kernel_check_refuses_when_auto_does_not_pick_triton():
     from nest_ssl.conformer.kernel_check import check_kernels_used
     with pytest.raises(RuntimeError, match="not the ones used.*auto: parameters on cpu"):
         check_kernels_used(torch.device("cpu"), d_model=32, n_heads=2, frames=160)
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_the_usage_and_exits_0(flag, tmp_path):
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), flag], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path)
+    assert run.returncode == 0 and not run.stderr, run.stderr
+    assert run.stdout.startswith("One GPU check") and "OUTDIR [--dry-run]" in run.stdout
+    assert "set -euo" not in run.stdout and not list(tmp_path.iterdir())  # the text only; nothing written

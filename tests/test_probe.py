@@ -84,3 +84,12 @@ def test_cli_scores_a_saved_model(corpus, tmp_path):
                           "--eval-manifest", corpus["eval"], "--steps", "5", "--json"], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert 0.0 <= json.loads(run.stdout)["probe_cer"]
+
+
+def test_the_demo_says_what_it_is_doing_as_it_starts_each_part(tmp_path):
+    heard = []
+    cfg = json.loads((PARITY / "nest_tiny" / "config.json").read_text())["model"]
+    rows = probe.demo(str(tmp_path), None, cfg, steps=2, num_train=8, num_eval=4, progress=heard.append)
+    assert len(rows) == 2 and len(heard) == 3  # the corpus, then each (encoder, task) before it runs
+    assert heard[0].startswith("probe demo: writing the labelled corpus (8 train, 4 eval)")
+    assert heard[1].startswith("probe demo: 1/2 random init, ctc") and heard[2].startswith("probe demo: 2/2 random")

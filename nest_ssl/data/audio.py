@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import stat
+from multiprocessing.sharedctypes import RawArray
 
 import numpy as np
 import soundfile as sf
@@ -17,6 +18,12 @@ import torch
 import torchaudio
 
 log = logging.getLogger(__name__)
+
+# "Logged already" flags for the resample and down-mix notes, in shared memory: every AudioLoader of the run (train,
+# validation, noise) and every DataLoader worker of every epoch (workers restart each epoch with a fresh copy of the
+# dataset) sees the same flags, so each note is printed once per run. A benign race may print it twice.
+_ONCE_KEYS = ("resample", "downmix")
+_LOGGED = RawArray("b", len(_ONCE_KEYS))
 
 
 class BadSample(Exception):
@@ -98,7 +105,7 @@ def check_span(name: str, file_seconds: float, offset: float, duration: float | 
 
 
 class AudioLoader:
-    """Decode to a float32 mono tensor at `sample_rate`. Logs the first resample / down-mix once per process.
+    """Decode to a float32 mono tensor at `sample_rate`. Logs the first resample / down-mix once per run.
 
     `duration_tolerance` (seconds, None: off): a manifest offset/duration disagreeing with the file by more is a
     BadSample ("duration_mismatch" / "offset_past_end"), see `check_span`."""
@@ -107,11 +114,12 @@ class AudioLoader:
         self.sample_rate = int(sample_rate)
         self.channel_selector = channel_selector
         self.duration_tolerance = duration_tolerance
-        self._warned: set[str] = set()
+        self._logged = _LOGGED  # an attribute, so that spawned workers receive the parent's shared flags
 
     def _once(self, key: str, msg: str, *args):
-        if key not in self._warned:
-            self._warned.add(key)
+        i = _ONCE_KEYS.index(key)
+        if not self._logged[i]:
+            self._logged[i] = 1
             log.warning(msg, *args)
 
     def load(self, path: str, offset: float = 0.0, duration: float | None = None, data: bytes | None = None,

@@ -35,6 +35,10 @@ from nest_ssl.nemo_compat import instantiate, target_config
 log = logging.getLogger(__name__)
 
 
+class TooManyBadSamples(RuntimeError):
+    """More bad items were skipped than `max_bad_samples` allows (the one data error that raising it can fix)."""
+
+
 class DataLoaderWrapper:
     def __init__(self, cfg: DatasetConfig, dataset, collate: AudioNoiseCollate, sampler: BatchSampler | None,
                  num_batches: int, once: bool = False):
@@ -74,7 +78,7 @@ class DataLoaderWrapper:
             self.bad_counts[b.path] += 1
         if len(self.bad_samples) > self.cfg.max_bad_samples:
             worst = self.bad_counts.most_common(10)
-            raise RuntimeError(f"{len(self.bad_samples)} bad samples exceed max_bad_samples="
+            raise TooManyBadSamples(f"{len(self.bad_samples)} bad samples exceed max_bad_samples="
                                f"{self.cfg.max_bad_samples}; worst files: {worst}")
 
     def __iter__(self):
@@ -114,14 +118,16 @@ def build_dataloader(ds_cfg: DatasetConfig, *, rank: int = 0, world_size: int = 
     c = ds_cfg.validate(where)
     report = ManifestReport()  # bad lines of the noise and data manifests alike
     noise = _read_manifests(f"{where}.noise_manifest", c.noise_manifest, report=report,
-                            skip_bad=c.skip_bad_samples) if c.noise_manifest else []
+                            skip_bad=c.skip_bad_samples, check_files=not c.skip_bad_samples) if c.noise_manifest else []
     # is_concat: one dataset per manifest; otherwise all manifests form one dataset (nested bucket lists flatten)
     groups = [[m] for m in split_paths(c.manifest_filepath)] if c.is_concat else [split_paths(c.manifest_filepath)]
     sharded = c.is_tarred and "_OP_" in str(c.manifest_filepath) and "_CL_" in str(c.manifest_filepath)
     if sharded:  # sharded manifests: expanded and split over ranks exactly like the tar shards they describe
         groups = [shard_list(c.manifest_filepath, rank, world_size, c.tarred_shard_strategy)]
+    # skip_bad_samples=false promises that a bad item stops the run: a missing file is found here, at start-up
     parts = [_read_manifests(f"{where}.manifest_filepath", g, c.min_duration, c.max_duration, c.max_utts,
-                             report=report, skip_bad=c.skip_bad_samples, measure=_measure(c)) for g in groups]
+                             report=report, skip_bad=c.skip_bad_samples, measure=_measure(c),
+                             check_files=not (c.skip_bad_samples or c.is_tarred)) for g in groups]
     entries = [e for p in parts for e in p]
     if not entries:
         raise ValueError(f"{where}.manifest_filepath={c.manifest_filepath!r}: no items left after the duration filter "

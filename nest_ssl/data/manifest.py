@@ -150,10 +150,13 @@ def parse_line(line: str, where: str, manifest_dir: str, resolve: bool, idx: int
 
 def read_manifests(paths, min_duration: float | None = None, max_duration: float | None = None,
                    max_utts: int = 0, *, report: ManifestReport | None = None, skip_bad: bool = False,
-                   measure: Callable[[ManifestEntry], float] | None = None) -> list[ManifestEntry]:
+                   measure: Callable[[ManifestEntry], float] | None = None,
+                   check_files: bool = False) -> list[ManifestEntry]:
     """All entries of all manifests, duration-filtered (bounds inclusive).
 
-    A bad line raises BadLine unless `skip_bad` (then it goes to `report.bad`). `measure(entry) -> seconds` fills a
+    A bad line raises BadLine unless `skip_bad` (then it goes to `report.bad`). `check_files`: each entry's audio
+    must exist and be a non-empty file (one stat per entry), so that with skip_bad_samples=false a missing file
+    stops the run at start-up rather than at its first batch. `measure(entry) -> seconds` fills a
     missing duration before the filters (raising audio.BadSample for an unusable file); without it such an entry
     is never filtered. Filtered entries go to `report.filtered`.
     """
@@ -172,7 +175,8 @@ def read_manifests(paths, min_duration: float | None = None, max_duration: float
                     continue
                 where = f"{f}:{lineno}"
                 measured = report.measured
-                e = _entry(line, where, os.path.dirname(os.path.abspath(f)), resolve, idx, report, skip_bad, measure)
+                e = _entry(line, where, os.path.dirname(os.path.abspath(f)), resolve, idx, report, skip_bad, measure,
+                           check_files)
                 idx += 1
                 if e is None:
                     continue
@@ -192,11 +196,13 @@ def read_manifests(paths, min_duration: float | None = None, max_duration: float
     return entries
 
 
-def _entry(line, where, manifest_dir, resolve, idx, report, skip_bad, measure) -> ManifestEntry | None:
-    from nest_ssl.data.audio import BadSample
+def _entry(line, where, manifest_dir, resolve, idx, report, skip_bad, measure, check_files) -> ManifestEntry | None:
+    from nest_ssl.data.audio import BadSample, check_file
 
     try:
         e = parse_line(line, where, manifest_dir, resolve, idx)
+        if check_files:
+            check_file(e.audio_filepath)
         if e.duration is None and measure is not None:
             e.duration = measure(e)
             report.measured.append(Finding(where, e.audio_filepath, "missing_duration",
