@@ -9,12 +9,14 @@ from nest_ssl.run_config import schema_keys
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-FILE_SUFFIXES = ("py", "nemo", "yaml", "ckpt", "json", "md")
+# Python examples name attributes (`model.encoder.load_state_dict`), not config keys.
+README_PROSE = re.sub(r"```python\n.*?```", "", README, flags=re.S)
+FILE_SUFFIXES = ("py", "nemo", "yaml", "ckpt", "json", "md", "safetensors")
 
 
 def dotted_keys() -> list[str]:
     """`model.x.y`, `trainer.x`, `exp_manager.x` anywhere in README (file names such as exp_manager.py excluded)."""
-    keys = {m.rstrip(".") for m in re.findall(r"\b(?:model|trainer|exp_manager)\.[A-Za-z_][\w.]*", README)}
+    keys = {m.rstrip(".") for m in re.findall(r"\b(?:model|trainer|exp_manager)\.[A-Za-z_][\w.]*", README_PROSE)}
     return sorted(k for k in keys if k.rsplit(".", 1)[-1] not in FILE_SUFFIXES)
 
 
