@@ -131,16 +131,30 @@ def _child(node: Any, part: str, path: str, create: bool) -> Any:
     return node[part]
 
 
-def _apply_one(tree: dict, text: str) -> None:
+def schema_has(cls: Any, parts: list[str]) -> bool:
+    """Whether dataclass `cls` has the dotted key `parts` (Optional[...] sections looked through; a plain-dict
+    section knows no keys of its own)."""
+    for part in parts:
+        if typing.get_origin(cls) in (Union, types.UnionType):  # Optional[Section]
+            cls = next((a for a in typing.get_args(cls) if dataclasses.is_dataclass(a)), None)
+        if not dataclasses.is_dataclass(cls) or part not in {f.name for f in dataclasses.fields(cls)}:
+            return False
+        cls = typing.get_type_hints(cls)[part]
+    return True
+
+
+def _apply_one(tree: dict, text: str, schema: Any = None) -> None:
     op, body = ("~", text[1:]) if text.startswith("~") else ("++", text[2:]) if text.startswith("++") \
         else ("+", text[1:]) if text.startswith("+") else ("=", text)
     key, eq, val = body.partition("=")
     if op != "~" and not eq:
         raise ConfigError(f"override {text!r} must look like key=value, +key=value, ++key=value or ~key")
     parts = _split(key.strip())
+    # a key the schema knows (it has a default) is set with plain `a.b=v` even when the YAML does not carry it
+    known = op == "=" and schema is not None and schema_has(schema, parts)
     parent = tree
     for i, part in enumerate(parts[:-1]):
-        parent = _child(parent, part, ".".join(parts[: i + 1]), create=op in ("+", "++"))
+        parent = _child(parent, part, ".".join(parts[: i + 1]), create=op in ("+", "++") or known)
     last = parts[-1]
     if isinstance(parent, list) and last.lstrip("-").isdigit():
         if not -len(parent) <= int(last) < len(parent):
@@ -157,7 +171,7 @@ def _apply_one(tree: dict, text: str) -> None:
         if not exists:
             raise ConfigError(f"Could not delete '{key}': no such key")
         del parent[last]
-    elif op == "=" and not exists:
+    elif op == "=" and not exists and not known:
         raise ConfigError(f"Could not override '{key}': no such key (use +{key}=... to add a new key)")
     elif op == "+" and exists:
         raise ConfigError(f"Could not append to '{key}': it already exists (use {key}=... or ++{key}=...)")
@@ -165,11 +179,12 @@ def _apply_one(tree: dict, text: str) -> None:
         parent[last] = parse_value(val)
 
 
-def apply_overrides(tree: dict, overrides: typing.Iterable[str]) -> dict:
-    """Hydra's dotted syntax on a copy: `a.b=v` (must exist), `+a.b=v` (must not), `++a.b=v`, `~a.b`."""
+def apply_overrides(tree: dict, overrides: typing.Iterable[str], schema: Any = None) -> dict:
+    """Hydra's dotted syntax on a copy: `a.b=v` (must exist in the tree, or in dataclass `schema`), `+a.b=v` (must
+    not exist), `++a.b=v`, `~a.b`."""
     tree = copy.deepcopy(tree)
     for text in overrides:
-        _apply_one(tree, text)
+        _apply_one(tree, text, schema)
     return tree
 
 

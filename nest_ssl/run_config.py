@@ -210,7 +210,7 @@ def build_run_config(plain: dict) -> RunConfig:
 
 def load_config(path: str | Path, overrides: typing.Iterable[str] = ()) -> tuple[dict, RunConfig]:
     """YAML file + overrides -> (resolved plain dict, validated RunConfig)."""
-    plain, origins = resolve_with_origins(apply_overrides(load_yaml(path), overrides))
+    plain, origins = resolve_with_origins(apply_overrides(load_yaml(path), overrides, RunConfig))
     try:
         return plain, build_run_config(plain)
     except ConfigError as e:

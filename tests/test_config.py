@@ -110,6 +110,27 @@ def test_bad_overrides_raise_naming_the_key(override, needle):
         apply_overrides(load_yaml(NEMO_YAML), [override])
 
 
+def test_a_key_the_schema_knows_is_set_without_plus_when_the_yaml_lacks_it():
+    """configs/*.yaml stay NeMo's files, so our own keys (with schema defaults) are absent from them; a plain
+    `a.b=v` must still set them, also below a section the YAML lacks. A misspelt key and a key inside a plain-dict
+    (`_target_`) section still need `+`."""
+    raw = load_yaml(NEMO_YAML)
+    assert "activation_checkpointing" not in raw["trainer"] and "async_save" not in \
+        raw["exp_manager"]["checkpoint_callback_params"]
+    del raw["exp_manager"]["checkpoint_callback_params"]
+    out = apply_overrides(raw, ["trainer.activation_checkpointing=every_2",
+                                "exp_manager.checkpoint_callback_params.async_save=true"], RunConfig)
+    assert out["trainer"]["activation_checkpointing"] == "every_2"
+    assert out["exp_manager"]["checkpoint_callback_params"] == {"async_save": True}
+    for typo in ("trainer.activation_checkpointin=full", "model.encoder.not_a_key=1", "nope.x=1"):
+        with pytest.raises(ConfigError, match=f"Could not override '{typo.split('.')[0]}[^']*': no such key"):
+            apply_overrides(raw, [typo], RunConfig)
+    with pytest.raises(ConfigError, match="no such key"):  # without a schema only the tree counts
+        apply_overrides(raw, ["trainer.activation_checkpointing=full"])
+    plain, run = load_config(NEMO_YAML, ["trainer.activation_checkpointing=full"])
+    assert run.trainer.activation_checkpointing == "full"
+
+
 # ---------------------------------------------------------------------------------------------- from_dict
 @dataclass
 class _Inner:
