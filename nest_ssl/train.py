@@ -496,6 +496,8 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
             run_validation()
         writer.save(state, train_loader.state_dict(), rank=val_loader is not None and not writer.monitors_probe)
     writer.finish(close=True)  # a background (async_save) write is committed before the run returns
+    if exit_code == REQUEUE_EXIT_CODE and dist.is_main:  # after the commit: the marker promises a checkpoint
+        preempt.leave_marker(state.step)
     if exit_code == 0:
         log.info(summary(state, history, time.time() - t_start, writer))
 
