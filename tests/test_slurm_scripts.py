@@ -123,6 +123,7 @@ def test_single_node_from_a_spool_copy_finds_the_repo_and_launches_torchrun(fake
     assert first[1] == f"nest_ssl: python {py} (activated {root}/.venv)"
     env = fake.env_of_trainer()
     assert env["OMP_NUM_THREADS"] == "2" and env["VIRTUAL_ENV"] == f"{root}/.venv"  # 4 CPUs / 2 ranks
+    assert env["PYTHONPATH"] == root  # this checkout's nest_ssl, whatever the interpreter has installed
     assert int(open(fake.out / "sigign").read(), 16) & USR1_BIT  # torchrun ignores USR1 (the workers do not)
     assert (fake.repo / "nemo_experiments").is_dir() and list(fake.submit.iterdir()) == []
     assert fake.scontrol() == ["show job 1234"]  # no requeue

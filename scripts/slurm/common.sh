@@ -25,6 +25,8 @@ nest_python() {
         nest_log "python $PY (python3 on PATH: no $ROOT/.venv; set NEST_SSL_PYTHON to choose)"
     fi
     [ -x "$PY" ] || nest_die "python '$PY' is not an executable file (NEST_SSL_PYTHON or $ROOT/.venv)"
+    # this repository's nest_ssl, not another checkout's that the interpreter may have installed (pip -e)
+    export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 }
 
 # Processes per node: $NPROC_PER_NODE, else the GPUs SLURM gave this node, else 1 (a CPU-only node).
