@@ -30,6 +30,7 @@ JobRequeue=1
 KillWait=30
 MinJobAge=3600
 NodeName=$HOST CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
+# FORCE:2: two jobs may share the CPUs, so two jobs run at once (the check that they pick different ports)
 PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:2
 CONF
 if [ ! -s /etc/munge/munge.key ]; then
@@ -39,6 +40,7 @@ chown munge:munge /etc/munge/munge.key /run/munge && chmod 400 /etc/munge/munge.
 pgrep -x munged >/dev/null || runuser -u munge -- munged
 pgrep -x slurmctld >/dev/null || slurmctld
 pgrep -x slurmd >/dev/null || slurmd
+scontrol reconfigure  # daemons started by an earlier run read the file written above
 for _ in $(seq 30); do  # the node registers within a few seconds
     sinfo -h -o %T 2>/dev/null | grep -qE 'idle|mix|alloc' && break
     sleep 1
