@@ -12,6 +12,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -139,11 +140,14 @@ class Preemption:
 
     Under torchrun a SLURM signal should not reach the launcher (it would kill or SIGTERM-and-SIGKILL its
     workers), so the sbatch files trap it in the batch shell and touch the file named by $NEST_PREEMPT_FILE,
-    which every step also checks."""
+    which every step also checks. A signal may instead reach only the workers (scancel --signal=TERM), and torchrun
+    turns their exit code 75 into 1, so after the preemption checkpoint rank 0 writes $NEST_REQUEUE_MARKER: the
+    sbatch files requeue the job iff it exists (scripts/slurm/common.sh)."""
 
     def __init__(self):
         self.flag = False
         self.file = os.environ.get("NEST_PREEMPT_FILE")
+        self.marker = os.environ.get("NEST_REQUEUE_MARKER")
         self.previous = {}
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             try:
@@ -158,6 +162,11 @@ class Preemption:
         if self.file and os.path.exists(self.file):
             self.flag = True
         return self.flag
+
+    def leave_marker(self, step: int) -> None:
+        """Tell the batch script this run stopped for a preemption with its checkpoint written (rank 0 only)."""
+        if self.marker:
+            Path(self.marker).write_text(f"checkpoint at step {step}\n")
 
     def restore(self):
         for sig, handler in self.previous.items():

@@ -10,7 +10,9 @@ FSDP keeps 1/world_size of each and all-gathers a layer's parameters just before
 * Mixed precision (`trainer.precision: bf16-mixed`): parameters are gathered in bf16 for compute, gradients are
   reduce-scattered in fp32 and the sharded master weights and AdamW state stay fp32. The training loop's autocast
   still runs around the step, so ops that autocast keeps in fp32 (log-softmax, the features) stay fp32.
-  `16-mixed` (fp16 with a loss scaler) is refused: bf16 needs no scaler.
+  `16-mixed` (fp16 with a loss scaler) is refused: bf16 needs no scaler. BatchNorm layers are their own units
+  with fp32 parameters (one more small all-gather per Conformer layer): as under DDP + autocast, they normalise
+  the bf16 input with fp32 weight and statistics.
 * BatchNorm statistics behave as under DDP: with `trainer.sync_batchnorm` the layers are converted to
   SyncBatchNorm first (batch statistics over all ranks; the Triton conv kernel syncs them itself); without it each
   rank normalises with its own batch and, as DDP's `broadcast_buffers` does, every forward starts from rank 0's
@@ -89,6 +91,10 @@ def shard(root: nn.Module, layers, precision=32, sync_batchnorm: bool = False, m
         root = nn.SyncBatchNorm.convert_sync_batchnorm(root)  # state_dict keys unchanged
     policy = mixed_precision(precision)
     frozen = {p for p in root.parameters() if not p.requires_grad}
+    for bn in (m for m in root.modules() if isinstance(m, _BatchNorm)):  # innermost units first
+        # fp32 weights, as FSDP1's MixedPrecision keeps _BatchNorm and as DDP under autocast runs it: batch_norm
+        # takes a bf16 input with fp32 weight and statistics, but not bf16 weights with fp32 running statistics
+        fully_shard(bn, mesh=mesh, mp_policy=MixedPrecisionPolicy(cast_forward_inputs=False))
     for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy, ignored_params=frozen & set(layer.parameters()) or None)
     fully_shard(root, mesh=mesh, mp_policy=policy, ignored_params=frozen or None)

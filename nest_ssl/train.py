@@ -12,7 +12,8 @@ replays the uninterrupted run bit for bit on CPU, whatever the iterator or worke
 
 Preemption: SIGUSR1 / SIGTERM set a flag; at the end of the optimizer step every rank agrees (all-reduce),
 rank 0 writes the `-last` checkpoint and the run returns REQUEUE_EXIT_CODE (75), which scripts/pretrain.py
-exits with and scripts/slurm/*.sbatch turn into `scontrol requeue`.
+exits with; rank 0 then writes $NEST_REQUEUE_MARKER, which scripts/slurm/*.sbatch turn into `scontrol requeue`
+(torchrun reports a worker's 75 as 1).
 """
 
 from __future__ import annotations
@@ -498,6 +499,8 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
             run_validation()
         writer.save(state, train_loader.state_dict(), rank=val_loader is not None and not writer.monitors_probe)
     writer.finish(close=True)  # a background (async_save) write is committed before the run returns
+    if exit_code == REQUEUE_EXIT_CODE and dist.is_main:  # after the commit: the marker promises a checkpoint
+        preempt.leave_marker(state.step)
     if exit_code == 0:
         log.info(summary(state, history, time.time() - t_start, writer))
 

@@ -22,7 +22,7 @@ from nest_ssl.config import (
 )
 from nest_ssl.data.config import DatasetConfig
 from nest_ssl.optim import OptimConfig, SchedConfig
-from nest_ssl.run_config import IGNORED_KEYS, RunConfig, load_config, warn_ignored
+from nest_ssl.run_config import IGNORED_KEYS, RunConfig, load_config, schema_keys, warn_ignored
 
 ROOT = Path(__file__).resolve().parents[1]
 NEMO_YAML = ROOT / "tests/fixtures/spec/nest_fast-conformer.nemo.yaml"
@@ -108,6 +108,26 @@ def test_overrides_every_form_before_resolution():
 def test_bad_overrides_raise_naming_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("[", r"\[")):
         apply_overrides(load_yaml(NEMO_YAML), [override])
+
+
+def test_a_key_the_schema_knows_is_set_without_plus_when_the_yaml_lacks_it():
+    """configs/*.yaml stay NeMo's files, so our own keys (with schema defaults) are absent from them; a plain
+    `a.b=v` must still set them, also below a section the YAML lacks. A misspelt key is refused."""
+    raw = load_yaml(NEMO_YAML)
+    assert "activation_checkpointing" not in raw["trainer"] and "async_save" not in \
+        raw["exp_manager"]["checkpoint_callback_params"]
+    del raw["exp_manager"]["checkpoint_callback_params"]
+    out = apply_overrides(raw, ["trainer.activation_checkpointing=every_2",
+                                "exp_manager.checkpoint_callback_params.async_save=true"], schema_keys)
+    assert out["trainer"]["activation_checkpointing"] == "every_2"
+    assert out["exp_manager"]["checkpoint_callback_params"] == {"async_save": True}
+    for typo in ("trainer.activation_checkpointin=full", "model.encoder.not_a_key=1", "nope.x=1"):
+        with pytest.raises(ConfigError, match=f"Could not override '{typo.split('.')[0]}[^']*': no such key"):
+            apply_overrides(raw, [typo], schema_keys)
+    with pytest.raises(ConfigError, match="no such key"):  # without a schema only the tree counts
+        apply_overrides(raw, ["trainer.activation_checkpointing=full"])
+    plain, run = load_config(NEMO_YAML, ["trainer.activation_checkpointing=full"])
+    assert run.trainer.activation_checkpointing == "full"
 
 
 # ---------------------------------------------------------------------------------------------- from_dict

@@ -114,12 +114,21 @@ def test_tensorboard_and_checkpoint_layout(data, tmp_path):
 
 
 def test_preempt_file_requests_checkpoint_and_is_removed(data, tmp_path, monkeypatch):
-    flag = tmp_path / "preempt"
+    flag, marker = tmp_path / "preempt", tmp_path / "requeue"
     flag.touch()
     monkeypatch.setenv("NEST_PREEMPT_FILE", str(flag))
+    monkeypatch.setenv("NEST_REQUEUE_MARKER", str(marker))  # what the sbatch files read after torchrun returns
     res = train_tiny(run_config(data, tmp_path / "exp", val_every=100))
     assert res["exit_code"] == REQUEUE_EXIT_CODE and res["step"] == 1 and not flag.exists()
     assert ckpt.load(last_ckpt(tmp_path / "exp"))["global_step"] == 1
+    assert marker.read_text() == "checkpoint at step 1\n"
+
+
+def test_a_run_that_ends_without_preemption_leaves_no_requeue_marker(data, tmp_path, monkeypatch):
+    marker = tmp_path / "requeue"
+    monkeypatch.setenv("NEST_REQUEUE_MARKER", str(marker))
+    assert train_tiny(run_config(data, tmp_path / "exp", max_steps=1, val_every=100))["exit_code"] == 0
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "bf16"])
