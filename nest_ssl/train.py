@@ -281,13 +281,21 @@ def train(plain: dict) -> dict:
     `exit_code` (0, or REQUEUE_EXIT_CODE after preemption) and the per-step train losses of this rank.
     The run itself is _train(); this wrapper owns the preemption signal handlers, restored however the run ends."""
     preempt = dist_utils.Preemption()  # first: a signal that comes while the model and data are built is not lost
+    phases = dist_utils.Phases()
     try:
-        return _train(plain, preempt)
+        return _train(plain, preempt, phases)
+    except RuntimeError as err:  # a failed collective gets one error naming the rank and the phase
+        failed = dist_utils.collective_error(err, phases)
+        if failed is None:
+            raise
+        if preempt.flag:
+            failed.add_note("(a preemption signal came while this rank was blocked: no checkpoint was written)")
+        raise failed from err
     finally:
         preempt.restore()
 
 
-def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
+def _train(plain: dict, preempt: dist_utils.Preemption, phases: dist_utils.Phases) -> dict:
     # ---- config: every section is validated before any work starts -----------------------------------
     run = build_run_config(plain)
     tc, em_cfg = run.trainer, run.exp_manager
@@ -300,7 +308,8 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
     name = em_cfg.name or run.name
 
     # ---- distributed, seeds, model, optimizer, data ---------------------------------------------------
-    dist = dist_utils.setup(tc.accelerator)
+    phases.timeout = tc.collective_timeout
+    dist = dist_utils.setup(tc.accelerator, tc.collective_timeout)
     random.seed(run.seed), np.random.seed(run.seed), torch.manual_seed(run.seed)
     torch.backends.cudnn.benchmark = bool(tc.benchmark)
     model = build_model(plain["model"]).to(dist.device)
@@ -382,14 +391,18 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
                          "check_data.py lists every bad item) or raise model.train_ds.max_bad_samples, then resume")
 
     if val_loader is not None and tc.num_sanity_val_steps and saved is None:
-        validate(step_model, val_loader, dist, run.seed, amp_dtype, limit=tc.num_sanity_val_steps, device_mix=val_mix)
-        health_monitor.collect("val")  # the sanity batches are not part of the first validation's metrics
+        with phases("sanity validation"):
+            validate(step_model, val_loader, dist, run.seed, amp_dtype, limit=tc.num_sanity_val_steps,
+                     device_mix=val_mix)
+            health_monitor.collect("val")  # the sanity batches are not part of the first validation's metrics
 
+    @phases("validation")
     def run_validation() -> None:
         try:
             state.last_val = validate(step_model, val_loader, dist, run.seed, amp_dtype, device_mix=val_mix)
         except Exception as err:
-            on_data_error(err)
+            if not dist_utils.failed_collective(err):  # a data error: checkpoint (a collective failure: nothing)
+                on_data_error(err)
             raise
         val_health = {f"val_health/{k}": v for k, v in health_monitor.collect("val").items()}
         log.scalars(state.step, {"val_loss": state.last_val, **val_health})
@@ -398,7 +411,8 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
     def on_preemption() -> int:
         log.info(f"step {state.step}: preemption signal; checkpointing and exiting with {REQUEUE_EXIT_CODE}")
         if writer.saved_step != state.step:
-            writer.save(state, train_loader.state_dict())
+            with phases("checkpoint"):
+                writer.save(state, train_loader.state_dict())
         if dist.is_main and preempt.file:
             Path(preempt.file).unlink(missing_ok=True)  # the requeued job must not stop at once
         return REQUEUE_EXIT_CODE
@@ -408,6 +422,7 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
     history, exit_code, window = [], 0, LogWindow.start()
     window_loss = tokens = torch.zeros((), device=dist.device)  # summed on the device: no sync per micro-batch
     optimizer.zero_grad(set_to_none=True)
+    phases.now = "train step"
     for batch in epoch_batches(train_loader, state, limits, on_data_error):
         window.audio_sec += float(batch.audio_len.sum()) / sample_rate  # CPU tensor: no device sync
         batch, state.micro = batch.to(dist.device, non_blocking=True), state.micro + 1
@@ -486,12 +501,14 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
         if validated:
             run_validation()
         if validated or (probed and writer.monitors_probe):
-            writer.save(state, train_loader.state_dict(), rank=probed if writer.monitors_probe else validated)
+            with phases("checkpoint"):
+                writer.save(state, train_loader.state_dict(), rank=probed if writer.monitors_probe else validated)
         if preempted:
             exit_code = on_preemption()
         if exit_code or limits.reached(state):
             break
-    if exit_code == 0 and writer.saved_step != state.step:  # the end: validated first, so the final checkpoint's
+    phases.now = "checkpoint"  # the end
+    if exit_code == 0 and writer.saved_step != state.step:  # validated first, so the final checkpoint's
         if val_loader is not None:                          # name carries its own val_loss, not an older one
             run_validation()
         writer.save(state, train_loader.state_dict(), rank=val_loader is not None and not writer.monitors_probe)
@@ -500,6 +517,7 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
         log.info(summary(state, history, time.time() - t_start, writer))
 
     log.close()
+    phases.now = "teardown"
     dist_utils.teardown()
     return {"exit_code": exit_code, "losses": history, "step": state.step, "epoch": state.epoch,
             "log_dir": str(logdir), "val_loss": state.last_val, "skipped_steps": state.skipped_steps,

@@ -30,7 +30,7 @@ class Crash(RuntimeError):
 class TinyModel(nn.Module):
     def __init__(self, dropout: float = 0.0, use_generator: bool = False, nan_after: int | None = None,
                  signal_at: int | None = None, sleep: float = 0.0, nan_at: tuple = (), crash_at: int | None = None,
-                 batch_norm: bool = False):
+                 batch_norm: bool = False, stall_at: tuple | None = None):
         super().__init__()
         self.proj, self.out = nn.Linear(4, 16), nn.Linear(16, 1)
         self.norm = nn.BatchNorm1d(16) if batch_norm else nn.LayerNorm(16)  # BatchNorm: FSDP broadcasts its stats
@@ -39,6 +39,7 @@ class TinyModel(nn.Module):
         self.nan_after, self.signal_at, self.calls, self.sleep = nan_after, signal_at, 0, sleep
         self.nan_at = tuple(nan_at)  # training_step call numbers (1-based) whose loss is NaN
         self.crash_at = crash_at  # training_step call number (1-based) that raises Crash
+        self.stall_at, self.val_calls = stall_at, 0  # ("train" | "val", call number, seconds): a stuck rank
 
     def _loss(self, batch, generator):
         audio, lens = batch.noisy_audio if batch.noisy_audio is not None else batch.audio, batch.audio_len
@@ -56,6 +57,7 @@ class TinyModel(nn.Module):
         self.calls += 1
         if self.calls == self.crash_at:
             raise Crash(f"simulated kill in training_step call {self.calls}")
+        self._stall("train", self.calls)
         if self.sleep:
             import time
             time.sleep(self.sleep)  # subprocess tests need time to deliver a signal mid-run
@@ -67,7 +69,17 @@ class TinyModel(nn.Module):
             loss = loss * float("nan")
         return {"loss": loss, "masked_tokens": 0}
 
+    def _stall(self, phase: str, call: int):
+        """stall_at = (phase, call, seconds[, marker file written when the stall starts])."""
+        if self.stall_at is not None and tuple(self.stall_at[:2]) == (phase, call):
+            import time
+            if len(self.stall_at) > 3:
+                open(self.stall_at[3], "w").close()
+            time.sleep(self.stall_at[2])
+
     def validation_step(self, batch, generator=None):
+        self.val_calls += 1
+        self._stall("val", self.val_calls)
         with torch.no_grad():
             loss = self._loss(batch, generator)
         return {"loss": loss, "val_loss": loss}
@@ -141,6 +153,20 @@ if __name__ == "__main__":  # subprocess driver: python tests/train_support.py C
     torch.set_num_threads(1)
     result = train_tiny(json.loads(open(sys.argv[1]).read()), sleep=float(sys.argv[2]))
     sys.exit(result["exit_code"])
+
+
+def failing_worker(rank: int, world: int, port: int, cfg: dict, out: str, kw_by_rank: dict | None = None):
+    """ddp_worker for a run expected to fail: the error (type and message) goes to out/error_rank<r>.txt and is
+    re-raised, so the process exits non-zero as scripts/pretrain.py would."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        train_tiny(cfg, **(kw_by_rank or {}).get(rank, {}))
+    except BaseException as e:
+        with open(f"{out}/error_rank{rank}.txt", "w") as f:
+            f.write(f"{type(e).__name__}: {e} {' '.join(getattr(e, '__notes__', []))}")
+        raise
 
 
 def sequential_worker(rank: int, world: int, ports: list, cfgs: list, out: str, model_kw: dict | None = None):
