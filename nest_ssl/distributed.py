@@ -11,6 +11,7 @@ import contextlib
 import datetime
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -180,24 +181,37 @@ def broadcast_object(obj):
 
 
 class Preemption:
-    """SIGUSR1 / SIGTERM -> flag, checked at the end of each optimizer step.
+    """SIGUSR1 / SIGTERM / the first SIGINT (Ctrl-C) -> flag, checked at the end of each optimizer step.
+
+    The first Ctrl-C is a preemption that exits with INTERRUPT_EXIT_CODE (130) instead of 75; it also puts SIGINT
+    back to the operating system's default, so a second Ctrl-C ends the process at once, even inside a collective or
+    a kernel. A SIGINT that the process inherited as ignored (nohup, a background job) stays ignored.
 
     Under torchrun a SLURM signal should not reach the launcher (it would kill or SIGTERM-and-SIGKILL its
     workers), so the sbatch files trap it in the batch shell and touch the file named by $NEST_PREEMPT_FILE,
     which every step also checks."""
 
     def __init__(self):
-        self.flag = False
+        self.flag, self.interrupted = False, False
         self.file = os.environ.get("NEST_PREEMPT_FILE")
         self.previous = {}
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            try:
+        try:
+            for sig in (signal.SIGUSR1, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (e.g. a notebook worker): no preemption handling
-                pass
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # Python's KeyboardInterrupt
+                self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
+        except ValueError:  # not the main thread (e.g. a notebook worker): no preemption handling
+            pass
 
     def _handler(self, signum, frame):
         self.flag = True
+
+    def _interrupt(self, signum, frame):
+        self.flag = self.interrupted = True
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # the second Ctrl-C: the kernel ends the process at once
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("Ctrl-C: stopping with a checkpoint after this step (Ctrl-C again aborts at once)",
+                  file=sys.stderr, flush=True)
 
     def requested(self) -> bool:
         if self.file and os.path.exists(self.file):

@@ -12,7 +12,11 @@ replays the uninterrupted run bit for bit on CPU, whatever the iterator or worke
 
 Preemption: SIGUSR1 / SIGTERM set a flag; at the end of the optimizer step every rank agrees (all-reduce),
 rank 0 writes the `-last` checkpoint and the run returns REQUEUE_EXIT_CODE (75), which scripts/pretrain.py
-exits with and scripts/slurm/*.sbatch turn into `scontrol requeue`.
+exits with and scripts/slurm/*.sbatch turn into `scontrol requeue`. The first Ctrl-C (SIGINT) does the same and
+returns INTERRUPT_EXIT_CODE (130); a second one ends the process at once.
+
+Collectives: every process group has trainer.collective_timeout; a collective that fails or times out ends the run
+with a CollectiveError naming the rank and the phase (distributed.Phases), without a checkpoint over the last one.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from nest_ssl.probe import run_probe
 from nest_ssl.run_config import TrainerConfig, build_run_config
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: preempted, checkpoint written, requeue me (scripts/slurm/*.sbatch check it)
+INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports Ctrl-C: stopped by the user, checkpoint written
 
 
 class NonFiniteError(RuntimeError):
@@ -278,7 +283,7 @@ def save_offending_batch(batch, logdir: Path, rank: int) -> Path:
 
 def train(plain: dict) -> dict:
     """Pretrain from a resolved plain run config (nest_ssl.run_config.load_config). Returns a summary with
-    `exit_code` (0, or REQUEUE_EXIT_CODE after preemption) and the per-step train losses of this rank.
+    `exit_code` (0, REQUEUE_EXIT_CODE after preemption, INTERRUPT_EXIT_CODE after Ctrl-C) and the per-step train losses of this rank.
     The run itself is _train(); this wrapper owns the preemption signal handlers, restored however the run ends."""
     preempt = dist_utils.Preemption()  # first: a signal that comes while the model and data are built is not lost
     phases = dist_utils.Phases()
@@ -409,13 +414,16 @@ def _train(plain: dict, preempt: dist_utils.Preemption, phases: dist_utils.Phase
         log.info(f"step {state.step}: val_loss {state.last_val:.4f}")
 
     def on_preemption() -> int:
-        log.info(f"step {state.step}: preemption signal; checkpointing and exiting with {REQUEUE_EXIT_CODE}")
+        code, why = (INTERRUPT_EXIT_CODE, "Ctrl-C") if preempt.interrupted else (REQUEUE_EXIT_CODE,
+                                                                                  "preemption signal")
         if writer.saved_step != state.step:
             with phases("checkpoint"):
                 writer.save(state, train_loader.state_dict())
+        where = f"checkpoint {writer.last}" if writer.last is not None else "no checkpoint (checkpointing is off)"
+        log.info(f"step {state.step}: {why}; {where}; exiting with {code}")
         if dist.is_main and preempt.file:
             Path(preempt.file).unlink(missing_ok=True)  # the requeued job must not stop at once
-        return REQUEUE_EXIT_CODE
+        return code
 
     # ---- the loop -------------------------------------------------------------------------------------
     accum, sample_rate, t_start = tc.accumulate_grad_batches, run.model.sample_rate, time.time()

@@ -11,7 +11,8 @@ OVERRIDE: Hydra's syntax: a.b=1 (set), +a.new=1 (add), ++a.b=1 (set or add), ~a.
 
 Exit codes: 0 done; 1 config or data error, or a collective that failed or timed out (trainer.collective_timeout)
 (one line on stderr naming the rank and the phase); 74 no space left for a checkpoint (the partial file
-is removed, the previous checkpoints are intact); 75 preempted (checkpoint written: requeue the job).
+is removed, the previous checkpoints are intact); 75 preempted (checkpoint written: requeue the job); 130 stopped
+by Ctrl-C (checkpoint written at the current step; a second Ctrl-C aborts at once, without one).
 """
 
 import sys
