@@ -95,8 +95,8 @@ def collective_error(err: BaseException, phases: Phases) -> Optional[CollectiveE
     rank = dist.get_rank() if dist.is_initialized() else 0
     first = " ".join(str(err).split())[:200]
     return CollectiveError(f"rank {rank}: a collective in the {phases.now} failed or waited longer than "
-                           f"trainer.collective_timeout={phases.timeout:g} s ({first}); another rank is stuck or died (its "
-                           "own log says why); the checkpoints written before are intact: resume from them")
+                           f"trainer.collective_timeout={phases.timeout:g} s ({first}); another rank is stuck or "
+                           "died (its own log says why); the checkpoints written before are intact: resume from them")
 
 
 def teardown() -> None:

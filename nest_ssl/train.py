@@ -283,7 +283,8 @@ def save_offending_batch(batch, logdir: Path, rank: int) -> Path:
 
 def train(plain: dict) -> dict:
     """Pretrain from a resolved plain run config (nest_ssl.run_config.load_config). Returns a summary with
-    `exit_code` (0, REQUEUE_EXIT_CODE after preemption, INTERRUPT_EXIT_CODE after Ctrl-C) and the per-step train losses of this rank.
+    `exit_code` (0, REQUEUE_EXIT_CODE after preemption, INTERRUPT_EXIT_CODE after Ctrl-C) and the per-step train
+    losses of this rank.
     The run itself is _train(); this wrapper owns the preemption signal handlers, restored however the run ends."""
     preempt = dist_utils.Preemption()  # first: a signal that comes while the model and data are built is not lost
     phases = dist_utils.Phases()
@@ -376,8 +377,7 @@ def _train(plain: dict, preempt: dist_utils.Preemption, phases: dist_utils.Phase
     # ---- logging --------------------------------------------------------------------------------------
     tb_dir = None
     if dist.is_main:
-        logdir.mkdir(parents=True, exist_ok=True)
-        (logdir / "config.yaml").write_text(to_yaml(plain))
+        ckpt.atomic_write_text(logdir / "config.yaml", to_yaml(plain))
         tb_dir = logdir / f"version_{len(list(logdir.glob('version_*')))}" if em_cfg.create_tensorboard_logger else None
     log = make_logger(dist.is_main, tb_dir, tc.enable_progress_bar)
     for line in filter(None, init_lines):

@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import torch.multiprocessing as mp
 
 from nest_ssl import checkpoint as ckpt

@@ -8,6 +8,7 @@ shapes (GLOO_SIZES), under ddp and fsdp, and val_loss on every rank must equal t
 batches computed here. The collective timeout in the workers turns a mismatched collective into a failure."""
 
 import math
+import os
 import subprocess
 import sys
 import time
@@ -126,10 +127,11 @@ def test_torchrun_with_one_validation_batch_for_two_ranks_validates_and_finishes
            str(ROOT / "scripts" / "pretrain.py"), "--config", str(ROOT / "configs" / "nest_tiny_cpu.yaml"),
            f"model.train_ds.manifest_filepath={data['train']}", f"model.validation_ds.manifest_filepath={data['val']}",
            "model.validation_ds.batch_size=4", "trainer.max_steps=4", "trainer.val_check_interval=2",
-           "trainer.enable_progress_bar=false", "++trainer.collective_timeout=60", f"exp_manager.exp_dir={tmp_path}/exp"]
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+           "trainer.enable_progress_bar=false", "++trainer.collective_timeout=60",
+           f"exp_manager.exp_dir={tmp_path}/exp"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
-    assert out.returncode == 0, [l for l in out.stderr.splitlines() if "rror" in l][-5:]
+    assert out.returncode == 0, [line for line in out.stderr.splitlines() if "rror" in line][-5:]
     vals = [float(line.split("val_loss ")[1]) for line in out.stdout.splitlines() + out.stderr.splitlines()
             if line.startswith("step ") and ": val_loss " in line]
     assert len(vals) == 2 and all(math.isfinite(v) and v > 0 for v in vals), out.stdout + out.stderr

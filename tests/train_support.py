@@ -42,7 +42,8 @@ class TinyEncoder(nn.Module):
 class TinyModel(nn.Module):
     def __init__(self, dropout: float = 0.0, use_generator: bool = False, nan_after: int | None = None,
                  signal_at: int | None = None, sleep: float = 0.0, nan_at: tuple = (), crash_at: int | None = None,
-                 batch_norm: bool = False, stall_at: tuple | None = None, encoder: bool = False):
+                 batch_norm: bool = False, stall_at: tuple | None = None, encoder: bool = False,
+                 ballast: int = 0):
         super().__init__()
         self.proj, self.out = nn.Linear(4, 16), nn.Linear(16, 1)
         self.norm = nn.BatchNorm1d(16) if batch_norm else nn.LayerNorm(16)  # BatchNorm: FSDP broadcasts its stats
@@ -52,6 +53,8 @@ class TinyModel(nn.Module):
         self.nan_at = tuple(nan_at)  # training_step call numbers (1-based) whose loss is NaN
         self.crash_at = crash_at  # training_step call number (1-based) that raises Crash
         self.stall_at, self.val_calls = stall_at, 0  # ("train" | "val", call number, seconds): a stuck rank
+        if ballast:  # frozen weights that make a checkpoint about 4 * ballast bytes (the disk-full tests)
+            self.ballast = nn.Parameter(torch.zeros(ballast), requires_grad=False)
         if encoder:  # gives HealthMonitor its hooks (health sums, an all-reduce per collect)
             self.encoder = TinyEncoder()
 
@@ -163,11 +166,28 @@ def ddp_worker(rank: int, world: int, port: int, cfg: dict, out: str, kw_by_rank
     torch.save({k: res[k] for k in ("exit_code", "step", "skipped_steps")}, f"{out}/result_rank{rank}.pt")
 
 
-if __name__ == "__main__":  # subprocess driver: python tests/train_support.py CFG.json SLEEP_SECONDS
-    import json
+def pretrain_tiny(argv: list, **kw) -> int:
+    """scripts/pretrain.py's main(argv) (its exit codes and one-line errors) with TinyModel(**kw) as the model."""
+    import importlib.util
+    from pathlib import Path
+
+    from nest_ssl import train as train_module
+
+    spec = importlib.util.spec_from_file_location("pretrain", Path(__file__).resolve().parents[1] / "scripts" /
+                                                  "pretrain.py")
+    pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain)
+    with mock.patch.object(train_module, "build_model", lambda model_cfg: TinyModel(**kw)):
+        return pretrain.main(argv)
+
+
+if __name__ == "__main__":  # subprocess drivers: python tests/train_support.py CFG.json SLEEP_SECONDS
+    import json  # or: python tests/train_support.py --pretrain BALLAST PRETRAIN_ARGS...
     import sys
 
     torch.set_num_threads(1)
+    if sys.argv[1] == "--pretrain":
+        sys.exit(pretrain_tiny(sys.argv[3:], ballast=int(sys.argv[2])))
     result = train_tiny(json.loads(open(sys.argv[1]).read()), sleep=float(sys.argv[2]))
     sys.exit(result["exit_code"])
 
