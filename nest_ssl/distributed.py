@@ -53,7 +53,7 @@ def setup(accelerator: str = "auto", collective_timeout: float = 300.0) -> DistI
         if backend == "nccl":
             # NCCL's timeout only acts through its watchdog, which (torchrun's default) aborts the process without a
             # word on where it was; blocking wait makes the timed-out wait raise in this thread instead, so the run
-            # ends with the rank and phase (see phase()). Its cost: the CPU waits for each collective it waits on,
+            # ends with the rank and phase (Phases). Its cost: the CPU waits for each collective it waits on,
             # which the step's one host sync (train.step_stats) does anyway. An explicit setting is respected.
             os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=collective_timeout),
