@@ -22,6 +22,7 @@ gradient norm per parameter group (encoder.pre_encode, each encoder.layers.<i>, 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -147,7 +148,7 @@ class HealthMonitor:
     def __init__(self, model: nn.Module, cfg: Optional[HealthConfig] = None):
         self.cfg, self.model = cfg or HealthConfig(), model
         self.sums: dict[str, dict] = {"train": {}, "val": {}}
-        self.handles, self._layer_out = [], {}
+        self.handles, self._layer_out, self._paused = [], {}, False
         encoder = getattr(model, "encoder", None)
         if not self.cfg.enabled or encoder is None or not hasattr(encoder, "layers"):
             return
@@ -174,7 +175,18 @@ class HealthMonitor:
     def _phase(self) -> str:
         return "train" if self.model.training else "val"
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Forwards inside add nothing (e.g. FSDP's stand-in forwards of a rank without a validation batch)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
     def _add(self, values: dict) -> None:
+        if self._paused:
+            return
         sums = self.sums[self._phase()]
         for k, v in values.items():
             v = v.detach().to(torch.float64)

@@ -21,6 +21,7 @@ with a CollectiveError naming the rank and the phase (distributed.Phases), witho
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -86,8 +87,10 @@ def precision_setup(precision, device: torch.device):
     return None, None
 
 
-def validate(step_model, loader, dist, seed: int, amp_dtype, limit: Optional[int] = None, device_mix=None) -> float:
-    """Mean validation loss over every rank's batches (NeMo's is rank-local; ours drives top-k on all ranks)."""
+def validate(step_model, loader, dist, seed: int, amp_dtype, limit: Optional[int] = None, device_mix=None,
+             health: Optional[HealthMonitor] = None) -> float:
+    """Mean validation loss over every rank's batches (NeMo's is rank-local; ours drives top-k on all ranks).
+    `health`: its hooks skip the stand-in forwards of a rank that has run out of batches under FSDP."""
     model = dist_utils.unwrap(step_model).model
     sharded = isinstance(step_model, fsdp.FSDPModule)
     model.eval()
@@ -98,7 +101,8 @@ def validate(step_model, loader, dist, seed: int, amp_dtype, limit: Optional[int
                                          enabled=amp_dtype is not None):
         for batch in _lockstep(loader, limit, dist.device) if sharded else itertools.islice(loader, limit):
             if batch is None:  # this rank is done, another is not: a forward for FSDP's collectives, not counted
-                step_model(synthetic_batch(1, 1.0, dist.device), gen, 0, validation=True)
+                with health.paused() if health is not None else contextlib.nullcontext():
+                    step_model(synthetic_batch(1, 1.0, dist.device), gen, 0, validation=True)
                 continue
             batch = batch.to(dist.device, non_blocking=True)
             batch = device_mix(batch, gen) if device_mix is not None else batch
@@ -398,13 +402,14 @@ def _train(plain: dict, preempt: dist_utils.Preemption, phases: dist_utils.Phase
     if val_loader is not None and tc.num_sanity_val_steps and saved is None:
         with phases("sanity validation"):
             validate(step_model, val_loader, dist, run.seed, amp_dtype, limit=tc.num_sanity_val_steps,
-                     device_mix=val_mix)
+                     device_mix=val_mix, health=health_monitor)
             health_monitor.collect("val")  # the sanity batches are not part of the first validation's metrics
 
     @phases("validation")
     def run_validation() -> None:
         try:
-            state.last_val = validate(step_model, val_loader, dist, run.seed, amp_dtype, device_mix=val_mix)
+            state.last_val = validate(step_model, val_loader, dist, run.seed, amp_dtype, device_mix=val_mix,
+                                      health=health_monitor)
         except Exception as err:
             if not dist_utils.failed_collective(err):  # a data error: checkpoint (a collective failure: nothing)
                 on_data_error(err)

@@ -5,7 +5,8 @@ tarred (scatter, replicate) manifests, ddp and fsdp.
 The rank plan is checked exhaustively in one process (each rank's loader built with its rank and world size, no
 process group); validate() and the health all-reduce after it run in 2- and 3-rank gloo groups over a few of the
 shapes (GLOO_SIZES), under ddp and fsdp, and val_loss on every rank must equal the mean batch loss over every rank's
-batches computed here. The collective timeout in the workers turns a mismatched collective into a failure."""
+batches computed here, and the health metrics of fsdp those of ddp. The collective timeout in the workers turns a
+mismatched collective into a failure."""
 
 import math
 import os
@@ -114,8 +115,12 @@ def test_validate_on_gloo_ranks_agrees_and_counts_every_batch(corpora, tmp_path,
     for key, kw in shapes:
         want = reference_val_loss(kw, world)
         for strategy in ("ddp", "fsdp"):
-            got = [res[(strategy, *key)] for res in results]
+            got = [res[(strategy, *key)][0] for res in results]
             assert all(math.isclose(g, want, rel_tol=1e-5) for g in got), (strategy, key, got, want)
+        # the health metrics count the same items: fsdp's stand-in forwards (a rank out of batches) are not in them
+        ddp, fsdp = results[0][("ddp", *key)][1], results[0][("fsdp", *key)][1]
+        assert ddp.keys() == fsdp.keys() and ddp, (key, ddp, fsdp)
+        assert all(math.isclose(ddp[k], fsdp[k], rel_tol=1e-4, abs_tol=1e-6) for k in ddp), (key, ddp, fsdp)
 
 
 @pytest.mark.slow

@@ -219,8 +219,8 @@ def sequential_worker(rank: int, world: int, ports: list, cfgs: list, out: str, 
 
 def validation_worker(rank: int, world: int, port: int, shapes: list, out: str):
     """train.validate (and the health all-reduce after it) for each (key, DatasetConfig kwargs) in `shapes`, under
-    ddp and fsdp: the val_loss of each on this rank goes to out/val_rank<r>.pt. A rank that reaches a collective
-    the others skip fails after 20 s instead of hanging."""
+    ddp and fsdp: (val_loss, val health metrics) of each on this rank go to out/val_rank<r>.pt. A rank that reaches
+    a collective the others skip fails after 20 s instead of hanging."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -240,8 +240,8 @@ def validation_worker(rank: int, world: int, port: int, shapes: list, out: str):
         step_model = train_module.wrap(model, info, TrainerConfig(strategy=strategy, accelerator="cpu"))
         for key, kw in shapes:
             loader, mix = build_loader(DatasetConfig(**kw), rank=rank, world_size=world, seed=0, is_train=False)
-            results[(strategy, *key)] = train_module.validate(step_model, loader, info, 0, None, device_mix=mix)
-            health.collect("val")
+            loss = train_module.validate(step_model, loader, info, 0, None, device_mix=mix, health=health)
+            results[(strategy, *key)] = (loss, health.collect("val"))
         health.remove()
     torch.save(results, f"{out}/val_rank{rank}.pt")
     dist_utils.teardown()
