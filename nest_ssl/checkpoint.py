@@ -87,6 +87,35 @@ def _size(n: int) -> str:
     return f"{n / 2**20:.1f} MB" if n >= 2**20 // 10 else f"{n / 2**10:.1f} KB"
 
 
+class _WriteErrors:
+    """The file torch.save writes through, keeping the first OSError a write raised (its errno: ENOSPC...)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _save_reporting_write_errors(obj, f) -> None:
+    """torch.save(obj, f), except that a failed write raises its own OSError: torch's zip writer swallows it and
+    raises "[enforce fail at inline_container.cc] unexpected pos" (a file object or a path alike)."""
+    out = _WriteErrors(f)
+    try:
+        torch.save(obj, out)
+    except RuntimeError:
+        if out.error is None:
+            raise
+        raise out.error from None
+
+
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """torch.save to `<path>.<pid>.tmp`, fsync, rename. On any failure the temp file is removed; a full disk
     (or quota) becomes a DiskFullError naming the file and the space it needs."""
@@ -94,21 +123,42 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: two ranks may save the same file
     try:
-        # A Python file object: a failed write raises OSError with its errno (a path gives torch's bare
-        # "inline_container.cc" RuntimeError).
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            _save_reporting_write_errors(obj, f)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the rename makes them visible
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            free = shutil.disk_usage(path.parent).free
-            raise DiskFullError(e.errno, f"no space left on device writing {path} (needs ~{_size(tensor_bytes(obj))}, "
-                                f"{_size(free)} free); free some space and resume: the previous checkpoints are "
-                                "intact") from e
-        raise
+        full = disk_full(e, path, f" (needs ~{_size(tensor_bytes(obj))}, {_size(shutil.disk_usage(path.parent).free)}"
+                                  " free)") if isinstance(e, OSError) else None
+        if full is None:
+            raise
+        raise full from e
+
+
+def disk_full(err: OSError, path: Path, detail: str = "") -> Optional[DiskFullError]:
+    """The DiskFullError for an ENOSPC / EDQUOT error while writing `path` (None for any other error)."""
+    if isinstance(err, DiskFullError) or err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    return DiskFullError(err.errno, f"no space left on device writing {path}{detail}; free some space and resume: "
+                                    "the previous checkpoints are intact")
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """`path` gets `text` whole or not at all (temp file + rename; a full disk is a DiskFullError)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        full = disk_full(e, path)
+        if full is None:
+            raise
+        raise full from e
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:

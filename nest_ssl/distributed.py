@@ -1,5 +1,5 @@
 """Distributed helpers for the training loop: torchrun env, process group, no_sync, reductions, SyncBatchNorm,
-preemption signals.
+preemption signals, collective timeouts.
 
 Works unchanged as a plain single process (world_size 1, no process group) and under torchrun
 (RANK / LOCAL_RANK / WORLD_SIZE set): NCCL on GPU, gloo on CPU.
@@ -7,9 +7,11 @@ Works unchanged as a plain single process (world_size 1, no process group) and u
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,17 +43,61 @@ def pick_device(accelerator: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def setup(accelerator: str = "auto") -> DistInfo:
-    """Read the torchrun environment and start the process group when WORLD_SIZE > 1."""
+def setup(accelerator: str = "auto", collective_timeout: float = 300.0) -> DistInfo:
+    """Read the torchrun environment and start the process group when WORLD_SIZE > 1. A collective that waits
+    longer than `collective_timeout` seconds (trainer.collective_timeout) raises instead of waiting forever."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = pick_device(accelerator, local_rank)
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        # long timeout: rank 0 may spend minutes writing a checkpoint or running validation
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30),
+        if backend == "nccl":
+            # NCCL's timeout only acts through its watchdog, which (torchrun's default) aborts the process without a
+            # word on where it was; blocking wait makes the timed-out wait raise in this thread instead, so the run
+            # ends with the rank and phase (Phases). Its cost: the CPU waits for each collective it waits on,
+            # which the step's one host sync (train.step_stats) does anyway. An explicit setting is respected.
+            os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=collective_timeout),
                                 device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, local_rank, world, device)
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed on this rank (timed out under trainer.collective_timeout, or a peer died)."""
+
+
+class Phases:
+    """Where the run is (start-up, train step, validation, checkpoint, ...), for the error of a failed collective.
+
+    `with phases("validation"):` names a phase; an exception leaves the name set, so the handler around the run
+    (collective_error) still sees where it was raised."""
+
+    def __init__(self, timeout: float = 300.0):
+        self.now, self.timeout = "start-up", timeout  # timeout: trainer.collective_timeout, for the message
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        before, self.now = self.now, name
+        yield
+        self.now = before  # not reached on an exception: on purpose
+
+
+def failed_collective(err: BaseException) -> bool:
+    """Gloo raises a bare RuntimeError from its sources (".../gloo/...: Timed out waiting ..."), NCCL (blocking
+    wait) a DistBackendError."""
+    return isinstance(err, dist.DistError) or (isinstance(err, RuntimeError) and "/gloo/" in str(err))
+
+
+def collective_error(err: BaseException, phases: Phases) -> Optional[CollectiveError]:
+    """A CollectiveError naming the rank, the phase and trainer.collective_timeout when `err` is a failed collective,
+    else None."""
+    if isinstance(err, CollectiveError) or not failed_collective(err):
+        return None
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    first = " ".join(str(err).split())[:200]
+    return CollectiveError(f"rank {rank}: a collective in the {phases.now} failed or waited longer than "
+                           f"trainer.collective_timeout={phases.timeout:g} s ({first}); another rank is stuck or "
+                           "died (its own log says why); the checkpoints written before are intact: resume from them")
 
 
 def teardown() -> None:
@@ -136,7 +182,11 @@ def broadcast_object(obj):
 
 
 class Preemption:
-    """SIGUSR1 / SIGTERM -> flag, checked at the end of each optimizer step.
+    """SIGUSR1 / SIGTERM / the first SIGINT (Ctrl-C) -> flag, checked at the end of each optimizer step.
+
+    The first Ctrl-C is a preemption that exits with INTERRUPT_EXIT_CODE (130) instead of 75; it also puts SIGINT
+    back to the operating system's default, so a second Ctrl-C ends the process at once, even inside a collective or
+    a kernel. A SIGINT that the process inherited as ignored (nohup, a background job) stays ignored.
 
     Under torchrun a SLURM signal should not reach the launcher (it would kill or SIGTERM-and-SIGKILL its
     workers), so the sbatch files trap it in the batch shell and touch the file named by $NEST_PREEMPT_FILE,
@@ -145,18 +195,27 @@ class Preemption:
     sbatch files requeue the job iff it exists (scripts/slurm/common.sh)."""
 
     def __init__(self):
-        self.flag = False
+        self.flag, self.interrupted = False, False
         self.file = os.environ.get("NEST_PREEMPT_FILE")
         self.marker = os.environ.get("NEST_REQUEUE_MARKER")
         self.previous = {}
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            try:
+        try:
+            for sig in (signal.SIGUSR1, signal.SIGTERM):
                 self.previous[sig] = signal.signal(sig, self._handler)
-            except ValueError:  # not the main thread (e.g. a notebook worker): no preemption handling
-                pass
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # Python's KeyboardInterrupt
+                self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
+        except ValueError:  # not the main thread (e.g. a notebook worker): no preemption handling
+            pass
 
     def _handler(self, signum, frame):
         self.flag = True
+
+    def _interrupt(self, signum, frame):
+        self.flag = self.interrupted = True
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # the second Ctrl-C: the kernel ends the process at once
+        if int(os.environ.get("RANK", 0)) == 0:
+            print("Ctrl-C: stopping with a checkpoint after this step (Ctrl-C again aborts at once)",
+                  file=sys.stderr, flush=True)
 
     def requested(self) -> bool:
         if self.file and os.path.exists(self.file):

@@ -18,7 +18,6 @@ run directory never reaches back into the original.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import math
 import os
 import re
@@ -316,10 +315,10 @@ class CheckpointWriter:
             save_nemo(self.parts["model"], self.config["model"], path)
         except OSError as e:
             Path(f"{path}.tmp").unlink(missing_ok=True)  # nemo_io's temp file
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ckpt.DiskFullError(e.errno, f"no space left on device writing {path}; free some space and "
-                                         "resume: the previous checkpoints are intact") from e
-            raise
+            full = ckpt.disk_full(e, path)
+            if full is None:
+                raise
+            raise full from e
 
     def _write_sharded(self, state: ckpt.TrainState, loader_state: dict, rank: bool) -> Path:
         self.finish()

@@ -22,6 +22,7 @@ gradient norm per parameter group (encoder.pre_encode, each encoder.layers.<i>, 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -147,7 +148,7 @@ class HealthMonitor:
     def __init__(self, model: nn.Module, cfg: Optional[HealthConfig] = None):
         self.cfg, self.model = cfg or HealthConfig(), model
         self.sums: dict[str, dict] = {"train": {}, "val": {}}
-        self.handles, self._layer_out = [], {}
+        self.handles, self._layer_out, self._paused = [], {}, False
         encoder = getattr(model, "encoder", None)
         if not self.cfg.enabled or encoder is None or not hasattr(encoder, "layers"):
             return
@@ -174,7 +175,18 @@ class HealthMonitor:
     def _phase(self) -> str:
         return "train" if self.model.training else "val"
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Forwards inside add nothing (e.g. FSDP's stand-in forwards of a rank without a validation batch)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
     def _add(self, values: dict) -> None:
+        if self._paused:
+            return
         sums = self.sums[self._phase()]
         for k, v in values.items():
             v = v.detach().to(torch.float64)
@@ -224,7 +236,7 @@ class HealthMonitor:
     def collect(self, phase: str = "train", extra: Optional[dict] = None) -> dict:
         """Reduce `phase`'s sums over all ranks (one all-reduce), reset them, and return {name: float}; `extra`
         {name: device scalar} (e.g. grad_norms, identical on all ranks) rides along in the same host copy."""
-        sums, self.sums[phase] = self.sums[phase], {}
+        sums, self.sums[phase] = self._same_keys_on_every_rank(self.sums[phase]), {}
         keys = sorted(sums)
         if keys:
             flat = torch.cat([sums[k].reshape(-1) for k in keys])
@@ -239,6 +251,19 @@ class HealthMonitor:
         values = [torch.as_tensor(v, dtype=torch.float64) for v in metrics.values()]
         values = torch.stack([v.to(values[0].device) for v in values]).tolist()  # the one device-to-host copy
         return dict(zip(metrics, values))
+
+    def _same_keys_on_every_rank(self, sums: dict) -> dict:
+        """`sums` with a zero for every key another rank has. A rank that ran no forward of the phase (validation
+        with fewer batches than ranks) has no sums; had it skipped the all-reduce the others enter, every rank would
+        wait forever. Zeros are the identity of a sum, so the result is unchanged. Costs one small object gather per
+        collect on a model with hooks (log steps and validations only)."""
+        if not dist.is_initialized() or not self.handles:
+            return sums  # no hooks: no sums on any rank, nothing to all-reduce anywhere
+        shapes = [None] * dist.get_world_size()
+        dist.all_gather_object(shapes, {k: tuple(v.shape) for k, v in sums.items()})
+        device = next(iter(sums.values())).device if sums else next(self.model.parameters()).device
+        zeros = {k: torch.zeros(shape, dtype=torch.float64, device=device) for s in shapes for k, shape in s.items()}
+        return zeros | sums
 
     def alarms(self, metrics: dict) -> list[str]:
         """Collapse symptoms in collected metrics, as readable sentences (empty: none)."""

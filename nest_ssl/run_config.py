@@ -79,12 +79,16 @@ class TrainerConfig:
     health: HealthConfig = field(default_factory=HealthConfig)  # health metrics at each log step (health.py)
     probe: ProbeConfig = field(default_factory=ProbeConfig)     # frozen-encoder probe every N steps (probe.py)
     activation_checkpointing: str = "none"  # none | full | every_<k>: Conformer layers recompute in backward
+    collective_timeout: float = 300.0  # seconds a collective may wait for the other ranks before the run stops
 
     def __post_init__(self):
         if self.accumulate_grad_batches < 1:
             raise ValueError(f"trainer.accumulate_grad_batches={self.accumulate_grad_batches}; must be >= 1")
         if isinstance(self.val_check_interval, float) and not 0.0 < self.val_check_interval <= 1.0:
             raise ValueError(f"trainer.val_check_interval={self.val_check_interval}; a float must be in (0, 1]")
+        if not self.collective_timeout > 0:
+            raise ValueError(f"trainer.collective_timeout={self.collective_timeout}; must be > 0 seconds (a "
+                             "collective waits at most this long for the other ranks)")
         parse_mode(self.activation_checkpointing)
         if self.strategy == "fsdp":
             mixed_precision(self.precision)  # 16-mixed is refused under fsdp

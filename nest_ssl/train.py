@@ -13,11 +13,16 @@ replays the uninterrupted run bit for bit on CPU, whatever the iterator or worke
 Preemption: SIGUSR1 / SIGTERM set a flag; at the end of the optimizer step every rank agrees (all-reduce),
 rank 0 writes the `-last` checkpoint and the run returns REQUEUE_EXIT_CODE (75), which scripts/pretrain.py
 exits with; rank 0 then writes $NEST_REQUEUE_MARKER, which scripts/slurm/*.sbatch turn into `scontrol requeue`
-(torchrun reports a worker's 75 as 1).
+(torchrun reports a worker's 75 as 1). The first Ctrl-C (SIGINT) does the same and returns INTERRUPT_EXIT_CODE
+(130); a second one ends the process at once.
+
+Collectives: every process group has trainer.collective_timeout; a collective that fails or times out ends the run
+with a CollectiveError naming the rank and the phase (distributed.Phases), without a checkpoint over the last one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -48,6 +53,7 @@ from nest_ssl.probe import run_probe
 from nest_ssl.run_config import TrainerConfig, build_run_config
 
 REQUEUE_EXIT_CODE = 75  # EX_TEMPFAIL: preempted, checkpoint written, requeue me (scripts/slurm/*.sbatch check it)
+INTERRUPT_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports Ctrl-C: stopped by the user, checkpoint written
 
 
 class NonFiniteError(RuntimeError):
@@ -82,8 +88,10 @@ def precision_setup(precision, device: torch.device):
     return None, None
 
 
-def validate(step_model, loader, dist, seed: int, amp_dtype, limit: Optional[int] = None, device_mix=None) -> float:
-    """Mean validation loss over every rank's batches (NeMo's is rank-local; ours drives top-k on all ranks)."""
+def validate(step_model, loader, dist, seed: int, amp_dtype, limit: Optional[int] = None, device_mix=None,
+             health: Optional[HealthMonitor] = None) -> float:
+    """Mean validation loss over every rank's batches (NeMo's is rank-local; ours drives top-k on all ranks).
+    `health`: its hooks skip the stand-in forwards of a rank that has run out of batches under FSDP."""
     model = dist_utils.unwrap(step_model).model
     sharded = isinstance(step_model, fsdp.FSDPModule)
     model.eval()
@@ -94,7 +102,8 @@ def validate(step_model, loader, dist, seed: int, amp_dtype, limit: Optional[int
                                          enabled=amp_dtype is not None):
         for batch in _lockstep(loader, limit, dist.device) if sharded else itertools.islice(loader, limit):
             if batch is None:  # this rank is done, another is not: a forward for FSDP's collectives, not counted
-                step_model(synthetic_batch(1, 1.0, dist.device), gen, 0, validation=True)
+                with health.paused() if health is not None else contextlib.nullcontext():
+                    step_model(synthetic_batch(1, 1.0, dist.device), gen, 0, validation=True)
                 continue
             batch = batch.to(dist.device, non_blocking=True)
             batch = device_mix(batch, gen) if device_mix is not None else batch
@@ -279,16 +288,25 @@ def save_offending_batch(batch, logdir: Path, rank: int) -> Path:
 
 def train(plain: dict) -> dict:
     """Pretrain from a resolved plain run config (nest_ssl.run_config.load_config). Returns a summary with
-    `exit_code` (0, or REQUEUE_EXIT_CODE after preemption) and the per-step train losses of this rank.
+    `exit_code` (0, REQUEUE_EXIT_CODE after preemption, INTERRUPT_EXIT_CODE after Ctrl-C) and the per-step train
+    losses of this rank.
     The run itself is _train(); this wrapper owns the preemption signal handlers, restored however the run ends."""
     preempt = dist_utils.Preemption()  # first: a signal that comes while the model and data are built is not lost
+    phases = dist_utils.Phases()
     try:
-        return _train(plain, preempt)
+        return _train(plain, preempt, phases)
+    except RuntimeError as err:  # a failed collective gets one error naming the rank and the phase
+        failed = dist_utils.collective_error(err, phases)
+        if failed is None:
+            raise
+        if preempt.flag:
+            failed.add_note("(a preemption signal came while this rank was blocked: no checkpoint was written)")
+        raise failed from err
     finally:
         preempt.restore()
 
 
-def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
+def _train(plain: dict, preempt: dist_utils.Preemption, phases: dist_utils.Phases) -> dict:
     # ---- config: every section is validated before any work starts -----------------------------------
     run = build_run_config(plain)
     tc, em_cfg = run.trainer, run.exp_manager
@@ -302,7 +320,8 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
     em.check_writable(em_cfg, run.name)  # a read-only exp_dir is a config error, not a traceback at the first save
 
     # ---- distributed, seeds, model, optimizer, data ---------------------------------------------------
-    dist = dist_utils.setup(tc.accelerator)
+    phases.timeout = tc.collective_timeout
+    dist = dist_utils.setup(tc.accelerator, tc.collective_timeout)
     random.seed(run.seed), np.random.seed(run.seed), torch.manual_seed(run.seed)
     torch.backends.cudnn.benchmark = bool(tc.benchmark)
     model = build_model(plain["model"]).to(dist.device)
@@ -364,8 +383,7 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
     # ---- logging --------------------------------------------------------------------------------------
     tb_dir = None
     if dist.is_main:
-        logdir.mkdir(parents=True, exist_ok=True)
-        (logdir / "config.yaml").write_text(to_yaml(plain))
+        ckpt.atomic_write_text(logdir / "config.yaml", to_yaml(plain))
         tb_dir = logdir / f"version_{len(list(logdir.glob('version_*')))}" if em_cfg.create_tensorboard_logger else None
     log = make_logger(dist.is_main, tb_dir, tc.enable_progress_bar)
     for line in filter(None, init_lines):
@@ -385,32 +403,42 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
                          f"check_data.py lists every bad item){limit}, then resume")
 
     if val_loader is not None and tc.num_sanity_val_steps and saved is None:
-        validate(step_model, val_loader, dist, run.seed, amp_dtype, limit=tc.num_sanity_val_steps, device_mix=val_mix)
-        health_monitor.collect("val")  # the sanity batches are not part of the first validation's metrics
+        with phases("sanity validation"):
+            validate(step_model, val_loader, dist, run.seed, amp_dtype, limit=tc.num_sanity_val_steps,
+                     device_mix=val_mix, health=health_monitor)
+            health_monitor.collect("val")  # the sanity batches are not part of the first validation's metrics
 
+    @phases("validation")
     def run_validation() -> None:
         try:
-            state.last_val = validate(step_model, val_loader, dist, run.seed, amp_dtype, device_mix=val_mix)
+            state.last_val = validate(step_model, val_loader, dist, run.seed, amp_dtype, device_mix=val_mix,
+                                      health=health_monitor)
         except Exception as err:
-            on_data_error(err)
+            if not dist_utils.failed_collective(err):  # a data error: checkpoint (a collective failure: nothing)
+                on_data_error(err)
             raise
         val_health = {f"val_health/{k}": v for k, v in health_monitor.collect("val").items()}
         log.scalars(state.step, {"val_loss": state.last_val, **val_health})
         log.info(f"step {state.step}: val_loss {state.last_val:.4f}")
 
     def on_preemption() -> int:
-        log.info(f"step {state.step}: preemption signal; checkpointing and exiting with {REQUEUE_EXIT_CODE}")
+        code, why = (INTERRUPT_EXIT_CODE, "Ctrl-C") if preempt.interrupted else (REQUEUE_EXIT_CODE,
+                                                                                  "preemption signal")
         if writer.saved_step != state.step:
-            writer.save(state, train_loader.state_dict())
+            with phases("checkpoint"):
+                writer.save(state, train_loader.state_dict())
+        where = f"checkpoint {writer.last}" if writer.last is not None else "no checkpoint (checkpointing is off)"
+        log.info(f"step {state.step}: {why}; {where}; exiting with {code}")
         if dist.is_main and preempt.file:
             Path(preempt.file).unlink(missing_ok=True)  # the requeued job must not stop at once
-        return REQUEUE_EXIT_CODE
+        return code
 
     # ---- the loop -------------------------------------------------------------------------------------
     accum, sample_rate, t_start = tc.accumulate_grad_batches, run.model.sample_rate, time.time()
     history, exit_code, window = [], 0, LogWindow.start()
     window_loss = tokens = torch.zeros((), device=dist.device)  # summed on the device: no sync per micro-batch
     optimizer.zero_grad(set_to_none=True)
+    phases.now = "train step"
     for batch in epoch_batches(train_loader, state, limits, on_data_error):
         window.audio_sec += float(batch.audio_len.sum()) / sample_rate  # CPU tensor: no device sync
         batch, state.micro = batch.to(dist.device, non_blocking=True), state.micro + 1
@@ -489,12 +517,14 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
         if validated:
             run_validation()
         if validated or (probed and writer.monitors_probe):
-            writer.save(state, train_loader.state_dict(), rank=probed if writer.monitors_probe else validated)
+            with phases("checkpoint"):
+                writer.save(state, train_loader.state_dict(), rank=probed if writer.monitors_probe else validated)
         if preempted:
             exit_code = on_preemption()
         if exit_code or limits.reached(state):
             break
-    if exit_code == 0 and writer.saved_step != state.step:  # the end: validated first, so the final checkpoint's
+    phases.now = "checkpoint"  # the end
+    if exit_code == 0 and writer.saved_step != state.step:  # validated first, so the final checkpoint's
         if val_loader is not None:                          # name carries its own val_loss, not an older one
             run_validation()
         writer.save(state, train_loader.state_dict(), rank=val_loader is not None and not writer.monitors_probe)
@@ -505,6 +535,7 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
         log.info(summary(state, history, time.time() - t_start, writer))
 
     log.close()
+    phases.now = "teardown"
     dist_utils.teardown()
     return {"exit_code": exit_code, "losses": history, "step": state.step, "epoch": state.epoch,
             "log_dir": str(logdir), "val_loss": state.last_val, "skipped_steps": state.skipped_steps,

@@ -9,8 +9,10 @@ NEST pretraining entry point, with the flags of NeMo's masked_token_pred_pretrai
 OVERRIDE: Hydra's syntax: a.b=1 (set), +a.new=1 (add), ++a.b=1 (set or add), ~a.b (delete).
 --debug: show the Python traceback of a config or data error (by default one line names the key or file:line).
 
-Exit codes: 0 done; 1 config or data error (one line on stderr); 74 no space left for a checkpoint (the partial file
-is removed, the previous checkpoints are intact); 75 preempted (checkpoint written: requeue the job).
+Exit codes: 0 done; 1 config or data error, or a collective that failed or timed out (trainer.collective_timeout)
+(one line on stderr naming the rank and the phase); 74 no space left for a checkpoint (the partial file
+is removed, the previous checkpoints are intact); 75 preempted (checkpoint written: requeue the job); 130 stopped
+by Ctrl-C (checkpoint written at the current step; a second Ctrl-C aborts at once, without one).
 """
 
 import os
@@ -22,8 +24,12 @@ from nest_ssl import cpu_run
 from nest_ssl.checkpoint import DISK_FULL_EXIT_CODE, DiskFullError
 from nest_ssl.cli import USER_ERRORS, one_line
 from nest_ssl.config import config_file_from_args
+from nest_ssl.distributed import CollectiveError
 from nest_ssl.run_config import load_config
 from nest_ssl.train import train
+
+# A rank that ended because another rank stopped answering is one line too (that rank's own error is in its log).
+STOP_ERRORS = USER_ERRORS + (CollectiveError,)
 
 
 def main(argv=None) -> int:
@@ -42,7 +48,7 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e.strerror}", file=sys.stderr)
         return DISK_FULL_EXIT_CODE
-    except USER_ERRORS as e:
+    except STOP_ERRORS as e:
         if debug:
             raise
         print(f"error: {one_line(e)}", file=sys.stderr)

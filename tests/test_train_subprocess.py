@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nest_ssl import checkpoint as ckpt
-from nest_ssl.train import REQUEUE_EXIT_CODE
+from nest_ssl.train import INTERRUPT_EXIT_CODE, REQUEUE_EXIT_CODE
 from tests.train_support import make_data, run_config, train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,11 +23,18 @@ def data(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("demo"))
 
 
+def default_sigint() -> None:
+    """The child's SIGINT as a terminal gives it: a test runner started in the background (make test &, CI) has
+    SIGINT ignored, and an ignored signal stays ignored across exec (Python would then install no handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(cfg: dict, tmp_path: Path, sleep: float) -> subprocess.Popen:
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.Popen([sys.executable, str(ROOT / "tests" / "train_support.py"), str(tmp_path / "cfg.json"),
-                             str(sleep)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                             str(sleep)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            preexec_fn=default_sigint)
 
 
 def wait_for(pred, proc, timeout=60.0):
@@ -66,6 +73,34 @@ def test_sigusr1_checkpoints_and_exits_with_requeue_code(data, tmp_path):
     (path,) = lasts(tmp_path / "exp")
     state = torch.load(path, weights_only=True)
     assert 0 < state["global_step"] < 10_000
+
+
+@pytest.mark.slow
+def test_first_ctrl_c_checkpoints_at_the_current_step_and_exits_130(data, tmp_path):
+    proc = start(run_config(data, tmp_path / "exp", max_steps=10_000, val_every=10_000), tmp_path, sleep=0.02)
+    wait_for(lambda: catches(proc.pid, signal.SIGUSR1), proc)  # Python catches SIGINT from the start: wait for
+    time.sleep(0.5)                                            # train()'s handlers (SIGINT's is set just after)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == INTERRUPT_EXIT_CODE
+    out = proc.stdout.read().decode()
+    (path,) = lasts(tmp_path / "exp")
+    step = torch.load(path, weights_only=True)["global_step"]
+    assert 0 < step < 10_000 and "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    assert f"step {step}: Ctrl-C; checkpoint {path}; exiting with {INTERRUPT_EXIT_CODE}" in out.splitlines(), out
+
+
+@pytest.mark.slow
+def test_second_ctrl_c_aborts_at_once(data, tmp_path):
+    """Each step sleeps 20 s: the first Ctrl-C would wait for the step's end, the second ends the process now."""
+    proc = start(run_config(data, tmp_path / "exp", max_steps=10_000, val_every=10_000), tmp_path, sleep=20.0)
+    wait_for(lambda: catches(proc.pid, signal.SIGUSR1), proc)  # Python catches SIGINT from the start: wait for
+    time.sleep(0.5)                                            # train()'s handlers (SIGINT's is set just after)
+    proc.send_signal(signal.SIGINT)
+    wait_for(lambda: not catches(proc.pid, signal.SIGINT), proc, timeout=10)  # the first one was handled
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(10) == -signal.SIGINT and time.monotonic() - t0 < 10
+    assert lasts(tmp_path / "exp") == []
 
 
 @pytest.mark.slow

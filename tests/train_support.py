@@ -27,10 +27,23 @@ class Crash(RuntimeError):
     """Raised by TinyModel(crash_at=n): the run dies mid-step like a kill -9 (nothing more is saved)."""
 
 
+class TinyEncoder(nn.Module):
+    """One 'layer' with the encoder interface health.HealthMonitor hooks: (B, d, T'), lengths."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(d, d)])
+
+    def forward(self, h):  # h (B, d)
+        x = self.layers[0](h[:, None, :])  # (B, 1, d)
+        return x.transpose(1, 2), torch.ones(h.shape[0], dtype=torch.long, device=h.device)  # (B, d, 1), (B,)
+
+
 class TinyModel(nn.Module):
     def __init__(self, dropout: float = 0.0, use_generator: bool = False, nan_after: int | None = None,
                  signal_at: int | None = None, sleep: float = 0.0, nan_at: tuple = (), crash_at: int | None = None,
-                 batch_norm: bool = False):
+                 batch_norm: bool = False, stall_at: tuple | None = None, encoder: bool = False,
+                 ballast: int = 0):
         super().__init__()
         self.proj, self.out = nn.Linear(4, 16), nn.Linear(16, 1)
         self.norm = nn.BatchNorm1d(16) if batch_norm else nn.LayerNorm(16)  # BatchNorm: FSDP broadcasts its stats
@@ -39,6 +52,11 @@ class TinyModel(nn.Module):
         self.nan_after, self.signal_at, self.calls, self.sleep = nan_after, signal_at, 0, sleep
         self.nan_at = tuple(nan_at)  # training_step call numbers (1-based) whose loss is NaN
         self.crash_at = crash_at  # training_step call number (1-based) that raises Crash
+        self.stall_at, self.val_calls = stall_at, 0  # ("train" | "val", call number, seconds): a stuck rank
+        if ballast:  # frozen weights that make a checkpoint about 4 * ballast bytes (the disk-full tests)
+            self.ballast = nn.Parameter(torch.zeros(ballast), requires_grad=False)
+        if encoder:  # gives HealthMonitor its hooks (health sums, an all-reduce per collect)
+            self.encoder = TinyEncoder()
 
     def _loss(self, batch, generator):
         audio, lens = batch.noisy_audio if batch.noisy_audio is not None else batch.audio, batch.audio_len
@@ -48,7 +66,10 @@ class TinyModel(nn.Module):
         feats = torch.stack([a.sum(1) / n, (a * a).sum(1) / n, a.abs().sum(1) / n, n / 16000.0], dim=1)  # (B, 4)
         if self.use_generator:
             feats = feats * (1 + 0.1 * torch.rand(feats.shape, generator=generator))
-        pred = self.out(self.drop(torch.tanh(self.norm(self.proj(feats))))).squeeze(1)  # (B,)
+        h = self.proj(feats)  # (B, 16)
+        if hasattr(self, "encoder"):
+            h = self.encoder(h)[0][:, :, 0]  # (B, 16)
+        pred = self.out(self.drop(torch.tanh(self.norm(h)))).squeeze(1)  # (B,)
         target = 10 * (batch.audio * batch.audio).sum(1) / n
         return ((pred - target) ** 2).mean()
 
@@ -56,6 +77,7 @@ class TinyModel(nn.Module):
         self.calls += 1
         if self.calls == self.crash_at:
             raise Crash(f"simulated kill in training_step call {self.calls}")
+        self._stall("train", self.calls)
         if self.sleep:
             import time
             time.sleep(self.sleep)  # subprocess tests need time to deliver a signal mid-run
@@ -67,7 +89,17 @@ class TinyModel(nn.Module):
             loss = loss * float("nan")
         return {"loss": loss, "masked_tokens": 0}
 
+    def _stall(self, phase: str, call: int):
+        """stall_at = (phase, call, seconds[, marker file written when the stall starts])."""
+        if self.stall_at is not None and tuple(self.stall_at[:2]) == (phase, call):
+            import time
+            if len(self.stall_at) > 3:
+                open(self.stall_at[3], "w").close()
+            time.sleep(self.stall_at[2])
+
     def validation_step(self, batch, generator=None):
+        self.val_calls += 1
+        self._stall("val", self.val_calls)
         with torch.no_grad():
             loss = self._loss(batch, generator)
         return {"loss": loss, "val_loss": loss}
@@ -134,13 +166,44 @@ def ddp_worker(rank: int, world: int, port: int, cfg: dict, out: str, kw_by_rank
     torch.save({k: res[k] for k in ("exit_code", "step", "skipped_steps")}, f"{out}/result_rank{rank}.pt")
 
 
-if __name__ == "__main__":  # subprocess driver: python tests/train_support.py CFG.json SLEEP_SECONDS
-    import json
+def pretrain_tiny(argv: list, **kw) -> int:
+    """scripts/pretrain.py's main(argv) (its exit codes and one-line errors) with TinyModel(**kw) as the model."""
+    import importlib.util
+    from pathlib import Path
+
+    from nest_ssl import train as train_module
+
+    spec = importlib.util.spec_from_file_location("pretrain", Path(__file__).resolve().parents[1] / "scripts" /
+                                                  "pretrain.py")
+    pretrain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pretrain)
+    with mock.patch.object(train_module, "build_model", lambda model_cfg: TinyModel(**kw)):
+        return pretrain.main(argv)
+
+
+if __name__ == "__main__":  # subprocess drivers: python tests/train_support.py CFG.json SLEEP_SECONDS
+    import json  # or: python tests/train_support.py --pretrain BALLAST PRETRAIN_ARGS...
     import sys
 
     torch.set_num_threads(1)
+    if sys.argv[1] == "--pretrain":
+        sys.exit(pretrain_tiny(sys.argv[3:], ballast=int(sys.argv[2])))
     result = train_tiny(json.loads(open(sys.argv[1]).read()), sleep=float(sys.argv[2]))
     sys.exit(result["exit_code"])
+
+
+def failing_worker(rank: int, world: int, port: int, cfg: dict, out: str, kw_by_rank: dict | None = None):
+    """ddp_worker for a run expected to fail: the error (type and message) goes to out/error_rank<r>.txt and is
+    re-raised, so the process exits non-zero as scripts/pretrain.py would."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        train_tiny(cfg, **(kw_by_rank or {}).get(rank, {}))
+    except BaseException as e:
+        with open(f"{out}/error_rank{rank}.txt", "w") as f:
+            f.write(f"{type(e).__name__}: {e} {' '.join(getattr(e, '__notes__', []))}")
+        raise
 
 
 def sequential_worker(rank: int, world: int, ports: list, cfgs: list, out: str, model_kw: dict | None = None):
@@ -152,3 +215,33 @@ def sequential_worker(rank: int, world: int, ports: list, cfgs: list, out: str, 
         res = train_tiny(cfg, **(model_kw or {}))
         torch.save(res["losses"], f"{out}/run{i}_losses_rank{rank}.pt")
         torch.save(res["val_loss"], f"{out}/run{i}_val_rank{rank}.pt")
+
+
+def validation_worker(rank: int, world: int, port: int, shapes: list, out: str):
+    """train.validate (and the health all-reduce after it) for each (key, DatasetConfig kwargs) in `shapes`, under
+    ddp and fsdp: (val_loss, val health metrics) of each on this rank go to out/val_rank<r>.pt. A rank that reaches
+    a collective the others skip fails after 20 s instead of hanging."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from nest_ssl import distributed as dist_utils
+    from nest_ssl import train as train_module
+    from nest_ssl.data.config import DatasetConfig
+    from nest_ssl.data.loader import build_loader
+    from nest_ssl.health import HealthMonitor
+    from nest_ssl.run_config import TrainerConfig
+
+    info = dist_utils.setup("cpu", collective_timeout=20.0)
+    results = {}
+    for strategy in ("ddp", "fsdp"):
+        torch.manual_seed(0)
+        model = TinyModel(encoder=True)
+        health = HealthMonitor(model)
+        step_model = train_module.wrap(model, info, TrainerConfig(strategy=strategy, accelerator="cpu"))
+        for key, kw in shapes:
+            loader, mix = build_loader(DatasetConfig(**kw), rank=rank, world_size=world, seed=0, is_train=False)
+            loss = train_module.validate(step_model, loader, info, 0, None, device_mix=mix, health=health)
+            results[(strategy, *key)] = (loss, health.collect("val"))
+        health.remove()
+    torch.save(results, f"{out}/val_rank{rank}.pt")
+    dist_utils.teardown()
