@@ -391,9 +391,11 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
         except Exception as err:
             on_data_error(err)
             raise
-        val_health = {f"val_health/{k}": v for k, v in health_monitor.collect("val").items()}
-        log.scalars(state.step, {"val_loss": state.last_val, **val_health})
+        val_health = health_monitor.collect("val")
+        log.scalars(state.step, {"val_loss": state.last_val, **{f"val_health/{k}": v for k, v in val_health.items()}})
         log.info(f"step {state.step}: val_loss {state.last_val:.4f}")
+        for alarm in health_monitor.alarms(val_health, state.step, "val"):
+            log.info(f"step {state.step}: health: {alarm}")
 
     def on_preemption() -> int:
         log.info(f"step {state.step}: preemption signal; checkpointing and exiting with {REQUEUE_EXIT_CODE}")
@@ -473,7 +475,7 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
             log.progress(state.step, tc.max_steps, {"loss": values["train_loss"], "lr": lr,
                                                     "audio_s/s": values["audio_seconds_per_second"],
                                                     "acc": health.get("masked_acc_0")})
-            for alarm in health_monitor.alarms(health):
+            for alarm in health_monitor.alarms(health, state.step):
                 log.info(f"step {state.step}: health: {alarm}")
             window = LogWindow.start()
         probed = tc.probe.enabled and state.step % tc.probe.every_n_steps == 0
