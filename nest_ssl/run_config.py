@@ -82,6 +82,9 @@ class TrainerConfig:
             raise ValueError(f"trainer.accumulate_grad_batches={self.accumulate_grad_batches}; must be >= 1")
         if isinstance(self.val_check_interval, float) and not 0.0 < self.val_check_interval <= 1.0:
             raise ValueError(f"trainer.val_check_interval={self.val_check_interval}; a float must be in (0, 1]")
+        if isinstance(self.val_check_interval, float) and self.check_val_every_n_epoch is None:
+            raise ValueError(f"trainer.val_check_interval={self.val_check_interval} is a fraction of an epoch; with "
+                             "trainer.check_val_every_n_epoch: null it must be an int (optimizer steps), as in NeMo")
         parse_mode(self.activation_checkpointing)
         if self.strategy == "fsdp":
             mixed_precision(self.precision)  # 16-mixed is refused under fsdp

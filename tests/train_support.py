@@ -30,7 +30,7 @@ class Crash(RuntimeError):
 class TinyModel(nn.Module):
     def __init__(self, dropout: float = 0.0, use_generator: bool = False, nan_after: int | None = None,
                  signal_at: int | None = None, sleep: float = 0.0, nan_at: tuple = (), crash_at: int | None = None,
-                 batch_norm: bool = False):
+                 batch_norm: bool = False, no_token_at: tuple = ()):
         super().__init__()
         self.proj, self.out = nn.Linear(4, 16), nn.Linear(16, 1)
         self.norm = nn.BatchNorm1d(16) if batch_norm else nn.LayerNorm(16)  # BatchNorm: FSDP broadcasts its stats
@@ -39,6 +39,7 @@ class TinyModel(nn.Module):
         self.nan_after, self.signal_at, self.calls, self.sleep = nan_after, signal_at, 0, sleep
         self.nan_at = tuple(nan_at)  # training_step call numbers (1-based) whose loss is NaN
         self.crash_at = crash_at  # training_step call number (1-based) that raises Crash
+        self.no_token_at = tuple(no_token_at)  # call numbers with no masked token: loss 0, as MLMLoss gives
 
     def _loss(self, batch, generator):
         audio, lens = batch.noisy_audio if batch.noisy_audio is not None else batch.audio, batch.audio_len
@@ -65,7 +66,8 @@ class TinyModel(nn.Module):
         loss = self._loss(batch, generator)
         if (self.nan_after is not None and self.calls > self.nan_after) or self.calls in self.nan_at:
             loss = loss * float("nan")
-        return {"loss": loss, "masked_tokens": 0}
+        no_token = self.calls in self.no_token_at
+        return {"loss": loss * (0.0 if no_token else 1.0), "masked_tokens": 0, "no_token": torch.tensor(int(no_token))}
 
     def validation_step(self, batch, generator=None):
         with torch.no_grad():
