@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nest_ssl.nest.losses import token_mask
+from nest_ssl.nest.losses import frame_stats, token_mask
 
 
 @dataclass
@@ -93,14 +93,6 @@ def subsample_gram(x: torch.Tensor, valid: torch.Tensor, max_frames: int) -> dic
     flat, w = flat[::stride].to(torch.float64), w[::stride].to(torch.float64)
     xw = flat * w[:, None]
     return {"rank_gram": xw.T @ flat, "rank_sum": xw.sum(0), "rank_n": w.sum()}
-
-
-def frame_stats(log_probs: torch.Tensor, tokens: torch.Tensor) -> dict:
-    """log_probs (B, T, C, H), tokens (B, T, H) -> per-frame (B, T, H): argmax prediction, entropy of the predicted
-    distribution, NLL of the target. The chunked MLM head (masked_logits.py) produces the same three per chunk."""
-    lp = log_probs.detach().float()
-    return {"pred": lp.argmax(dim=2), "pred_entropy": -(lp.exp() * lp).sum(2),
-            "nll": -lp.gather(2, tokens.long().unsqueeze(2)).squeeze(2)}
 
 
 def token_stats(log_probs: torch.Tensor, tokens: torch.Tensor, selected: torch.Tensor, valid: torch.Tensor,
@@ -188,7 +180,7 @@ class HealthMonitor:
         self.sums: dict[str, dict] = {"train": {}, "val": {}}
         self.prior_hist: dict[str, torch.Tensor] = {}  # phase -> running target histogram since the start (H, C)
         self.context_learned: dict[str, Optional[bool]] = {"train": None, "val": None}  # last told state
-        self.handles, self._layer_out = [], {}
+        self.handles, self._layer_out, self.observed = [], {}, None
         encoder = getattr(model, "encoder", None)
         if not self.cfg.enabled or encoder is None or not hasattr(encoder, "layers"):
             return
@@ -201,8 +193,9 @@ class HealthMonitor:
             self.handles.append(encoder.layers[i].register_forward_hook(self._save_layer(i)))
         self.handles.append(encoder.register_forward_hook(self._on_encoder))
         loss = getattr(model, "loss", None)
-        if loss is not None and hasattr(loss, "mlm_loss"):  # MultiMLMLoss: (masks, log_probs, tokens, lengths)
-            self.handles.append(loss.register_forward_pre_hook(self._on_mlm_loss))
+        if loss is not None and hasattr(loss, "observers"):  # MultiMLMLoss: per-frame stats, full or chunked head
+            loss.observers.append(self._on_frames)
+            self.observed = loss
         for head in getattr(model, "decoder_losses", {}).values():  # contrastive heads keep `last` after forward
             if hasattr(head["loss"], "quantizer") or hasattr(head["loss"], "target_proj"):
                 self.handles.append(head["loss"].register_forward_hook(self._on_contrastive))
@@ -211,6 +204,9 @@ class HealthMonitor:
         for h in self.handles:
             h.remove()
         self.handles = []
+        if self.observed is not None:
+            self.observed.observers.remove(self._on_frames)
+            self.observed = None
 
     def _phase(self) -> str:
         return "train" if self.model.training else "val"
@@ -237,17 +233,17 @@ class HealthMonitor:
                    **subsample_gram(x, valid, self.cfg.rank_frames)})
 
     @torch.no_grad()
-    def _on_mlm_loss(self, module, args) -> None:
-        masks, log_probs, tokens, lengths = (list(args) + [None] * 4)[:4]
-        if log_probs.dim() == 3:  # squeeze_single: one codebook without its axis
-            log_probs, tokens = log_probs.unsqueeze(-1), tokens.unsqueeze(-1)
+    def _on_frames(self, module, masks, frames: dict, tokens, lengths) -> None:
+        """MultiMLMLoss observer: frames {pred, pred_entropy, nll} (B, T', H), tokens (B, T'', H)."""
         c, thr = module.cfg.combine_time_steps, module.cfg.mask_threshold
         selected, touched = token_mask(masks, c, thr), token_mask(masks, c, 0.0)  # (B, T')
-        T = min(log_probs.shape[1], tokens.shape[1], selected.shape[1])
+        T = min(frames["pred"].shape[1], tokens.shape[1], selected.shape[1])
         valid = torch.ones_like(selected[:, :T])
         if lengths is not None:
             valid = torch.arange(T, device=selected.device)[None, :] < lengths[:, None]
-        self._add(token_stats(log_probs[:, :T], tokens[:, :T], selected[:, :T] & valid, valid, ~touched[:, :T]))
+        frames = {k: v[:, :T] for k, v in frames.items()}
+        self._add(token_sums(frames, tokens[:, :T], selected[:, :T] & valid, valid, ~touched[:, :T],
+                             self.model.decoder.cfg.num_classes))
 
     @torch.no_grad()
     def _on_contrastive(self, module, args, out) -> None:
