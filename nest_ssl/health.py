@@ -280,11 +280,11 @@ class HealthMonitor:
         values = torch.stack([v.to(values[0].device) for v in values]).tolist()  # the one device-to-host copy
         return dict(zip(metrics, values))
 
-    def alarms(self, metrics: dict, step: int = 0, phase: str = "train") -> list[str]:
-        """Collapse symptoms in collected metrics, as readable sentences (empty: none), and from `step` >=
-        context_warmup_steps on, each change of the context state: "predicting the code prior only" when
+    def alarms(self, metrics: dict, step: int = 0, phase: str = "train", context: bool = True) -> list[str]:
+        """Collapse symptoms in collected metrics, as readable sentences (empty: none), and with `context`, from
+        `step` >= context_warmup_steps on, each change of the context state: "predicting the code prior only" when
         `context_gain` (mean over codebooks) is <= 0, "context learned" when it turns positive."""
-        out = self._context_alarm(metrics.get("context_gain"), step, phase)
+        out = self._context_alarm(metrics.get("context_gain"), step, phase) if context else []
         for k, v in metrics.items():
             if k.startswith("frame_var_") and v < self.cfg.min_frame_var:
                 out.append(f"{k}={v:.3g} < {self.cfg.min_frame_var}: encoder frames nearly identical (collapse)")

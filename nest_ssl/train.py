@@ -510,7 +510,9 @@ def _train(plain: dict, preempt: dist_utils.Preemption) -> dict:
             log.progress(state.step, tc.max_steps, {"loss": values["train_loss"], "lr": lr,
                                                     "audio_s/s": values["audio_seconds_per_second"],
                                                     "acc": health.get("masked_acc_0")})
-            for alarm in health_monitor.alarms(health, state.step):
+            # the context state follows validation when there is one: a train window's gain is a few hundred
+            # tokens and changes sign often in the demo's prior-only phase (20-26 lines per run)
+            for alarm in health_monitor.alarms(health, state.step, context=val_loader is None):
                 log.info(f"step {state.step}: health: {alarm}")
             window = LogWindow.start(dist.device)
         probed = tc.probe.enabled and state.step % tc.probe.every_n_steps == 0

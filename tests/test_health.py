@@ -249,3 +249,4 @@ def test_the_context_alarm_tells_each_change_after_warm_up():
     assert mon.alarms({"context_gain": 0.3}, step=115) == []
     assert ["context learned" in a for a in mon.alarms({"context_gain": 0.2}, step=110, phase="val")] == [True]
     assert mon.alarms({"context_gain": math.nan}, step=120) == []  # no masked token in the window
+    assert mon.alarms({"context_gain": -0.2}, step=125, context=False) == []  # the trainer's train windows with val
