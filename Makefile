@@ -56,7 +56,8 @@ demo: install
 # when there is none), CTC character CER/WER and speaker accuracy.
 probe-demo: install
 	test -n "$$(find $(DEMO_DIR)/experiments -name '*.nemo' 2>/dev/null)" || $(MAKE) demo
-	$(BIN)/python scripts/probe.py --demo --demo-dir $(DEMO_DIR)/probe --demo-runs $(DEMO_DIR)/experiments
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(BIN)/python scripts/probe.py --demo --demo-dir $(DEMO_DIR)/probe \
+		--demo-runs $(DEMO_DIR)/experiments
 
 # Kernel micro-benchmarks (Triton rows need a CUDA GPU; on CPU only the torch providers run).
 bench: install

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nest_ssl.nest.losses import token_mask
+from nest_ssl.nest.losses import frame_stats, token_mask
 
 
 @dataclass
@@ -44,10 +44,13 @@ class HealthConfig:
     min_frame_var: float = 1e-3     # relative frame variance below this at any watched layer: collapse alarm
     min_eff_rank: float = 2.0       # effective rank of the final layer below this: collapse alarm
     min_target_perplexity: float = 2.0  # a codebook's target perplexity below this: degenerate targets alarm
+    context_warmup_steps: int = 100  # from this step on, the context state (prior only / context learned) is told
 
     def __post_init__(self):
         if self.rank_frames < 2:
             raise ValueError(f"trainer.health.rank_frames={self.rank_frames}; must be >= 2")
+        if self.context_warmup_steps < 0:
+            raise ValueError(f"trainer.health.context_warmup_steps={self.context_warmup_steps}; must be >= 0")
 
 
 def entropy(counts: torch.Tensor) -> torch.Tensor:
@@ -95,21 +98,35 @@ def subsample_gram(x: torch.Tensor, valid: torch.Tensor, max_frames: int) -> dic
 
 def token_stats(log_probs: torch.Tensor, tokens: torch.Tensor, selected: torch.Tensor, valid: torch.Tensor,
                 unmasked: torch.Tensor) -> dict:
-    """log_probs (B, T, C, H), tokens (B, T, H), selected / valid / unmasked (B, T) bool -> per-codebook sums:
+    """token_sums of the full log-probs (B, T, C, H)."""
+    return token_sums(frame_stats(log_probs, tokens), tokens, selected, valid, unmasked, log_probs.shape[-2])
+
+
+def token_sums(frames: dict, tokens: torch.Tensor, selected: torch.Tensor, valid: torch.Tensor,
+               unmasked: torch.Tensor, num_classes: int) -> dict:
+    """frame_stats (B, T, H) each, tokens (B, T, H), selected / valid / unmasked (B, T) bool -> per-codebook sums:
     correct and count on masked (selected) and unmasked tokens, target and prediction histograms (H, C), summed
-    prediction entropy on masked tokens."""
-    lp = log_probs.detach().float()
-    H, C = lp.shape[-1], lp.shape[-2]
-    pred = lp.argmax(dim=2)  # (B, T, H)
+    prediction entropy and summed NLL (the masked-token loss) on masked tokens."""
+    H, pred = tokens.shape[-1], frames["pred"]
     hit = (pred == tokens).to(torch.float64)
     sel, unm = selected.to(torch.float64), (unmasked & valid).to(torch.float64)
-    pred_entropy = -(lp.exp() * lp).sum(2)  # (B, T, H)
+    masked_sum = lambda x: (x.to(torch.float64) * sel[..., None]).sum((0, 1))  # noqa: E731  (B, T, H) -> (H,)
     return {
-        "masked_correct": (hit * sel[..., None]).sum((0, 1)), "masked_n": sel.sum().expand(H),
+        "masked_correct": masked_sum(hit), "masked_n": sel.sum().expand(H),
         "unmasked_correct": (hit * unm[..., None]).sum((0, 1)), "unmasked_n": unm.sum().expand(H),
-        "target_hist": histogram(tokens, valid, C), "pred_hist": histogram(pred, selected, C),
-        "pred_entropy_sum": (pred_entropy.to(torch.float64) * sel[..., None]).sum((0, 1)),
+        "target_hist": histogram(tokens, valid, num_classes), "pred_hist": histogram(pred, selected, num_classes),
+        "pred_entropy_sum": masked_sum(frames["pred_entropy"]), "masked_nll_sum": masked_sum(frames["nll"]),
     }
+
+
+def miller_madow_entropy(counts: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of the distribution behind `counts` (last dim): the plug-in estimate plus Miller-Madow's
+    (m - 1) / 2N, m the codes seen, N the count. The plug-in estimate is biased low by about that much, which would
+    bias the context gain low; with the running histogram N is large, so the correction is small (63 / 2N nats for
+    64 codes all seen)."""
+    n = counts.sum(-1)
+    seen = (counts > 0).sum(-1).to(counts.dtype)
+    return entropy(counts) + (seen - 1).clamp_min(0) / (2 * n.clamp_min(1))
 
 
 def histogram(ids: torch.Tensor, weight: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -120,6 +137,20 @@ def histogram(ids: torch.Tensor, weight: torch.Tensor, num_classes: int) -> torc
     w = weight.to(torch.float64)[..., None].expand(ids.shape).reshape(-1)
     return torch.zeros(H * num_classes, dtype=torch.float64, device=ids.device).scatter_add_(0, flat, w).view(
         H, num_classes)
+
+
+def context_gain(s: dict) -> dict:
+    """masked_loss_<h> (mean NLL of codebook h's masked tokens) and context_gain_<h> = the code prior's entropy
+    (Miller-Madow, from the running histogram `prior_hist`, else this window's) minus masked_loss_<h>, in nats: what
+    the model knows beyond the code frequencies. context_gain is the mean over codebooks. NaN when no token was
+    masked in the window."""
+    if "masked_nll_sum" not in s:
+        return {}
+    prior, n = s.get("prior_hist", s["target_hist"]), s["masked_n"]
+    loss = torch.where(n > 0, s["masked_nll_sum"] / n.clamp_min(1), math.nan)  # (H,)
+    gain = miller_madow_entropy(prior) - loss
+    m = {f"masked_loss_{h}": loss[h] for h in range(loss.shape[0])}
+    return m | {f"context_gain_{h}": gain[h] for h in range(gain.shape[0])} | {"context_gain": gain.mean()}
 
 
 def grad_group(name: str) -> str:
@@ -148,7 +179,9 @@ class HealthMonitor:
     def __init__(self, model: nn.Module, cfg: Optional[HealthConfig] = None):
         self.cfg, self.model = cfg or HealthConfig(), model
         self.sums: dict[str, dict] = {"train": {}, "val": {}}
-        self.handles, self._layer_out, self._paused = [], {}, False
+        self.prior_hist: dict[str, torch.Tensor] = {}  # phase -> running target histogram since the start (H, C)
+        self.context_learned: dict[str, Optional[bool]] = {"train": None, "val": None}  # last told state
+        self.handles, self._layer_out, self._paused, self.observed = [], {}, False, None
         encoder = getattr(model, "encoder", None)
         if not self.cfg.enabled or encoder is None or not hasattr(encoder, "layers"):
             return
@@ -161,8 +194,9 @@ class HealthMonitor:
             self.handles.append(encoder.layers[i].register_forward_hook(self._save_layer(i)))
         self.handles.append(encoder.register_forward_hook(self._on_encoder))
         loss = getattr(model, "loss", None)
-        if loss is not None and hasattr(loss, "mlm_loss"):  # MultiMLMLoss: (masks, log_probs, tokens, lengths)
-            self.handles.append(loss.register_forward_pre_hook(self._on_mlm_loss))
+        if loss is not None and hasattr(loss, "observers"):  # MultiMLMLoss: per-frame stats, full or chunked head
+            loss.observers.append(self._on_frames)
+            self.observed = loss
         for head in getattr(model, "decoder_losses", {}).values():  # contrastive heads keep `last` after forward
             if hasattr(head["loss"], "quantizer") or hasattr(head["loss"], "target_proj"):
                 self.handles.append(head["loss"].register_forward_hook(self._on_contrastive))
@@ -171,6 +205,9 @@ class HealthMonitor:
         for h in self.handles:
             h.remove()
         self.handles = []
+        if self.observed is not None:
+            self.observed.observers.remove(self._on_frames)
+            self.observed = None
 
     def _phase(self) -> str:
         return "train" if self.model.training else "val"
@@ -208,17 +245,17 @@ class HealthMonitor:
                    **subsample_gram(x, valid, self.cfg.rank_frames)})
 
     @torch.no_grad()
-    def _on_mlm_loss(self, module, args) -> None:
-        masks, log_probs, tokens, lengths = (list(args) + [None] * 4)[:4]
-        if log_probs.dim() == 3:  # squeeze_single: one codebook without its axis
-            log_probs, tokens = log_probs.unsqueeze(-1), tokens.unsqueeze(-1)
+    def _on_frames(self, module, masks, frames: dict, tokens, lengths) -> None:
+        """MultiMLMLoss observer: frames {pred, pred_entropy, nll} (B, T', H), tokens (B, T'', H)."""
         c, thr = module.cfg.combine_time_steps, module.cfg.mask_threshold
         selected, touched = token_mask(masks, c, thr), token_mask(masks, c, 0.0)  # (B, T')
-        T = min(log_probs.shape[1], tokens.shape[1], selected.shape[1])
+        T = min(frames["pred"].shape[1], tokens.shape[1], selected.shape[1])
         valid = torch.ones_like(selected[:, :T])
         if lengths is not None:
             valid = torch.arange(T, device=selected.device)[None, :] < lengths[:, None]
-        self._add(token_stats(log_probs[:, :T], tokens[:, :T], selected[:, :T] & valid, valid, ~touched[:, :T]))
+        frames = {k: v[:, :T] for k, v in frames.items()}
+        self._add(token_sums(frames, tokens[:, :T], selected[:, :T] & valid, valid, ~touched[:, :T],
+                             self.model.decoder.cfg.num_classes))
 
     @torch.no_grad()
     def _on_contrastive(self, module, args, out) -> None:
@@ -244,6 +281,9 @@ class HealthMonitor:
                 dist.all_reduce(flat)
             parts = flat.split([sums[k].numel() for k in keys])
             sums = {k: p.view(sums[k].shape) for k, p in zip(keys, parts)}
+        if "target_hist" in sums:  # the code prior: targets since the start of the run, not one window
+            running = self.prior_hist.get(phase)
+            self.prior_hist[phase] = sums["prior_hist"] = sums["target_hist"] + (0 if running is None else running)
         metrics = derive(sums)
         metrics.update({f"grad_norm/{k}": v for k, v in (extra or {}).items()})
         if not metrics:
@@ -265,9 +305,11 @@ class HealthMonitor:
         zeros = {k: torch.zeros(shape, dtype=torch.float64, device=device) for s in shapes for k, shape in s.items()}
         return zeros | sums
 
-    def alarms(self, metrics: dict) -> list[str]:
-        """Collapse symptoms in collected metrics, as readable sentences (empty: none)."""
-        out = []
+    def alarms(self, metrics: dict, step: int = 0, phase: str = "train", context: bool = True) -> list[str]:
+        """Collapse symptoms in collected metrics, as readable sentences (empty: none), and with `context`, from
+        `step` >= context_warmup_steps on, each change of the context state: "predicting the code prior only" when
+        `context_gain` (mean over codebooks) is <= 0, "context learned" when it turns positive."""
+        out = self._context_alarm(metrics.get("context_gain"), step, phase) if context else []
         for k, v in metrics.items():
             if k.startswith("frame_var_") and v < self.cfg.min_frame_var:
                 out.append(f"{k}={v:.3g} < {self.cfg.min_frame_var}: encoder frames nearly identical (collapse)")
@@ -277,6 +319,18 @@ class HealthMonitor:
                 out.append(f"{k}={v:.3g} < {self.cfg.min_target_perplexity}: the quantizer gives ~one code "
                            "(silent or constant input?)")
         return out
+
+    def _context_alarm(self, gain: Optional[float], step: int, phase: str) -> list[str]:
+        if gain is None or math.isnan(gain) or step < self.cfg.context_warmup_steps:
+            return []
+        learned = gain > 0
+        if learned == self.context_learned[phase]:
+            return []  # told once per change: the train window's gain is noisy, a line per log step would flood
+        self.context_learned[phase] = learned
+        if learned:
+            return [f"{phase} context_gain={gain:.3g} > 0: context learned (masked loss below the code prior's "
+                    "entropy)"]
+        return [f"{phase} context_gain={gain:.3g} <= 0: predicting the code prior only (no context learned yet)"]
 
 
 def derive(s: dict) -> dict:
@@ -293,6 +347,7 @@ def derive(s: dict) -> dict:
                 m[f"{kind}_coverage_{h}"] = (hist > 0).double().mean()
                 m[f"{kind}_majority_{h}"] = hist.max() / hist.sum().clamp_min(1)  # the most frequent code's share
                 m[f"{kind}_entropy_{h}"], m[f"{kind}_perplexity_{h}"] = ent, ent.exp()
+        m.update(context_gain(s))
     for k in [k for k in s if k.startswith("moments_")]:
         m[f"frame_var_{k[len('moments_'):]}"] = relative_frame_variance(s[k])
     if "rank_gram" in s:

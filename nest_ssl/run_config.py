@@ -89,6 +89,9 @@ class TrainerConfig:
         if not self.collective_timeout > 0:
             raise ValueError(f"trainer.collective_timeout={self.collective_timeout}; must be > 0 seconds (a "
                              "collective waits at most this long for the other ranks)")
+        if isinstance(self.val_check_interval, float) and self.check_val_every_n_epoch is None:
+            raise ValueError(f"trainer.val_check_interval={self.val_check_interval} is a fraction of an epoch; with "
+                             "trainer.check_val_every_n_epoch: null it must be an int (optimizer steps), as in NeMo")
         parse_mode(self.activation_checkpointing)
         if self.strategy == "fsdp":
             mixed_precision(self.precision)  # 16-mixed is refused under fsdp

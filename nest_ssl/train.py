@@ -128,7 +128,26 @@ def _lockstep(loader, limit: Optional[int], device):
         yield batch
 
 
-def val_due(tc: TrainerConfig, batch_in_epoch: int, epoch: int, batches_per_epoch: int) -> bool:
+def steps_between_validations(tc: TrainerConfig, batches_per_epoch: int) -> Optional[int]:
+    """N when validation runs every N optimizer steps counted across epochs, None when it follows the epoch.
+    Ours where NeMo (Lightning) refuses: an int trainer.val_check_interval larger than the batches of an epoch
+    validates every val_check_interval optimizer steps across epoch boundaries, as Lightning's
+    check_val_every_n_epoch: null does (which we accept too), instead of an error."""
+    interval, every_epoch = tc.val_check_interval, tc.check_val_every_n_epoch
+    if every_epoch is None or (isinstance(interval, int) and interval > batches_per_epoch):
+        if every_epoch not in (None, 1):
+            raise ValueError(f"trainer.val_check_interval={interval} is more than the {batches_per_epoch} batches "
+                             f"of an epoch, so validation counts steps across epochs; trainer.check_val_every_n_"
+                             f"epoch={every_epoch} would then mean nothing: set it to 1 or null, or the interval "
+                             f"to at most {batches_per_epoch}")
+        return int(interval)
+    return None
+
+
+def val_due(tc: TrainerConfig, batch_in_epoch: int, epoch: int, batches_per_epoch: int, step: int) -> bool:
+    across = steps_between_validations(tc, batches_per_epoch)
+    if across is not None:
+        return step % across == 0
     if tc.check_val_every_n_epoch and (epoch + 1) % tc.check_val_every_n_epoch:
         return False
     if isinstance(tc.val_check_interval, float):
@@ -232,24 +251,34 @@ def epoch_batches(loader, state: ckpt.TrainState, limits: Limits, on_error):
 
 @dataclass
 class LogWindow:
-    """What the steps between two log steps add up: audio seconds, masked tokens, wall time."""
+    """What the steps between two log steps add up: audio seconds, masked tokens, wall time, and on the device the
+    summed loss of the micro-batches that had a masked token, their count and the count of those that had none (a
+    no-token batch's loss is 0, not a loss: averaging it in would pull train_loss down)."""
 
     audio_sec: float
     tokens: float
     t0: float
+    losses: torch.Tensor  # (3,) float64: [sum of losses with tokens, batches with tokens, batches without]
 
     @classmethod
-    def start(cls) -> LogWindow:
-        return cls(0.0, 0.0, time.time())
+    def start(cls, device: torch.device) -> LogWindow:
+        return cls(0.0, 0.0, time.time(), torch.zeros(3, dtype=torch.float64, device=device))
 
-    def metrics(self, loss: float, lr: float, grad_norm: float, device: torch.device) -> dict:
+    @staticmethod
+    def batch_losses(out: dict) -> torch.Tensor:
+        """One micro-batch's contribution to `losses` (device tensors: no sync); a model without `no_token`
+        (the contrastive one) always has tokens."""
+        no_token = torch.as_tensor(out.get("no_token", 0), dtype=torch.float64, device=out["loss"].device)
+        return torch.stack([out["loss"].detach().double() * (1 - no_token), 1 - no_token, no_token])
+
+    def metrics(self, lr: float, grad_norm: float, device: torch.device) -> dict:
         """The log step's scalars, all-reduced over ranks (the only all-reduce outside the step's own)."""
-        loss_mean, tokens = dist_utils.all_reduce_mean([loss, self.tokens], device)
-        audio = dist_utils.all_reduce_sum([self.audio_sec], device)[0]
+        tokens = dist_utils.all_reduce_mean([self.tokens], device)[0]
+        audio, loss_sum, n, no_token = dist_utils.all_reduce_sum([self.audio_sec, *self.losses.tolist()], device)
         gpu_gib = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-        return {"train_loss": loss_mean, "learning_rate": lr, "grad_norm": grad_norm,
-                "audio_seconds_per_second": audio / max(time.time() - self.t0, 1e-9), "tokens_masked": tokens,
-                "gpu_memory": gpu_gib}
+        return {"train_loss": loss_sum / n if n else math.nan, "no_token_batches": no_token, "learning_rate": lr,
+                "grad_norm": grad_norm, "audio_seconds_per_second": audio / max(time.time() - self.t0, 1e-9),
+                "tokens_masked": tokens, "gpu_memory": gpu_gib}
 
 
 def fresh_start(writer: em.CheckpointWriter, unreadable: list, em_cfg: em.ExpManagerConfig) -> str:
@@ -338,6 +367,9 @@ def _train(plain: dict, preempt: dist_utils.Preemption, phases: dist_utils.Phase
     if run.model.validation_ds is not None:
         val_loader, val_mix = build_loader(run.model.validation_ds, rank=dist.rank, world_size=dist.world_size,
                                            seed=run.seed, is_train=False)
+    if val_loader is not None and steps_between_validations(tc, len(train_loader)) is not None:
+        init_lines.append(f"validation every {tc.val_check_interval} optimizer steps, counted across epochs "
+                          f"(an epoch has {len(train_loader)} batches)")
     if tc.fit_scan:  # before DDP/FSDP: the scan must not all-reduce gradients
         shape = largest_batch(train_loader, run.model.train_ds)
         init_lines.append(fit_scan(model, shape, run.model.sample_rate, amp_dtype, dist.device))
@@ -417,9 +449,11 @@ def _train(plain: dict, preempt: dist_utils.Preemption, phases: dist_utils.Phase
             if not dist_utils.failed_collective(err):  # a data error: checkpoint (a collective failure: nothing)
                 on_data_error(err)
             raise
-        val_health = {f"val_health/{k}": v for k, v in health_monitor.collect("val").items()}
-        log.scalars(state.step, {"val_loss": state.last_val, **val_health})
+        val_health = health_monitor.collect("val")
+        log.scalars(state.step, {"val_loss": state.last_val, **{f"val_health/{k}": v for k, v in val_health.items()}})
         log.info(f"step {state.step}: val_loss {state.last_val:.4f}")
+        for alarm in health_monitor.alarms(val_health, state.step, "val"):
+            log.info(f"step {state.step}: health: {alarm}")
 
     def on_preemption() -> int:
         code, why = (INTERRUPT_EXIT_CODE, "Ctrl-C") if preempt.interrupted else (REQUEUE_EXIT_CODE,
@@ -435,8 +469,9 @@ def _train(plain: dict, preempt: dist_utils.Preemption, phases: dist_utils.Phase
 
     # ---- the loop -------------------------------------------------------------------------------------
     accum, sample_rate, t_start = tc.accumulate_grad_batches, run.model.sample_rate, time.time()
-    history, exit_code, window = [], 0, LogWindow.start()
+    history, exit_code, window = [], 0, LogWindow.start(dist.device)
     window_loss = tokens = torch.zeros((), device=dist.device)  # summed on the device: no sync per micro-batch
+    step_losses = torch.zeros(3, dtype=torch.float64, device=dist.device)  # LogWindow.losses of this step
     optimizer.zero_grad(set_to_none=True)
     phases.now = "train step"
     for batch in epoch_batches(train_loader, state, limits, on_data_error):
@@ -453,6 +488,7 @@ def _train(plain: dict, preempt: dist_utils.Preemption, phases: dist_utils.Phase
             loss = out["loss"].float() / accum
             (loss if scaler is None else scaler.scale(loss)).backward()
         window_loss, tokens = window_loss + loss.detach(), tokens + out.get("masked_tokens", 0)
+        step_losses = step_losses + LogWindow.batch_losses(out)
         if not last_micro:
             continue
 
@@ -468,6 +504,7 @@ def _train(plain: dict, preempt: dist_utils.Preemption, phases: dist_utils.Phase
                                                                preempt.requested(), dist.device)
         window_loss = tokens = torch.zeros((), device=dist.device)
         window.tokens += tok
+        step_losses, window.losses = torch.zeros_like(step_losses), window.losses + (0 if bad else step_losses)
         if bad:
             state.bad_streak, state.skipped_steps = state.bad_streak + 1, state.skipped_steps + 1
             optimizer.zero_grad(set_to_none=True)
@@ -496,7 +533,7 @@ def _train(plain: dict, preempt: dist_utils.Preemption, phases: dist_utils.Phase
 
         # ---- log, validate, checkpoint, preemption ----
         if state.step % tc.log_every_n_steps == 0:
-            values = window.metrics(loss_val, lr, grad_norm, dist.device)
+            values = window.metrics(lr, grad_norm, dist.device)
             values["skipped_samples"], values["skipped_steps"] = len(train_loader.bad_samples), state.skipped_steps
             health = health_monitor.collect("train", groups)
             log.scalars(state.step, {**values, "global_step": state.step, "epoch": state.epoch,
@@ -504,16 +541,19 @@ def _train(plain: dict, preempt: dist_utils.Preemption, phases: dist_utils.Phase
             log.progress(state.step, tc.max_steps, {"loss": values["train_loss"], "lr": lr,
                                                     "audio_s/s": values["audio_seconds_per_second"],
                                                     "acc": health.get("masked_acc_0")})
-            for alarm in health_monitor.alarms(health):
+            # the context state follows validation when there is one: a train window's gain is a few hundred
+            # tokens and changes sign often in the demo's prior-only phase (20-26 lines per run)
+            for alarm in health_monitor.alarms(health, state.step, context=val_loader is None):
                 log.info(f"step {state.step}: health: {alarm}")
-            window = LogWindow.start()
+            window = LogWindow.start(dist.device)
         probed = tc.probe.enabled and state.step % tc.probe.every_n_steps == 0
         if probed:  # rank 0 probes the frozen encoder; every rank gets its scores (top-k must agree)
             state.last_probe = dist_utils.broadcast_object(probe_scores(model, tc) if dist.is_main else None)
             log.scalars(state.step, state.last_probe)
             log.info(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in state.last_probe.items()
                                                          if not k.startswith("probe/")))
-        validated = val_loader is not None and val_due(tc, train_loader.start, state.epoch, len(train_loader))
+        validated = val_loader is not None and val_due(tc, train_loader.start, state.epoch, len(train_loader),
+                                                        state.step)
         if validated:
             run_validation()
         if validated or (probed and writer.monitors_probe):

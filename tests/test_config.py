@@ -256,6 +256,9 @@ def test_tiny_cpu_config_matches_parity_fixture_shapes():
 
     tiny = json.loads((ROOT / "tests/fixtures/parity/nest_tiny/config.json").read_text())["model"]
     m = resolve(load_yaml(ROOT / "configs/nest_tiny_cpu.yaml"))["model"]
+    recipe = {"block_size", "mask_prob"}  # the demo recipe's masking (README, "Is it learning?"), not the fixture's
+    m["masking"] = {k: v for k, v in m["masking"].items() if k not in recipe}
+    tiny["masking"] = {k: v for k, v in tiny["masking"].items() if k not in recipe}
     for key in ("preprocessor", "masking", "quantizer", "encoder", "decoder", "loss"):
         assert m[key] == tiny[key], key
 

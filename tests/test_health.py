@@ -192,3 +192,61 @@ def test_contrastive_quantities_match_the_loss_intermediates():
     assert m["diversity_loss"] == pytest.approx(float(loss.last["prob_ppl"]))
     assert m["code_perplexity"] == pytest.approx(q.groups * q.num_vars * (1 - float(loss.last["prob_ppl"])))
     assert "frame_var_final" in m
+
+
+def test_context_gain_by_hand():
+    # 1 codebook, 3 classes; targets over valid tokens [0, 2, 2]; masked tokens 0 and 1 (targets 0 and 2)
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.3, 0.3, 0.4]])
+    tokens = torch.tensor([0, 2, 2, 1])[None, :, None]
+    selected = torch.tensor([[True, True, False, False]])
+    valid = torch.tensor([[True, True, True, False]])
+    m = health.derive(health.token_stats(probs.log()[None, :, :, None], tokens, selected, valid, ~selected))
+    masked_loss = (-math.log(0.7) - math.log(0.1)) / 2
+    prior_entropy = -(1 / 3) * math.log(1 / 3) - (2 / 3) * math.log(2 / 3) + (2 - 1) / (2 * 3)  # + Miller-Madow
+    assert m["masked_loss_0"] == pytest.approx(masked_loss)
+    assert m["context_gain_0"] == pytest.approx(prior_entropy - masked_loss)
+    assert m["context_gain"] == pytest.approx(prior_entropy - masked_loss)
+
+
+def test_a_model_that_outputs_the_code_prior_has_zero_context_gain():
+    g = torch.Generator().manual_seed(0)
+    q = torch.tensor([0.4, 0.2, 0.15, 0.1, 0.08, 0.04, 0.02, 0.01], dtype=torch.float64)
+    N = 200_000
+    tokens = torch.multinomial(q, N, replacement=True, generator=g).view(1, N, 1)
+    lp = q.log().float().view(1, 1, 8, 1).expand(1, N, 8, 1)  # the prior at every frame, whatever the context
+    selected = torch.rand(1, N, generator=g) < 0.3
+    m = health.derive(health.token_stats(lp, tokens, selected, torch.ones(1, N, dtype=torch.bool), ~selected))
+    nll = -q.log()[tokens[0, :, 0][selected[0]]]
+    se = float(nll.std()) / math.sqrt(len(nll))  # the masked loss is a sample mean: gain 0 within its noise
+    assert abs(m["context_gain_0"]) < 4 * se
+    # a model that knows the context (2/3 on the right code) gains what it should over the prior's entropy
+    right = torch.nn.functional.one_hot(tokens[0, :, 0], 8).double() * (2 / 3 - 1 / 21) + 1 / 21
+    m = health.derive(health.token_stats(right.log().float().view(1, N, 8, 1), tokens, selected,
+                                         torch.ones(1, N, dtype=torch.bool), ~selected))
+    entropy_q = float(-(q * q.log()).sum())
+    assert m["context_gain_0"] == pytest.approx(entropy_q + math.log(2 / 3), abs=4 * se)
+
+
+def test_the_code_prior_comes_from_the_running_histogram():
+    mon = health.HealthMonitor(torch.nn.Linear(1, 1))  # no encoder: no hooks, collect only
+    lp = torch.tensor([[0.5, 0.5]]).log()[None, :, :, None]  # one masked token, 2 classes
+    sel = torch.ones(1, 1, dtype=torch.bool)
+    mon.sums["train"] = health.token_stats(lp, torch.tensor([[[0]]]), sel, sel, ~sel)
+    first = mon.collect("train")
+    mon.sums["train"] = health.token_stats(lp, torch.tensor([[[1]]]), sel, sel, ~sel)
+    second = mon.collect("train")
+    assert first["context_gain_0"] == pytest.approx(0.0 - math.log(2))  # one code seen: entropy 0
+    # the prior now holds both windows' targets (1 of each): log 2 + Miller-Madow 1 / (2 * 2)
+    assert second["context_gain_0"] == pytest.approx(math.log(2) + 0.25 - math.log(2))
+
+
+def test_the_context_alarm_tells_each_change_after_warm_up():
+    mon = health.HealthMonitor(torch.nn.Linear(1, 1), health.HealthConfig(context_warmup_steps=100))
+    assert mon.alarms({"context_gain": -0.3}, step=50) == []  # warm-up: the prior phase is expected
+    assert ["predicting the code prior only" in a for a in mon.alarms({"context_gain": -0.3}, step=100)] == [True]
+    assert mon.alarms({"context_gain": 0.0}, step=105) == []  # still <= 0: told once
+    assert ["context learned" in a for a in mon.alarms({"context_gain": 0.2}, step=110)] == [True]
+    assert mon.alarms({"context_gain": 0.3}, step=115) == []
+    assert ["context learned" in a for a in mon.alarms({"context_gain": 0.2}, step=110, phase="val")] == [True]
+    assert mon.alarms({"context_gain": math.nan}, step=120) == []  # no masked token in the window
+    assert mon.alarms({"context_gain": -0.2}, step=125, context=False) == []  # the trainer's train windows with val

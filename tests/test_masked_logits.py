@@ -113,8 +113,7 @@ def test_chunked_head_keeps_less_memory_alive():
     assert peaks[1] < 0.5 * peaks[0]  # 512 frames of logits vs 64 at a time
 
 
-def test_full_log_probs_when_something_reads_the_loss_inputs():
-    """trainer.health hooks the loss module to read the log-probs: then the step goes through decoder.forward."""
+def _tiny_model_and_batch():
     from nest_ssl.data.batch import AudioNoiseBatch
     from nest_ssl.nest.model import EncDecDenoiseMaskedTokenPredModel
 
@@ -125,11 +124,50 @@ def test_full_log_probs_when_something_reads_the_loss_inputs():
                             noisy_audio=audio, noisy_audio_len=lens)
     decoded = []
     model.decoder.register_forward_hook(lambda *a: decoded.append(1))
-    losses = []
-    for hooked in (False, True):
-        if hooked:
-            model.loss.register_forward_hook(lambda *a: None)
-        torch.manual_seed(1)  # the same dropout draws
-        losses.append(model.training_step(batch, generator=torch.Generator().manual_seed(0))["loss"])
+    return model, batch, decoded
+
+
+def _step(model, batch):
+    torch.manual_seed(1)  # the same dropout draws
+    return model.training_step(batch, generator=torch.Generator().manual_seed(0))["loss"]
+
+
+def test_full_log_probs_when_something_reads_the_loss_inputs():
+    """A hook on the loss module reads the log-probs: then the step goes through decoder.forward."""
+    model, batch, decoded = _tiny_model_and_batch()
+    model.loss_logits_chunk = 8  # 2 x 14 frames: several slices
+    unhooked = _step(model, batch)
+    model.loss.register_forward_hook(lambda *a: None)
+    hooked = _step(model, batch)
     assert decoded == [1]  # only the hooked step built the full log-probs
-    assert torch.equal(losses[0], losses[1])
+    torch.testing.assert_close(unhooked, hooked, rtol=1e-6, atol=0)
+
+
+def test_chunks_only_where_they_save_memory():
+    """Up to 1.5 chunks of frames the chunked head's peak is higher than the full log-probs' (masked_logits.py):
+    decoder.forward there."""
+    model, batch, decoded = _tiny_model_and_batch()  # 2 x 14 frames
+    for chunk, full in ((1024, True), (19, True), (18, False)):  # 28 > 1.5 * 18 only
+        model.loss_logits_chunk, before = chunk, len(decoded)
+        _step(model, batch)
+        assert len(decoded) - before == int(full), chunk
+
+
+def test_health_metrics_come_from_the_chunked_head_unchanged():
+    """trainer.health (on by default) no longer forces the full log-probs: with it the step takes the chunked head
+    and every health metric equals the full path's."""
+    from nest_ssl.health import HealthMonitor
+
+    model, batch, decoded = _tiny_model_and_batch()
+    monitor = HealthMonitor(model)
+    metrics = []
+    for chunk in (0, 8):  # 0: decoder.forward; 8: several slices
+        model.loss_logits_chunk = chunk
+        _step(model, batch)
+        metrics.append(monitor.collect("train"))
+        monitor.prior_hist.clear()  # each window its own code prior
+    assert decoded == [1]  # only the chunk=0 step built the full log-probs
+    full, chunked = metrics
+    assert "context_gain_1" in full and "masked_acc_0" in full and full.keys() == chunked.keys()
+    for k in full:
+        assert chunked[k] == pytest.approx(full[k], rel=1e-5, abs=1e-7), k

@@ -218,3 +218,33 @@ def test_clip_gradients_returns_the_norm_before_clipping(algorithm):
     for p, g in zip(model.parameters(), grads):
         want = g.clamp(-0.5, 0.5) if algorithm == "value" else g * (0.5 / (float(full) + 1e-6))
         torch.testing.assert_close(p.grad, want)
+
+
+def test_train_loss_leaves_out_batches_without_a_masked_token(data, tmp_path):
+    """A batch with no masked token has loss 0: the logged train_loss is the mean over the batches that had one,
+    and no_token_batches counts the others (4 steps per log window; calls 2 and 3 have no token)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    res = train_tiny(run_config(data, tmp_path, max_steps=4, val_every=4, log_every_n_steps=4), no_token_at=(2, 3))
+    events = EventAccumulator(str(tmp_path / "tiny" / "version_0")).Reload()
+    assert res["losses"][1] == res["losses"][2] == 0.0 and min(res["losses"][0], res["losses"][3]) > 0
+    (loss,) = events.Scalars("train_loss")
+    assert loss.value == pytest.approx((res["losses"][0] + res["losses"][3]) / 2, rel=1e-6)
+    assert [e.value for e in events.Scalars("no_token_batches")] == [2]
+
+
+def test_val_check_interval_longer_than_an_epoch_counts_steps_across_epochs(data, tmp_path):
+    """4 batches per epoch, val_check_interval 6: validations at steps 6 and 12 (NeMo refuses; ours: across
+    epochs), never at the epoch ends 4 and 8."""
+    cfg = run_config(data, tmp_path, max_steps=12, val_every=6)
+    cfg["exp_manager"]["checkpoint_callback_params"]["save_top_k"] = -1
+    res = train_tiny(cfg)
+    assert res["step"] == 12
+    steps = sorted(int(p.stem.split("step=")[1]) for p in (tmp_path / "tiny" / "checkpoints").glob("*[0-9].ckpt"))
+    assert steps == [6, 12]
+
+
+def test_val_check_interval_across_epochs_refuses_a_meaningless_epoch_setting(data, tmp_path):
+    with pytest.raises(ValueError, match=r"val_check_interval=6 is more than the 4 batches.*check_val_every_n_epoch=2"):
+        train_tiny(run_config(data, tmp_path, max_steps=12, val_every=6, check_val_every_n_epoch=2))
+    with pytest.raises(ValueError, match=r"val_check_interval=0.5 is a fraction of an epoch"):
+        train_tiny(run_config(data, tmp_path, val_every=0.5, check_val_every_n_epoch=None))

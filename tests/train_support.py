@@ -43,7 +43,7 @@ class TinyModel(nn.Module):
     def __init__(self, dropout: float = 0.0, use_generator: bool = False, nan_after: int | None = None,
                  signal_at: int | None = None, sleep: float = 0.0, nan_at: tuple = (), crash_at: int | None = None,
                  batch_norm: bool = False, stall_at: tuple | None = None, encoder: bool = False,
-                 ballast: int = 0):
+                 ballast: int = 0, no_token_at: tuple = ()):
         super().__init__()
         self.proj, self.out = nn.Linear(4, 16), nn.Linear(16, 1)
         self.norm = nn.BatchNorm1d(16) if batch_norm else nn.LayerNorm(16)  # BatchNorm: FSDP broadcasts its stats
@@ -57,6 +57,7 @@ class TinyModel(nn.Module):
             self.ballast = nn.Parameter(torch.zeros(ballast), requires_grad=False)
         if encoder:  # gives HealthMonitor its hooks (health sums, an all-reduce per collect)
             self.encoder = TinyEncoder()
+        self.no_token_at = tuple(no_token_at)  # call numbers with no masked token: loss 0, as MLMLoss gives
 
     def _loss(self, batch, generator):
         audio, lens = batch.noisy_audio if batch.noisy_audio is not None else batch.audio, batch.audio_len
@@ -87,7 +88,8 @@ class TinyModel(nn.Module):
         loss = self._loss(batch, generator)
         if (self.nan_after is not None and self.calls > self.nan_after) or self.calls in self.nan_at:
             loss = loss * float("nan")
-        return {"loss": loss, "masked_tokens": 0}
+        no_token = self.calls in self.no_token_at
+        return {"loss": loss * (0.0 if no_token else 1.0), "masked_tokens": 0, "no_token": torch.tensor(int(no_token))}
 
     def _stall(self, phase: str, call: int):
         """stall_at = (phase, call, seconds[, marker file written when the stall starts])."""

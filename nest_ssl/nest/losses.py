@@ -28,6 +28,15 @@ class MultiMLMLossConfig:
     squeeze_single: bool = False
 
 
+def frame_stats(log_probs: torch.Tensor, tokens: torch.Tensor) -> dict:
+    """log_probs (B, T, C, H), tokens (B, T, H) -> per-frame (B, T, H), no graph: argmax prediction, entropy of the
+    predicted distribution, NLL of the target. What MultiMLMLoss.observers receive (the health metrics)."""
+    with torch.no_grad():
+        lp = log_probs.detach().float()
+        return {"pred": lp.argmax(dim=2), "pred_entropy": -(lp.exp() * lp).sum(2),
+                "nll": -lp.gather(2, tokens.long().unsqueeze(2)).squeeze(2)}
+
+
 def token_mask(masks: torch.Tensor, combine_time_steps: int, mask_threshold: float) -> torch.Tensor:
     """(B, F, T) frame masks -> (B, T // combine) bool: tokens whose mean mask is > mask_threshold."""
     if masks.dim() != 3:
@@ -77,6 +86,10 @@ class MultiMLMLoss(nn.Module):
         self.cfg = cfg
         self.mlm_loss = MLMLoss(MLMLossConfig(cfg.combine_time_steps, cfg.mask_threshold))
         self.last_num_selected = 0
+        # callables(loss, masks, frames, tokens, lengths) given frame_stats of every forward, from the full
+        # log-probs here or chunk by chunk in masked_logits.py (trainer.health): unlike a hook on this module,
+        # they leave the model free to take the chunked head
+        self.observers: list = []
 
     def forward(self, masks, decoder_outputs, targets, decoder_lengths=None) -> torch.Tensor:
         H = self.cfg.num_decoders
@@ -90,4 +103,6 @@ class MultiMLMLoss(nn.Module):
                              f"quantizer must equal num_decoders={H}")
         loss = sum(self.mlm_loss(masks, decoder_outputs[..., h], targets[..., h]) for h in range(H)) / H
         self.last_num_selected = self.mlm_loss.last_num_selected
+        for observe in self.observers:
+            observe(self, masks, frame_stats(decoder_outputs[:, :targets.shape[1]], targets), targets, decoder_lengths)
         return loss

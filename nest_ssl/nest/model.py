@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from nest_ssl.nemo_compat import instantiate
-from nest_ssl.nest.masked_logits import DEFAULT_CHUNK, mlm_loss_from_encoded
+from nest_ssl.nest.masked_logits import DEFAULT_CHUNK, mlm_loss_from_encoded, saves_memory
 
 MASK_POSITIONS = ("pre_conv", "post_conv")
 
@@ -92,13 +92,13 @@ class EncDecMaskedTokenPredModel(nn.Module):
         if books != heads or loss.cfg.num_decoders != heads:
             raise ValueError(f"quantizer num_books={books}, decoder num_decoders={heads} and loss num_decoders="
                              f"{loss.cfg.num_decoders} must be equal")
-        # training/validation steps take the loss from encoder frames in chunks (masked_logits.py): same loss,
-        # no full (B, T', C, H) log-probs. 0 = through decoder.forward, as NeMo.
+        # training/validation steps take the loss from encoder frames in chunks (masked_logits.py) when B*T' is
+        # more than one chunk: same loss, no full (B, T', C, H) log-probs. 0 = always decoder.forward, as NeMo.
         self.loss_logits_chunk = DEFAULT_CHUNK
 
     def _loss_only(self) -> bool:
-        """The chunked head serves when the loss is all that is needed: not when something hooks the loss module
-        to read the full log-probs (trainer.health's masked accuracy and prediction statistics)."""
+        """The chunked head may serve when nothing hooks the loss module to read the full log-probs (the health
+        metrics do not: they observe the chunks, MultiMLMLoss.observers)."""
         return self.loss_logits_chunk > 0 and not self.loss._forward_hooks and not self.loss._forward_pre_hooks
 
     @classmethod
@@ -167,9 +167,13 @@ class EncDecMaskedTokenPredModel(nn.Module):
         return (self.decoder(encoded) if decode else encoded), encoded_len, masks, tokens
 
     def compute_loss(self, log_probs, encoded_len, masks, tokens, from_encoded=False) -> tuple[torch.Tensor, dict]:
-        """from_encoded: `log_probs` is the encoder output and the head runs chunk-wise inside the loss."""
-        if from_encoded:
-            loss = mlm_loss_from_encoded(self.decoder, self.loss, masks, log_probs, tokens, self.loss_logits_chunk)
+        """from_encoded: `log_probs` is the encoder output; the head runs chunk-wise inside the loss where that
+        saves memory (more frames than one chunk), else decoder.forward as NeMo."""
+        if from_encoded and saves_memory(log_probs, self.loss_logits_chunk):
+            loss = mlm_loss_from_encoded(self.decoder, self.loss, masks, log_probs, tokens, self.loss_logits_chunk,
+                                         encoded_len)
+        elif from_encoded:
+            loss = self.loss(masks, self.decoder(log_probs), tokens, encoded_len)
         else:
             loss = self.loss(masks, log_probs, tokens, encoded_len)
         n = self.loss.last_num_selected
