@@ -26,6 +26,10 @@ No torch compute op runs between the kernels: one training step is 3 launches fo
 SyncBatchNorm collectives and one more finalize launch when synced). The intermediates y (conv output) and dy (its
 gradient) are stored in h's dtype (bf16 under autocast); every sum is accumulated in fp32, the BN statistics in fp64.
 
+No kernel here is autotuned and none accumulates across launches: every partial is stored by the one program that
+owns it and each kernel runs once per use, so a rerun writes the same values. If one is ever tuned, `_bn_finalize_fwd`
+with UPDATE rewrites the running stats in place and would need `restore_value` on them.
+
 Limits: batch_norm only (layer/group norm use the torch path); CUDA, or CPU under TRITON_INTERPRET=1. The variance
 comes from per-block fp32 sums and centred second moments of y, combined in fp64 (Chan).
 """

@@ -97,10 +97,11 @@ STATIC_KERNELS = [("_fwd_kernel", (True, False)), ("_bwd_dkdv_kernel", (True,)),
 STATIC_FIXED = [("_bwd_preprocess", dict(BLOCK_M=64), 4, 3)]  # (kernel, constexprs, num_warps, num_stages)
 
 
+# The interpreter's blocks: tiny, so its (numpy) launches stay cheap. It runs the kernels bare, without the autotuner.
+INTERPRET_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_W=32)
+
+
 def _configs(kernel):
-    # The interpreter cannot autotune; tiny blocks keep its (numpy) launches cheap.
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_W": 32})]
     configs = {c: None for table in CONFIGS[kernel].values() for c in table}  # the union, in order, once each
     return [_config(*c) for c in configs]
 
@@ -351,13 +352,27 @@ def _dropout_mask_kernel(OUT, seed, T, dropout_p, BLOCK: tl.constexpr):
                  mask=(offs_m[:, None] < T) & (offs_n[None, :] < T))
 
 
+# The arguments each tuned kernel accumulates into (atomics) rather than stores. Triton's autotuner runs a kernel
+# many times while it benchmarks a new key (every pruned config, even a single one, whenever the config list has more
+# than one entry), then launches it once more: these are zeroed before every benchmark run and again before the real
+# launch, or the first call of every new key returns the sum of all those runs. Every other output is stored, so a
+# rerun rewrites the same values (tests/test_rel_pos_attention.py runs the first call through Triton's Autotuner).
+ACCUMULATES = {"_fwd_kernel": (), "_bwd_dkdv_kernel": (), "_bwd_dq_kernel": ("DP",)}
+
+
+def autotuned(kernel, configs, prune=None, do_bench=None):
+    """`kernel` under Triton's autotuner. Keyed on T rounded up to a power of two: training sees a new T almost every
+    batch, tuning each is too slow. `prune` keeps a launch's candidates; `do_bench` None is Triton's timer."""
+    return triton.autotune(configs, key=["T_BUCKET", "BLOCK_D", "DROPOUT", "IEEE"],
+                           prune_configs_by=None if prune is None else {"early_config_prune": prune},
+                           reset_to_zero=list(ACCUMULATES[kernel.__name__]), do_bench=do_bench)(kernel)
+
+
 def _maybe_tune(kernel):
     if INTERPRET:
         return kernel
-    # Keyed on T rounded up to a power of two: training sees a new T almost every batch, tuning each is too slow.
     # The pruner keeps the candidates of this launch's (dtype, BLOCK_D) from CONFIGS.
-    return triton.autotune(_configs(kernel.__name__), key=["T_BUCKET", "BLOCK_D", "DROPOUT", "IEEE"],
-                           prune_configs_by={"early_config_prune": _prune(kernel.__name__)})(kernel)
+    return autotuned(kernel, _configs(kernel.__name__), _prune(kernel.__name__))
 
 
 _fwd = _maybe_tune(_fwd_kernel)
@@ -366,8 +381,9 @@ _bwd_dq = _maybe_tune(_bwd_dq_kernel)
 
 
 def _launch(kernel, blocks_of, bh, *args, _axis="rows", **consts):
-    """Autotuned launch on GPU; the interpreter gets its single config explicitly. Grid: (blocks along _axis, B*H)."""
-    meta = dict(_configs(None)[0].kwargs) if INTERPRET else {}
+    """Autotuned launch on GPU; a bare kernel (the interpreter's) gets the interpreter's config explicitly.
+    Grid: (blocks along _axis, B*H)."""
+    meta = {} if isinstance(kernel, triton.runtime.Autotuner) else INTERPRET_BLOCKS
     key = "BLOCK_M" if _axis == "rows" else "BLOCK_N"
     kernel[lambda m: (triton.cdiv(blocks_of, m[key]), bh)](*args, **consts, **meta)
 
