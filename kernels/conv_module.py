@@ -41,11 +41,13 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Elementwise kernels: (BLOCK_T rows x BLOCK_C channels) per program. Halo kernels (depthwise conv): HALO_C channels,
-# so their five live (rows x channels) fp32 tiles fit in registers. 8 warps everywhere: no spill and >= 16 resident
-# warps per SM for every conv kernel (kernels/results/sm90_static.csv).
+# so their five live (rows x channels) fp32 tiles fit in registers. Elementwise kernels 8 warps, halo kernels 16: at 8
+# the fp32 backward spilled 12 B at kernel size 9 and size 31 (128-row tiles) left 8 warps per SM; at 16 none spills
+# and every conv kernel keeps >= 16 resident warps per SM (kernels/results/sm90_static.csv).
 BLOCK_T, BLOCK_C = (16, 16) if INTERPRET else (64, 64)
 HALO_C = 16 if INTERPRET else 32
 NUM_WARPS = 8
+HALO_WARPS = 16
 # Finalize kernels (per-channel reductions of the partial rows): FIN_C channels x FIN_P rows per step, 4 warps; 8
 # rows keep the fp64 finalize at <= 128 registers (>= 16 resident warps per SM). They read ~B*T/56 rows: tiny.
 FIN_C, FIN_P = (16, 8) if INTERPRET else (64, 8)
@@ -55,21 +57,6 @@ def _halo_rows(K: int) -> int:
     """Rows of the conv kernels' halo tile (a power of two): at most a quarter of it is halo (K - 1 rows), so GLU
     work wasted on halo rows stays <= 25% of the tile. NEST-L/XL (K = 9) on GPU: 64 rows, 56 outputs."""
     return max(BLOCK_T, triton.next_power_of_2(4 * (K - 1)))
-
-
-def static_cases():
-    """(kernel, constexprs, num_warps, num_stages) of every launch, for kernels/static_report.py."""
-    k = dict(K=9, LEFT=4, BLOCK_H=_halo_rows(9), BLOCK_C=HALO_C)
-    blocks = dict(BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
-    return [("_glu_dwconv_fwd", dict(k, HAS_BIAS=True, FOLDED=False), NUM_WARPS, 3),
-            ("_glu_dwconv_fwd", dict(k, HAS_BIAS=False, FOLDED=True), NUM_WARPS, 3),
-            ("_affine_silu_fwd", blocks, NUM_WARPS, 3),
-            ("_affine_silu_bwd", dict(blocks, SECOND=False), NUM_WARPS, 3),
-            ("_affine_silu_bwd", dict(blocks, SECOND=True), NUM_WARPS, 3),
-            ("_dwconv_glu_bwd", dict(k, HAS_BIAS=True), NUM_WARPS, 3),
-            ("_bn_finalize_fwd", dict(OUT=56, RANKS=False, LOCAL=False, UPDATE=True, BLOCK_P=FIN_P, BLOCK_C=FIN_C), 4,
-             1),
-            ("_column_sums", dict(BLOCK_P=FIN_P, BLOCK_C=FIN_C), 4, 1)]
 
 
 @triton.jit
@@ -186,7 +173,7 @@ def _dwconv_glu_bwd(h_ptr, len_ptr, w_ptr, dy_ptr, dh_ptr, dw_part_ptr, T, C, n_
     rows = tl.arange(0, BLOCK_H)
     offs_t = t0 + rows
     om = ((rows < OUT) & (offs_t < T))[:, None] & cmask[None, :]
-    # Phase 1, dy only: d(GLU output) and dy at this program's rows (fewer live tiles: no spill at 8 warps).
+    # Phase 1, dy only: d(GLU output) and dy at this program's rows (fewer live tiles than loading both at once).
     td = t0 - RIGHT + rows
     dy_h = tl.load(dy_ptr + b * T * C + td[:, None] * C + offs_c[None, :],
                    mask=((td >= 0) & (td < T))[:, None] & cmask[None, :], other=0.0).to(tl.float32)
@@ -378,7 +365,7 @@ class _ConvModuleCore(torch.autograd.Function):
         dummy = w.new_empty(1, dtype=torch.float32)
         _glu_dwconv_fwd[grid](h, lengths, w, bias if bias is not None else dummy, y, part, dummy, dummy, T, C,
                               n_tb, K=K, LEFT=left, HAS_BIAS=bias is not None, FOLDED=False, BLOCK_H=block_h,
-                              BLOCK_C=HALO_C, num_warps=NUM_WARPS)
+                              BLOCK_C=HALO_C, num_warps=HALO_WARPS)
         with torch.no_grad():  # the running stats are updated in place, outside autograd
             mean, rstd, scale, shift, inv_n = _batch_stats(part, T, n_tb, block_h - (K - 1), gamma, beta, running_mean,
                                                     running_var, momentum, eps, group)
@@ -416,7 +403,7 @@ class _ConvModuleCore(torch.autograd.Function):
         dw_part = torch.empty(B * n_tb, J, C, device=h.device, dtype=torch.float32)
         _dwconv_glu_bwd[(B, n_tb, triton.cdiv(C, HALO_C))](h, lengths, w, dy, dh, dw_part, T, C, n_tb, K=K, LEFT=left,
                                                             HAS_BIAS=has_bias, BLOCK_H=_halo_rows(K), BLOCK_C=HALO_C,
-                                                            num_warps=NUM_WARPS)
+                                                            num_warps=HALO_WARPS)
         dw = torch.empty(w_shape, device=h.device, dtype=w_dtype)  # (C, 1, K)
         dbias = torch.empty(C, device=h.device, dtype=w_dtype) if has_bias else None
         _column_sums[(triton.cdiv(C, FIN_C),)](dw_part, dw, dbias if has_bias else dw, B * n_tb, C, J, K, K, 1,
@@ -459,5 +446,5 @@ def _folded_eval(h, lengths, weight, bias, bn, context):
     w = weight.reshape(C, K).contiguous()
     _glu_dwconv_fwd[(B, n_tb, triton.cdiv(C, HALO_C))](
         h.contiguous(), lengths.to(torch.int32).contiguous(), w, scale, out, scale, scale, shift, T, C, n_tb, K=K,
-        LEFT=context[0], HAS_BIAS=False, FOLDED=True, BLOCK_H=block_h, BLOCK_C=HALO_C, num_warps=NUM_WARPS)
+        LEFT=context[0], HAS_BIAS=False, FOLDED=True, BLOCK_H=block_h, BLOCK_C=HALO_C, num_warps=HALO_WARPS)
     return out
