@@ -40,10 +40,11 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Elementwise kernels: (BLOCK_T rows x BLOCK_C channels) per program. Halo kernels (depthwise conv): HALO_C channels,
-# so their five live (rows x channels) fp32 tiles fit in registers. Elementwise kernels 8 warps, halo kernels 16: at 8
-# the fp32 backward spilled 12 B at kernel size 9 and size 31 (128-row tiles) left 8 warps per SM; at 16 none spills
-# and every conv kernel keeps >= 16 resident warps per SM (kernels/results/sm90_static.csv).
+# Elementwise kernels: (BLOCK_T rows x BLOCK_C channels) per program. Halo kernels (depthwise conv): HALO_C channels
+# (half that for 128-row tiles), so their five live (rows x channels) fp32 tiles fit in registers. Elementwise kernels
+# 8 warps, halo kernels 16: at 8 the fp32 backward spilled 12 B at kernel size 9 and size 31 left 8 warps per SM; at
+# 16 with full-width 128-row tiles the bf16 forward spilled 4 B. Now none spills and every conv kernel keeps >= 16
+# resident warps per SM (kernels/results/sm90_static.csv).
 BLOCK_T, BLOCK_C = (16, 16) if INTERPRET else (64, 64)
 HALO_C = 16 if INTERPRET else 32
 NUM_WARPS = 8
@@ -57,6 +58,12 @@ def _halo_rows(K: int) -> int:
     """Rows of the conv kernels' halo tile (a power of two): at most a quarter of it is halo (K - 1 rows), so GLU
     work wasted on halo rows stays <= 25% of the tile. NEST-L/XL (K = 9) on GPU: 64 rows, 56 outputs."""
     return max(BLOCK_T, triton.next_power_of_2(4 * (K - 1)))
+
+
+def _halo_channels(K: int) -> int:
+    """Channels of the conv kernels' halo tile: HALO_C, halved when the tile has more than 64 rows (K > 16), so the
+    registers per thread stay those of a 64-row tile."""
+    return HALO_C if _halo_rows(K) <= 64 else HALO_C // 2
 
 
 @triton.jit
@@ -357,7 +364,8 @@ class _ConvModuleCore(torch.autograd.Function):
         lengths = lengths.to(torch.int32).contiguous()
         block_h = _halo_rows(K)
         n_tb = triton.cdiv(T, block_h - (K - 1))
-        grid = (B, n_tb, triton.cdiv(C, HALO_C))
+        halo_c = _halo_channels(K)
+        grid = (B, n_tb, triton.cdiv(C, halo_c))
         # y in h's dtype (bf16 under autocast): half the bytes written here and read three times later; the BN
         # statistics come from the kernel's fp32 accumulator, so they are exact either way.
         y = torch.empty(B, T, C, device=h.device, dtype=h.dtype)
@@ -365,7 +373,7 @@ class _ConvModuleCore(torch.autograd.Function):
         dummy = w.new_empty(1, dtype=torch.float32)
         _glu_dwconv_fwd[grid](h, lengths, w, bias if bias is not None else dummy, y, part, dummy, dummy, T, C,
                               n_tb, K=K, LEFT=left, HAS_BIAS=bias is not None, FOLDED=False, BLOCK_H=block_h,
-                              BLOCK_C=HALO_C, num_warps=HALO_WARPS)
+                              BLOCK_C=halo_c, num_warps=HALO_WARPS)
         with torch.no_grad():  # the running stats are updated in place, outside autograd
             mean, rstd, scale, shift, inv_n = _batch_stats(part, T, n_tb, block_h - (K - 1), gamma, beta, running_mean,
                                                     running_var, momentum, eps, group)
@@ -401,8 +409,9 @@ class _ConvModuleCore(torch.autograd.Function):
         dh = torch.empty_like(h)
         J = K + has_bias  # row K of the partials: the bias gradient (sum of dy)
         dw_part = torch.empty(B * n_tb, J, C, device=h.device, dtype=torch.float32)
-        _dwconv_glu_bwd[(B, n_tb, triton.cdiv(C, HALO_C))](h, lengths, w, dy, dh, dw_part, T, C, n_tb, K=K, LEFT=left,
-                                                            HAS_BIAS=has_bias, BLOCK_H=_halo_rows(K), BLOCK_C=HALO_C,
+        halo_c = _halo_channels(K)
+        _dwconv_glu_bwd[(B, n_tb, triton.cdiv(C, halo_c))](h, lengths, w, dy, dh, dw_part, T, C, n_tb, K=K, LEFT=left,
+                                                            HAS_BIAS=has_bias, BLOCK_H=_halo_rows(K), BLOCK_C=halo_c,
                                                             num_warps=HALO_WARPS)
         dw = torch.empty(w_shape, device=h.device, dtype=w_dtype)  # (C, 1, K)
         dbias = torch.empty(C, device=h.device, dtype=w_dtype) if has_bias else None
@@ -444,7 +453,8 @@ def _folded_eval(h, lengths, weight, bias, bn, context):
     block_h = _halo_rows(K)
     n_tb = triton.cdiv(T, block_h - (K - 1))
     w = weight.reshape(C, K).contiguous()
-    _glu_dwconv_fwd[(B, n_tb, triton.cdiv(C, HALO_C))](
+    halo_c = _halo_channels(K)
+    _glu_dwconv_fwd[(B, n_tb, triton.cdiv(C, halo_c))](
         h.contiguous(), lengths.to(torch.int32).contiguous(), w, scale, out, scale, scale, shift, T, C, n_tb, K=K,
-        LEFT=context[0], HAS_BIAS=False, FOLDED=True, BLOCK_H=block_h, BLOCK_C=HALO_C, num_warps=HALO_WARPS)
+        LEFT=context[0], HAS_BIAS=False, FOLDED=True, BLOCK_H=block_h, BLOCK_C=halo_c, num_warps=HALO_WARPS)
     return out
