@@ -12,8 +12,9 @@ What the shipped configs launch (configs/*.yaml; the tiny CPU demo configs exclu
 176/4), 64 (NEST-M/L and the contrastive configs) and 128 (NEST-XL/XXL); the conv module with (kernel size, bias)
 (9, bias) for S/M/L, (9, no bias) XL, (5, no bias) XXL, (31, bias) contrastive_conformer_ssl, at C = 512 or 1024 (every
 shipped width is a multiple of 16, so one compile serves them all); precisions 32 (fp32), bf16-mixed and 16-mixed
-(bf16/fp16 activations, fp32 parameters). T = 750 frames: an integer argument like T is specialised when divisible by
-16, so a T that is (1 length in 16) compiles another binary, not in the report.
+(bf16/fp16 activations, fp32 parameters), and bf16-mixed under FSDP (`bf16-fsdp`: parameters gathered in bf16, so
+pos_bias_u/v, the conv weights and the BatchNorm affine arrive as bf16 pointers). T = 750 frames, and T = 752 (labels
+ending `T%16=0`): Triton specialises an integer argument divisible by 16, so 1 length in 16 compiles other binaries.
 """
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-T = 750
+LENGTHS = {"": 750, " T%16=0": 752}  # label suffix -> T
 BATCH = 2
 SEED = 12345  # odd: a seed divisible by 16 (1 in 16 draws) is specialised like any other integer
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# precision -> (activation dtype, parameter dtype)
+PRECISIONS = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.float32),
+              "fp16": (torch.float16, torch.float32), "bf16-fsdp": (torch.bfloat16, torch.bfloat16)}
 ATTENTION = {"S": (44, 4), "M/L": (64, 8), "XL/XXL": (128, 8)}  # label -> (d_k, heads)
 CONV = {"S/M/L": (9, True, 512), "XL": (9, False, 1024), "XXL": (5, False, 1024), "conformer_ssl": (31, True, 512)}
 
@@ -117,16 +120,16 @@ def _fake(*shape, dtype):
     return torch.empty(*shape, device="cuda", dtype=dtype)
 
 
-def attention_launches(act: torch.dtype, d_k: int, heads: int, label: str) -> list[Launch]:
+def attention_launches(act: torch.dtype, param: torch.dtype, d_k: int, heads: int, T: int, label: str) -> list[Launch]:
     """Training forward + backward (attention dropout 0.1, as every shipped config) and the eval forward."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     m = importlib.import_module("nest_ssl.kernels.rel_pos_attention")
     out: list[Launch] = []
     with FakeTensorMode(), _recording(m, out, label):
-        # q, k, v (B, H, T, d_k) and p (1, H, 2T - 1, d_k) in the activation dtype; pos_bias_u/v are fp32 parameters.
+        # q, k, v (B, H, T, d_k) and p (1, H, 2T - 1, d_k) in the activation dtype; pos_bias_u/v parameters.
         q, k, v = (_fake(BATCH, heads, T, d_k, dtype=act) for _ in range(3))
         p = _fake(1, heads, 2 * T - 1, d_k, dtype=act)
-        u, vb = (_fake(heads, d_k, dtype=torch.float32) for _ in range(2))
+        u, vb = (_fake(heads, d_k, dtype=param) for _ in range(2))
         lengths = torch.full((BATCH,), T, device="cuda", dtype=torch.int64)
         with _backward_at_once(m.RelPosAttentionFunction):
             m.rel_pos_attention(q, k, v, p, u, vb, lengths, dropout_p=0.1, training=True, seed=SEED)
@@ -134,7 +137,8 @@ def attention_launches(act: torch.dtype, d_k: int, heads: int, label: str) -> li
     return out
 
 
-def conv_launches(act: torch.dtype, kernel_size: int, bias: bool, channels: int, label: str) -> list[Launch]:
+def conv_launches(act: torch.dtype, param: torch.dtype, kernel_size: int, bias: bool, channels: int, T: int,
+                  label: str) -> list[Launch]:
     """Training forward + backward (BatchNorm statistics and running-stat update) and the BN-folded eval kernel."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     m = importlib.import_module("nest_ssl.kernels.conv_module")
@@ -142,9 +146,10 @@ def conv_launches(act: torch.dtype, kernel_size: int, bias: bool, channels: int,
     pad = (kernel_size - 1) // 2
     with FakeTensorMode(), _recording(m, out, label):
         h = _fake(BATCH, T, 2 * channels, dtype=act)  # pointwise_conv1's output (B, T, 2C)
-        w = _fake(channels, 1, kernel_size, dtype=torch.float32)
-        b = _fake(channels, dtype=torch.float32) if bias else None
+        w = _fake(channels, 1, kernel_size, dtype=param)
+        b = _fake(channels, dtype=param) if bias else None
         bn = torch.nn.BatchNorm1d(channels, device="cuda")
+        bn.weight, bn.bias = (torch.nn.Parameter(_fake(channels, dtype=param)) for _ in range(2))  # stats stay fp32
         lengths = torch.full((BATCH,), T, device="cuda", dtype=torch.int64)
         with _backward_at_once(m._ConvModuleCore):
             m.conv_glu_dw_bn_silu(h, lengths, w, b, bn, (pad, pad))
@@ -157,9 +162,10 @@ def conv_launches(act: torch.dtype, kernel_size: int, bias: bool, channels: int,
 def shipped_launches() -> list[tuple[str, Launch]]:
     """(precision, launch) for every launch of every shipped shape and precision, in a stable order."""
     out = []
-    for prec, act in PRECISIONS.items():
-        for label, (d_k, heads) in ATTENTION.items():
-            out += [(prec, x) for x in attention_launches(act, d_k, heads, f"{prec} {label}")]
-        for label, (k, bias, channels) in CONV.items():
-            out += [(prec, x) for x in conv_launches(act, k, bias, channels, f"{prec} {label}")]
+    for suffix, T in LENGTHS.items():
+        for prec, (act, param) in PRECISIONS.items():
+            for label, (d_k, heads) in ATTENTION.items():
+                out += [(prec, x) for x in attention_launches(act, param, d_k, heads, T, f"{prec} {label}{suffix}")]
+            for label, (k, bias, channels) in CONV.items():
+                out += [(prec, x) for x in conv_launches(act, param, k, bias, channels, T, f"{prec} {label}{suffix}")]
     return out

@@ -102,6 +102,11 @@ def _configs(kernel):
     return [_config(*c) for c in configs]
 
 
+# The dropout seed is drawn per call: specialised like other integers, the 1 in 16 divisible by 16 would compile (and
+# run) other binaries of every kernel that takes it.
+SEED_ARG = ["seed"]
+
+
 @triton.jit
 def _keep_mask(seed, bh, offs_m, offs_n, T, dropout_p):
     # 64-bit Philox counter: high word = (b, h), low word = i*T + j, so every (b, h, i, j) has its own draw.
@@ -152,7 +157,7 @@ def _key_range(m_lo, m_hi, length, ctx_l, ctx_r, BLOCK_N: tl.constexpr):
     return (lo // BLOCK_N) * BLOCK_N, hi
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_ARG)
 def _fwd_kernel(Q, K, V, P, U, VB, LEN, OUT, LSE, seed, T, H, D, stride_pb, qk_scale, ctx_l, ctx_r, dropout_p,
                 T_BUCKET,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -222,7 +227,7 @@ def _load_row_terms(DO, LSE, DELTA, bh, qkv_base, offs_m, offs_d, T, D, dt: tl.c
     return _load_rows(DO, qkv_base, offs_m, offs_d, T, D, dt), lse, delta
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_ARG)
 def _bwd_dkdv_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DK, DV, DBIAS, seed, T, H, D, stride_pb, sm_scale,
                      qk_scale, ctx_l, ctx_r, dropout_p, T_BUCKET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
@@ -269,7 +274,7 @@ def _bwd_dkdv_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DK, DV, DBIAS, seed
              tl.sum(ds_cols[:, None] * k, 0) * sm_scale, mask=offs_d < D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_ARG)
 def _bwd_dq_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DQ, DP, DBIAS, seed, T, H, D, stride_pb, sm_scale,
                    qk_scale, ctx_l, ctx_r, dropout_p, T_BUCKET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
@@ -335,7 +340,7 @@ def _bwd_preprocess(OUT, DO, DELTA, T, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.con
     tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_ARG)
 def _dropout_mask_kernel(OUT, seed, T, dropout_p, BLOCK: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)

@@ -35,9 +35,10 @@ def test_report_covers_every_shipped_launch():
     assert {"_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_glu_dwconv_fwd",
             "_bn_finalize_fwd", "_affine_silu_fwd", "_affine_silu_bwd", "_dwconv_glu_bwd", "_column_sums"} <= kernels
     assert {(r["dtype"], r["block_d"]) for r in ROWS if r["kernel"] == "_bwd_dq_kernel"} == \
-        {(d, b) for d in ("fp32", "bf16", "fp16") for b in ("64", "128")}
+        {(d, b) for d in ("fp32", "bf16", "fp16", "bf16-fsdp") for b in ("64", "128")}
     labels = {label for r in ROWS for label in r["launches"].split(", ")}
-    assert labels == {f"{p} {shape}" for p in launches.PRECISIONS for shape in [*launches.ATTENTION, *launches.CONV]}
+    assert labels == {f"{p} {shape}{t}" for p in launches.PRECISIONS for shape in [*launches.ATTENTION, *launches.CONV]
+                      for t in launches.LENGTHS}
     conv = {re.search(r"K=(\d+),HAS_BIAS=(\w+)", r["config"]).groups()
             for r in ROWS if r["kernel"] == "_dwconv_glu_bwd"}
     assert conv == {("9", "True"), ("9", "False"), ("5", "False"), ("31", "True")}
@@ -46,8 +47,9 @@ def test_report_covers_every_shipped_launch():
 
 
 # Known debt, (kernel, dtype, config) -> spill bytes allowed; an entry needs a reason here and a README line ("Kernel
-# static report"). Empty: no launch spills.
-KNOWN_SPILLS: dict[tuple[str, str, str], int] = {}
+# static report"). The eval forward (no dropout) of NEST-S (d_k 44) under FSDP bf16 at a T divisible by 16 spills 8 B
+# in the forward's second autotune candidate (32x32 tiles, 4 warps); its first (64x64, 8 warps) does not.
+KNOWN_SPILLS = {("_fwd_kernel", "bf16-fsdp", "DROPOUT=False,BLOCK_M=32,BLOCK_N=32,BLOCK_W=64"): 8}
 
 
 def test_no_launch_oversizes_spills_or_drops_below_the_occupancy_floor():
