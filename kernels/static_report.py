@@ -1,7 +1,7 @@
 """sm_90 static report: compile every kernel launch the shipped configs make, as Triton's launch path compiles it, for
 Hopper on a CPU machine (no GPU needed), and record what the hardware will see: `make kernel-report`.
 
-    python kernels/static_report.py [--out kernels/results/sm90_static.csv] [--only NAME,...] [--dtypes fp32,bf16]
+    python kernels/static_report.py [--out kernels/results/sm90_static.csv] [--only NAME,...] [--dtypes fp32,...]
 
 The launches come from kernels/launches.py: the host wrappers run on fake CUDA tensors and every kernel launch (each
 config an autotuned kernel's pruner keeps) is recorded with its real arguments. Each is compiled by
@@ -168,12 +168,13 @@ def row(name: str, dtype: str, consts: dict, options, figs: dict, src: str) -> d
                 src_sha256=src)
 
 
-def report(only=(), dtypes=("fp32", "bf16", "fp16"), log=print):
+def report(only=(), dtypes=None, log=print):
     """Yields one row per distinct binary of the shipped launches (filtered by kernel name and precision), each as
     soon as it is compiled, with the labels of the launches that share it filled in as they come."""
     launches = importlib.import_module("nest_ssl.kernels.launches")
     src = source_hash()
-    todo = [(p, x) for p, x in launches.shipped_launches() if p in dtypes and (not only or x.name in only)]
+    todo = [(p, x) for p, x in launches.shipped_launches()
+            if (dtypes is None or p in dtypes) and (not only or x.name in only)]
     by_binary = {}
     for i, (prec, launch) in enumerate(todo):
         key = _binary_key(launch)
@@ -206,11 +207,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--only", default="", help="comma list of kernel names (a partial report, for development)")
-    ap.add_argument("--dtypes", default="fp32,bf16,fp16", help="precisions: fp32 (32), bf16 and fp16 (-mixed)")
+    ap.add_argument("--dtypes", default="",
+                    help="comma list of precisions (launches.PRECISIONS: fp32, bf16, fp16, bf16-fsdp); default all")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("static_report.py compiles real kernels: run it without TRITON_INTERPRET=1")
-    rows = list(report([n for n in args.only.split(",") if n], args.dtypes.split(","),
+    rows = list(report([n for n in args.only.split(",") if n], [d for d in args.dtypes.split(",") if d] or None,
                        log=lambda m: print(m, flush=True)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:
