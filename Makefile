@@ -68,7 +68,8 @@ BENCH_TRAIN_ARGS ?= --modes eager,triton,triton+compile
 bench-train: install
 	$(BIN)/python scripts/benchmark_train.py $(BENCH_TRAIN_ARGS)
 
-# sm_90 compile report of every kernel configuration (no GPU needed; minutes of CPU): kernels/results/sm90_static.csv
+# sm_90 compile report of every kernel launch the shipped configs make (no GPU needed; tens of minutes of CPU):
+# kernels/results/sm90_static.csv
 kernel-report: install
 	PYTHONPATH=. $(BIN)/python kernels/static_report.py
 

@@ -26,6 +26,10 @@ No torch compute op runs between the kernels: one training step is 3 launches fo
 SyncBatchNorm collectives and one more finalize launch when synced). The intermediates y (conv output) and dy (its
 gradient) are stored in h's dtype (bf16 under autocast); every sum is accumulated in fp32, the BN statistics in fp64.
 
+No kernel here is autotuned and none accumulates across launches: every partial is stored by the one program that
+owns it and each kernel runs once per use, so a rerun writes the same values. If one is ever tuned, `_bn_finalize_fwd`
+with UPDATE rewrites the running stats in place and would need `restore_value` on them.
+
 Limits: batch_norm only (layer/group norm use the torch path); CUDA, or CPU under TRITON_INTERPRET=1. The variance
 comes from per-block fp32 sums and centred second moments of y, combined in fp64 (Chan).
 """
@@ -36,12 +40,15 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Elementwise kernels: (BLOCK_T rows x BLOCK_C channels) per program. Halo kernels (depthwise conv): HALO_C channels,
-# so their five live (rows x channels) fp32 tiles fit in registers. 8 warps everywhere: no spill and >= 16 resident
-# warps per SM for every conv kernel (kernels/results/sm90_static.csv).
+# Elementwise kernels: (BLOCK_T rows x BLOCK_C channels) per program. Halo kernels (depthwise conv): HALO_C channels
+# (half that for 128-row tiles), so their five live (rows x channels) fp32 tiles fit in registers. Elementwise kernels
+# 8 warps, halo kernels 16: at 8 the fp32 backward spilled 12 B at kernel size 9 and size 31 left 8 warps per SM; at
+# 16 with full-width 128-row tiles the bf16 forward spilled 4 B. Now none spills and every conv kernel keeps >= 16
+# resident warps per SM (kernels/results/sm90_static.csv).
 BLOCK_T, BLOCK_C = (16, 16) if INTERPRET else (64, 64)
 HALO_C = 16 if INTERPRET else 32
 NUM_WARPS = 8
+HALO_WARPS = 16
 # Finalize kernels (per-channel reductions of the partial rows): FIN_C channels x FIN_P rows per step, 4 warps; 8
 # rows keep the fp64 finalize at <= 128 registers (>= 16 resident warps per SM). They read ~B*T/56 rows: tiny.
 FIN_C, FIN_P = (16, 8) if INTERPRET else (64, 8)
@@ -53,19 +60,10 @@ def _halo_rows(K: int) -> int:
     return max(BLOCK_T, triton.next_power_of_2(4 * (K - 1)))
 
 
-def static_cases():
-    """(kernel, constexprs, num_warps, num_stages) of every launch, for kernels/static_report.py."""
-    k = dict(K=9, LEFT=4, BLOCK_H=_halo_rows(9), BLOCK_C=HALO_C)
-    blocks = dict(BLOCK_T=BLOCK_T, BLOCK_C=BLOCK_C)
-    return [("_glu_dwconv_fwd", dict(k, HAS_BIAS=True, FOLDED=False), NUM_WARPS, 3),
-            ("_glu_dwconv_fwd", dict(k, HAS_BIAS=False, FOLDED=True), NUM_WARPS, 3),
-            ("_affine_silu_fwd", blocks, NUM_WARPS, 3),
-            ("_affine_silu_bwd", dict(blocks, SECOND=False), NUM_WARPS, 3),
-            ("_affine_silu_bwd", dict(blocks, SECOND=True), NUM_WARPS, 3),
-            ("_dwconv_glu_bwd", dict(k, HAS_BIAS=True), NUM_WARPS, 3),
-            ("_bn_finalize_fwd", dict(OUT=56, RANKS=False, LOCAL=False, UPDATE=True, BLOCK_P=FIN_P, BLOCK_C=FIN_C), 4,
-             1),
-            ("_column_sums", dict(BLOCK_P=FIN_P, BLOCK_C=FIN_C), 4, 1)]
+def _halo_channels(K: int) -> int:
+    """Channels of the conv kernels' halo tile: HALO_C, halved when the tile has more than 64 rows (K > 16), so the
+    registers per thread stay those of a 64-row tile."""
+    return HALO_C if _halo_rows(K) <= 64 else HALO_C // 2
 
 
 @triton.jit
@@ -182,7 +180,7 @@ def _dwconv_glu_bwd(h_ptr, len_ptr, w_ptr, dy_ptr, dh_ptr, dw_part_ptr, T, C, n_
     rows = tl.arange(0, BLOCK_H)
     offs_t = t0 + rows
     om = ((rows < OUT) & (offs_t < T))[:, None] & cmask[None, :]
-    # Phase 1, dy only: d(GLU output) and dy at this program's rows (fewer live tiles: no spill at 8 warps).
+    # Phase 1, dy only: d(GLU output) and dy at this program's rows (fewer live tiles than loading both at once).
     td = t0 - RIGHT + rows
     dy_h = tl.load(dy_ptr + b * T * C + td[:, None] * C + offs_c[None, :],
                    mask=((td >= 0) & (td < T))[:, None] & cmask[None, :], other=0.0).to(tl.float32)
@@ -366,7 +364,8 @@ class _ConvModuleCore(torch.autograd.Function):
         lengths = lengths.to(torch.int32).contiguous()
         block_h = _halo_rows(K)
         n_tb = triton.cdiv(T, block_h - (K - 1))
-        grid = (B, n_tb, triton.cdiv(C, HALO_C))
+        halo_c = _halo_channels(K)
+        grid = (B, n_tb, triton.cdiv(C, halo_c))
         # y in h's dtype (bf16 under autocast): half the bytes written here and read three times later; the BN
         # statistics come from the kernel's fp32 accumulator, so they are exact either way.
         y = torch.empty(B, T, C, device=h.device, dtype=h.dtype)
@@ -374,7 +373,7 @@ class _ConvModuleCore(torch.autograd.Function):
         dummy = w.new_empty(1, dtype=torch.float32)
         _glu_dwconv_fwd[grid](h, lengths, w, bias if bias is not None else dummy, y, part, dummy, dummy, T, C,
                               n_tb, K=K, LEFT=left, HAS_BIAS=bias is not None, FOLDED=False, BLOCK_H=block_h,
-                              BLOCK_C=HALO_C, num_warps=NUM_WARPS)
+                              BLOCK_C=halo_c, num_warps=HALO_WARPS)
         with torch.no_grad():  # the running stats are updated in place, outside autograd
             mean, rstd, scale, shift, inv_n = _batch_stats(part, T, n_tb, block_h - (K - 1), gamma, beta, running_mean,
                                                     running_var, momentum, eps, group)
@@ -410,9 +409,10 @@ class _ConvModuleCore(torch.autograd.Function):
         dh = torch.empty_like(h)
         J = K + has_bias  # row K of the partials: the bias gradient (sum of dy)
         dw_part = torch.empty(B * n_tb, J, C, device=h.device, dtype=torch.float32)
-        _dwconv_glu_bwd[(B, n_tb, triton.cdiv(C, HALO_C))](h, lengths, w, dy, dh, dw_part, T, C, n_tb, K=K, LEFT=left,
-                                                            HAS_BIAS=has_bias, BLOCK_H=_halo_rows(K), BLOCK_C=HALO_C,
-                                                            num_warps=NUM_WARPS)
+        halo_c = _halo_channels(K)
+        _dwconv_glu_bwd[(B, n_tb, triton.cdiv(C, halo_c))](h, lengths, w, dy, dh, dw_part, T, C, n_tb, K=K, LEFT=left,
+                                                            HAS_BIAS=has_bias, BLOCK_H=_halo_rows(K), BLOCK_C=halo_c,
+                                                            num_warps=HALO_WARPS)
         dw = torch.empty(w_shape, device=h.device, dtype=w_dtype)  # (C, 1, K)
         dbias = torch.empty(C, device=h.device, dtype=w_dtype) if has_bias else None
         _column_sums[(triton.cdiv(C, FIN_C),)](dw_part, dw, dbias if has_bias else dw, B * n_tb, C, J, K, K, 1,
@@ -453,7 +453,8 @@ def _folded_eval(h, lengths, weight, bias, bn, context):
     block_h = _halo_rows(K)
     n_tb = triton.cdiv(T, block_h - (K - 1))
     w = weight.reshape(C, K).contiguous()
-    _glu_dwconv_fwd[(B, n_tb, triton.cdiv(C, HALO_C))](
+    halo_c = _halo_channels(K)
+    _glu_dwconv_fwd[(B, n_tb, triton.cdiv(C, halo_c))](
         h.contiguous(), lengths.to(torch.int32).contiguous(), w, scale, out, scale, scale, shift, T, C, n_tb, K=K,
-        LEFT=context[0], HAS_BIAS=False, FOLDED=True, BLOCK_H=block_h, BLOCK_C=HALO_C, num_warps=NUM_WARPS)
+        LEFT=context[0], HAS_BIAS=False, FOLDED=True, BLOCK_H=block_h, BLOCK_C=halo_c, num_warps=HALO_WARPS)
     return out

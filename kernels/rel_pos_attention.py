@@ -55,10 +55,11 @@ LOG2E = 1.4426950408889634
 
 
 # Autotune candidates (BLOCK_M, BLOCK_N, BLOCK_W, num_warps, num_stages) per kernel and (dtype, BLOCK_D), chosen from
-# the sm_90 static report (kernels/results/sm90_static.csv): every entry compiles without spills, within sm_90's shared
-# memory and with at least 8 resident warps per SM. Larger tiles are out because they spill: the backward's 64x64
-# tiles 0.6-2.6 KB per thread, its 32-row bf16 tiles at d_k 128 8-344 B (mma.sync operands with
-# K = 128 are held whole per warp), and fp32 64x64 forward tiles need up to 336 KB of shared memory.
+# the sm_90 static report of the launches as they compile (kernels/results/sm90_static.csv): within sm_90's shared
+# memory, at least 8 resident warps per SM, no spills (README lists any left). Larger tiles are out because they
+# spill: the backward's 64x64 tiles 0.6-2.6 KB per thread, its 32-row bf16 tiles at d_k 128 8-344 B (mma.sync operands
+# with K = 128 are held whole per warp), the fp32 dk/dv 32-row tiles 12-24 B as launched (d_k 64 and 128), and fp32
+# 64x64 forward tiles need up to 336 KB of shared memory.
 # BLOCK_W >= BLOCK_M + BLOCK_N - 1 (the p window of one tile), a power of two. The first entry is the one
 # NEST_SSL_PIN_KERNEL_CONFIGS=1 pins.
 _SMALL = (16, 16, 32, 4, 2)
@@ -67,7 +68,7 @@ CONFIGS = {
     "_fwd_kernel": {("bf16", 64): [(64, 64, 128, 8, 3), (32, 32, 64, 4, 2)], ("bf16", 128): [(32, 32, 64, 4, 2)],
                     ("fp32", 64): [_SMALL], ("fp32", 128): [_SMALL]},
     "_bwd_dkdv_kernel": {("bf16", 64): [(32, 32, 64, 8, 2), (32, 16, 64, 8, 2)], ("bf16", 128): [_SMALL8],
-                         ("fp32", 64): [(32, 32, 64, 8, 2), _SMALL8], ("fp32", 128): [(32, 16, 64, 8, 2), _SMALL8]},
+                         ("fp32", 64): [_SMALL8], ("fp32", 128): [_SMALL8]},
     "_bwd_dq_kernel": {("bf16", 64): [(32, 16, 64, 8, 2), (32, 32, 64, 8, 2)], ("bf16", 128): [_SMALL, _SMALL8],
                        ("fp32", 64): [(32, 16, 64, 8, 2)], ("fp32", 128): [_SMALL8]},
 }
@@ -92,17 +93,18 @@ def _prune(kernel_name):
     return prune
 
 
-# The kernels kernels/static_report.py compiles, with the DROPOUT values training and evaluation use.
-STATIC_KERNELS = [("_fwd_kernel", (True, False)), ("_bwd_dkdv_kernel", (True,)), ("_bwd_dq_kernel", (True,))]
-STATIC_FIXED = [("_bwd_preprocess", dict(BLOCK_M=64), 4, 3)]  # (kernel, constexprs, num_warps, num_stages)
+# The interpreter's blocks: tiny, so its (numpy) launches stay cheap. It runs the kernels bare, without the autotuner.
+INTERPRET_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_W=32)
 
 
 def _configs(kernel):
-    # The interpreter cannot autotune; tiny blocks keep its (numpy) launches cheap.
-    if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_W": 32})]
     configs = {c: None for table in CONFIGS[kernel].values() for c in table}  # the union, in order, once each
     return [_config(*c) for c in configs]
+
+
+# The dropout seed is drawn per call: specialised like other integers, the 1 in 16 divisible by 16 would compile (and
+# run) other binaries of every kernel that takes it.
+SEED_ARG = ["seed"]
 
 
 @triton.jit
@@ -155,7 +157,7 @@ def _key_range(m_lo, m_hi, length, ctx_l, ctx_r, BLOCK_N: tl.constexpr):
     return (lo // BLOCK_N) * BLOCK_N, hi
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_ARG)
 def _fwd_kernel(Q, K, V, P, U, VB, LEN, OUT, LSE, seed, T, H, D, stride_pb, qk_scale, ctx_l, ctx_r, dropout_p,
                 T_BUCKET,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -225,7 +227,7 @@ def _load_row_terms(DO, LSE, DELTA, bh, qkv_base, offs_m, offs_d, T, D, dt: tl.c
     return _load_rows(DO, qkv_base, offs_m, offs_d, T, D, dt), lse, delta
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_ARG)
 def _bwd_dkdv_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DK, DV, DBIAS, seed, T, H, D, stride_pb, sm_scale,
                      qk_scale, ctx_l, ctx_r, dropout_p, T_BUCKET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
@@ -272,7 +274,7 @@ def _bwd_dkdv_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DK, DV, DBIAS, seed
              tl.sum(ds_cols[:, None] * k, 0) * sm_scale, mask=offs_d < D)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_ARG)
 def _bwd_dq_kernel(Q, K, V, P, U, VB, LEN, DO, LSE, DELTA, DQ, DP, DBIAS, seed, T, H, D, stride_pb, sm_scale,
                    qk_scale, ctx_l, ctx_r, dropout_p, T_BUCKET, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
@@ -338,7 +340,7 @@ def _bwd_preprocess(OUT, DO, DELTA, T, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.con
     tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=offs_m < T)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=SEED_ARG)
 def _dropout_mask_kernel(OUT, seed, T, dropout_p, BLOCK: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -351,13 +353,27 @@ def _dropout_mask_kernel(OUT, seed, T, dropout_p, BLOCK: tl.constexpr):
                  mask=(offs_m[:, None] < T) & (offs_n[None, :] < T))
 
 
+# The arguments each tuned kernel accumulates into (atomics) rather than stores. Triton's autotuner runs a kernel
+# many times while it benchmarks a new key (every pruned config, even a single one, whenever the config list has more
+# than one entry), then launches it once more: these are zeroed before every benchmark run and again before the real
+# launch, or the first call of every new key returns the sum of all those runs. Every other output is stored, so a
+# rerun rewrites the same values (tests/test_rel_pos_attention.py runs the first call through Triton's Autotuner).
+ACCUMULATES = {"_fwd_kernel": (), "_bwd_dkdv_kernel": (), "_bwd_dq_kernel": ("DP",)}
+
+
+def autotuned(kernel, configs, prune=None, do_bench=None):
+    """`kernel` under Triton's autotuner. Keyed on T rounded up to a power of two: training sees a new T almost every
+    batch, tuning each is too slow. `prune` keeps a launch's candidates; `do_bench` None is Triton's timer."""
+    return triton.autotune(configs, key=["T_BUCKET", "BLOCK_D", "DROPOUT", "IEEE"],
+                           prune_configs_by=None if prune is None else {"early_config_prune": prune},
+                           reset_to_zero=list(ACCUMULATES[kernel.__name__]), do_bench=do_bench)(kernel)
+
+
 def _maybe_tune(kernel):
     if INTERPRET:
         return kernel
-    # Keyed on T rounded up to a power of two: training sees a new T almost every batch, tuning each is too slow.
     # The pruner keeps the candidates of this launch's (dtype, BLOCK_D) from CONFIGS.
-    return triton.autotune(_configs(kernel.__name__), key=["T_BUCKET", "BLOCK_D", "DROPOUT", "IEEE"],
-                           prune_configs_by={"early_config_prune": _prune(kernel.__name__)})(kernel)
+    return autotuned(kernel, _configs(kernel.__name__), _prune(kernel.__name__))
 
 
 _fwd = _maybe_tune(_fwd_kernel)
@@ -366,8 +382,9 @@ _bwd_dq = _maybe_tune(_bwd_dq_kernel)
 
 
 def _launch(kernel, blocks_of, bh, *args, _axis="rows", **consts):
-    """Autotuned launch on GPU; the interpreter gets its single config explicitly. Grid: (blocks along _axis, B*H)."""
-    meta = dict(_configs(None)[0].kwargs) if INTERPRET else {}
+    """Autotuned launch on GPU; a bare kernel (the interpreter's) gets the interpreter's config explicitly.
+    Grid: (blocks along _axis, B*H)."""
+    meta = {} if isinstance(kernel, triton.runtime.Autotuner) else INTERPRET_BLOCKS
     key = "BLOCK_M" if _axis == "rows" else "BLOCK_N"
     kernel[lambda m: (triton.cdiv(blocks_of, m[key]), bh)](*args, **consts, **meta)
 

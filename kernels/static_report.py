@@ -1,20 +1,24 @@
-"""sm_90 static report: compile every kernel and autotune configuration reachable at NEST-L / NEST-XL for Hopper on a
-CPU machine (no GPU needed) and record what the hardware will see: `make kernel-report`.
+"""sm_90 static report: compile every kernel launch the shipped configs make, as Triton's launch path compiles it, for
+Hopper on a CPU machine (no GPU needed), and record what the hardware will see: `make kernel-report`.
 
-    python kernels/static_report.py [--out kernels/results/sm90_static.csv] [--only NAME]
+    python kernels/static_report.py [--out kernels/results/sm90_static.csv] [--only NAME,...] [--dtypes fp32,...]
 
-Per (kernel, dtype, head-dim/channel block, config): registers per thread, spill store/load bytes (ptxas -v),
-shared memory per CTA, CTAs per SM (registers, shared memory and warp slots of an H100/H200), warpgroup MMAs
-(`wgmma.mma_async` in the PTX) and, from the SASS of the main loop (the longest backward branch), its instruction count,
-memory barriers and atomics. Every row carries `src_sha256`, a hash of the kernel sources and this file, so a test can
-tell a stale report from a current one (tests/test_static_report.py).
+The launches come from kernels/launches.py: the host wrappers run on fake CUDA tensors and every kernel launch (each
+config an autotuned kernel's pruner keeps) is recorded with its real arguments. Each is compiled by
+`JITFunction.warmup` (the launch's own path: Triton's binder derives the signature and the specialisation, 16-byte
+pointer alignment and integers divisible by 16, from those arguments; num_warps/num_stages are the launch's, Triton's
+default num_stages=3 where a launch gives none) with a stand-in driver whose target is sm_90. Launches that compile to
+the same binary share one row (`launches` lists them).
 
-What is reachable: NEST-L (d_model 512, 8 heads: d_k 64) and NEST-XL (d_model 1024, 8 heads: d_k 128), bf16 (autocast)
-and fp32; attention dropout 0.1 in training (DROPOUT=True in every backward kernel, both in the forward), the
-conv module with kernel size 9 (its channel count is a runtime argument: one compile serves C = 512 and 1024).
+Per binary: registers per thread, spill store/load bytes (ptxas -v), shared memory per CTA, CTAs per SM (registers,
+shared memory and warp slots of an H100/H200), the matrix instructions the dots compile to (`mma`: wgmma, mma.sync or
+both, fma for IEEE fp32 dots, - for kernels without dots) with the wgmma and mma.sync counts in the PTX, and, from
+the SASS of the main loop (the longest backward branch), its instruction count, memory barriers, atomics and their
+opcodes. Every row carries `src_sha256`, a hash of the kernel sources and these two files, so a test can tell a stale
+report from a current one (tests/test_static_report.py).
 
 A row is clean when it does not spill, fits sm_90's 227 KB of shared memory per CTA, and keeps at least the
-occupancy floor of resident warps per SM: 8 for the attention kernels (two per scheduler: one issues wgmma while another
+occupancy floor of resident warps per SM: 8 for the attention kernels (two per scheduler: one issues MMAs while another
 loads, the FlashAttention-2/3 minimum) and 16 for the bandwidth-bound conv kernels (four per scheduler keep enough
 loads in flight to cover HBM latency without asynchronous copies).
 """
@@ -30,37 +34,19 @@ import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "sm90_static.csv"
-SOURCES = ("rel_pos_attention.py", "conv_module.py", "static_report.py")
+SOURCES = ("rel_pos_attention.py", "conv_module.py", "launches.py", "static_report.py")
 COLUMNS = ["kernel", "dtype", "block_d", "config", "num_warps", "num_stages", "regs", "spill_store", "spill_load",
-           "smem", "ctas_per_sm", "warps_per_sm", "wgmma", "sass_total", "sass_loop", "membar_loop",
-           "membar_gpu_loop", "atomics_loop", "clean",
-           "src_sha256"]
+           "smem", "ctas_per_sm", "warps_per_sm", "mma", "wgmma", "mma_sync", "sass_total", "sass_loop", "membar_loop",
+           "membar_gpu_loop", "atomics_loop", "atomic_ops", "clean", "launches", "src_sha256"]
 SM90 = dict(regs=65536, smem_sm=233472, smem_cta=232448, warps=64, ctas=32, reserved_smem=1024)
 FLOOR = {"attn": 8, "conv": 16}  # resident warps per SM, see the module docstring
-PTR_TYPES = {  # pointer arguments: "act" = the activation dtype, else a fixed Triton type
-    "attn": dict(Q="act", K="act", V="act", P="act", DO="act", OUT="act", DK="act", DV="act", DQ="act", U="fp32",
-                 VB="fp32", LEN="i32", LSE="fp32", DELTA="fp32", DP="fp32", DBIAS="fp32", DQU="fp32", DQV="fp32"),
-    "conv": dict(h_ptr="act", dout_ptr="act", dh_ptr="act", out_ptr="act", y_ptr="act", dy_ptr="act", len_ptr="i32",
-             stats_ptr="fp64"),
-}
-FLOAT_SCALARS = {"sm_scale", "qk_scale", "dropout_p", "momentum", "keep", "eps", "unbiased"}
-
-
-@dataclass
-class Case:
-    name: str  # kernel function name in its module
-    family: str  # "attn" | "conv"
-    module: str
-    dtype: str  # "bf16" | "fp32"
-    block_d: int
-    consts: dict
-    num_warps: int
-    num_stages: int
+ATTN_KERNELS = {"_fwd_kernel", "_bwd_preprocess", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}
+HIDDEN = ("BLOCK_D", "BLOCK_C", "UPCAST", "IEEE", "LEFT")  # constexprs not in the config column (block_d, dtype)
 
 
 def source_hash() -> str:
@@ -70,68 +56,58 @@ def source_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def cases() -> list[Case]:
-    """Every (kernel, dtype, d_k or channel block, config) the autotuner or a fixed launch can use at NEST-L/XL."""
-    attn = importlib.import_module("nest_ssl.kernels.rel_pos_attention")
-    conv = importlib.import_module("nest_ssl.kernels.conv_module")
-    out = []
-    for dtype in ("bf16", "fp32"):
-        for block_d in (64, 128):
-            for kernel, dropouts in attn.STATIC_KERNELS:
-                for cfg in attn.gpu_configs(kernel, dtype, block_d):
-                    for dropout in dropouts:
-                        consts = dict(cfg.kwargs, BLOCK_D=block_d, DROPOUT=dropout, UPCAST=False,
-                                      IEEE=dtype == "fp32")
-                        out.append(Case(kernel, "attn", attn.__name__, dtype, block_d, consts, cfg.num_warps,
-                                        cfg.num_stages))
-            for kernel, consts, warps, stages in attn.STATIC_FIXED:
-                out.append(Case(kernel, "attn", attn.__name__, dtype, block_d, dict(consts, BLOCK_D=block_d), warps,
-                                stages))
-        for kernel, consts, warps, stages in conv.static_cases():
-            out.append(Case(kernel, "conv", conv.__name__, dtype, consts["BLOCK_C"], consts, warps, stages))
-    return out
+class _Sm90Driver:
+    """What Triton's launch path asks the active driver for before it compiles: device, stream and target."""
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", 90, 32)
 
 
-def _signature(fn, case: Case) -> dict:
-    act = {"bf16": "bf16", "fp32": "fp32"}[case.dtype]
-    sig, types = {}, PTR_TYPES[case.family]
-    for arg in fn.arg_names:
-        if arg in case.consts:
-            sig[arg] = "constexpr"
-        elif arg in types or arg.endswith("_ptr"):
-            kind = types.get(arg, "fp32")
-            sig[arg] = "*" + (act if kind == "act" else kind)
-        else:
-            sig[arg] = "fp32" if arg in FLOAT_SCALARS else "i32"
-    return sig
+@contextlib.contextmanager
+def sm90_launch_path():
+    """Triton's launch path compiling for sm_90 on a machine without a GPU (the binary is never loaded)."""
+    from triton.runtime import driver
+    old = driver._active
+    driver.set_active(_Sm90Driver())
+    try:
+        yield
+    finally:
+        driver._active = old
 
 
-def compile_case(case: Case) -> dict:
-    """Compile one case for sm_90 (no cache) -> the static figures of its cubin."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    fn = getattr(importlib.import_module(case.module), case.name)
-    fn = fn if hasattr(fn, "arg_names") else fn.fn  # an autotuned kernel wraps the JITFunction
-    src = ASTSource(fn, _signature(fn, case),
-                    constexprs={(fn.arg_names.index(k),): v for k, v in case.consts.items() if k in fn.arg_names})
+def compile_launch(launch):
+    """The launch's binary through `JITFunction.warmup` -> (CompiledKernel, ptxas -v log). Its in-memory caches are
+    dropped first, so Triton compiles (and ptxas logs) even when this process compiled the same launch before."""
+    launch.fn.device_caches.pop(0, None)
     log = io.StringIO()
-    with _ptxas_log(), contextlib.redirect_stdout(log):
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                options=dict(num_warps=case.num_warps, num_stages=case.num_stages))
-    text = log.getvalue()
+    with sm90_launch_path(), _ptxas_log(), contextlib.redirect_stdout(log):
+        kernel = launch.fn.warmup(*launch.args, grid=(1,), **launch.kwargs)
+    return kernel, log.getvalue()
+
+
+def figures(name: str, kernel, log: str, num_warps: int) -> dict:
+    """The static figures of one compiled kernel."""
     # The kernel's own figures (the log may also list device functions it calls).
-    text = text[text.index(f"Compiling entry function '{case.name}'"):]
+    text = log[log.index(f"Compiling entry function '{name}'"):]
     regs, spills = re.search(r"Used (\d+) registers", text), re.search(r"(\d+) bytes spill stores, (\d+) bytes spill "
                                                                         r"loads", text)
     if regs is None or spills is None:
-        raise RuntimeError(f"no ptxas -v figures for {case.name}: {text[-500:]}")
+        raise RuntimeError(f"no ptxas -v figures for {name}: {text[-500:]}")
     regs, (st, ld) = int(regs.group(1)), (int(x) for x in spills.groups())
     smem = int(kernel.metadata.shared)
-    loop = _sass_loop(kernel.asm["cubin"])
-    return dict(regs=regs, spill_store=st, spill_load=ld, smem=smem, wgmma=kernel.asm["ptx"].count("wgmma.mma_async"),
-                **loop, **_occupancy(regs, smem, case.num_warps))
+    ptx = kernel.asm["ptx"]
+    wgmma, mma_sync = ptx.count("wgmma.mma_async"), len(re.findall(r"\bmma\.sync", ptx))
+    kinds = [k for k, n in (("wgmma", wgmma), ("mma.sync", mma_sync)) if n]
+    mma = "+".join(kinds) or ("fma" if "tt.dot" in kernel.asm["ttir"] else "-")  # IEEE fp32 dots: FMA loops
+    return dict(regs=regs, spill_store=st, spill_load=ld, smem=smem, mma=mma, wgmma=wgmma, mma_sync=mma_sync,
+                **_sass_loop(kernel.asm["cubin"]), **_occupancy(regs, smem, num_warps))
 
 
 @contextlib.contextmanager
@@ -175,45 +151,76 @@ def _sass_loop(cubin: bytes) -> dict:
         if start is not None and start <= i and i + 1 - start > best[1] - best[0]:
             best = (start, i + 1)
     body = [ins for _, ins in instrs[best[0]:best[1]]]
+    atomics = [m.group(0) for s in body if (m := re.search(r"\b(ATOM|RED)[A-Z]*\.\S+", s))]
     return dict(sass_total=len(instrs), sass_loop=len(body), membar_loop=sum("MEMBAR" in s for s in body),
                 membar_gpu_loop=sum(bool(re.search(r"MEMBAR\S*\.(GPU|SYS)", s)) for s in body),
-                atomics_loop=sum(bool(re.search(r"\b(ATOM|RED)[A-Z]*\.", s)) for s in body))
+                atomics_loop=len(atomics),
+                atomic_ops=" ".join(f"{n}x {op}" for op, n in sorted(Counter(atomics).items())))
 
 
-def row(case: Case, figures: dict, src: str) -> dict:
-    cfg = ",".join(f"{k}={v}" for k, v in case.consts.items() if k not in ("BLOCK_D", "UPCAST", "IEEE", "K", "LEFT"))
-    clean = (figures["spill_store"] == 0 and figures["spill_load"] == 0 and figures["smem"] <= SM90["smem_cta"]
-             and figures["warps_per_sm"] >= FLOOR[case.family])
-    return dict(kernel=case.name, dtype=case.dtype, block_d=case.block_d, config=cfg, num_warps=case.num_warps,
-                num_stages=case.num_stages, **figures, clean=clean, src_sha256=src)
+def row(name: str, dtype: str, consts: dict, options, figs: dict, src: str) -> dict:
+    cfg = ",".join(f"{k}={v}" for k, v in consts.items() if k not in HIDDEN)
+    family = "attn" if name in ATTN_KERNELS else "conv"
+    clean = (figs["spill_store"] == 0 and figs["spill_load"] == 0 and figs["smem"] <= SM90["smem_cta"]
+             and figs["warps_per_sm"] >= FLOOR[family])
+    return dict(kernel=name, dtype=dtype, block_d=consts.get("BLOCK_D", consts.get("BLOCK_C")), config=cfg,
+                num_warps=options["num_warps"], num_stages=options["num_stages"], **figs, clean=clean, launches="",
+                src_sha256=src)
+
+
+def report(only=(), dtypes=None, log=print):
+    """Yields one row per distinct binary of the shipped launches (filtered by kernel name and precision), each as
+    soon as it is compiled, with the labels of the launches that share it filled in as they come."""
+    launches = importlib.import_module("nest_ssl.kernels.launches")
+    src = source_hash()
+    todo = [(p, x) for p, x in launches.shipped_launches()
+            if (dtypes is None or p in dtypes) and (not only or x.name in only)]
+    by_binary = {}
+    for i, (prec, launch) in enumerate(todo):
+        key = _binary_key(launch)
+        if key in by_binary:  # the same binary as an earlier launch: name this launch on its row
+            by_binary[key]["launches"] += ", " + ", ".join(launch.labels)
+            continue
+        kernel, text = compile_launch(launch)
+        consts = {k: v for k, v in launch.kwargs.items() if k in [launch.fn.arg_names[j] for j in launch.fn.constexprs]}
+        meta = kernel.metadata._asdict()
+        r = row(launch.name, prec, consts, meta, figures(launch.name, kernel, text, meta["num_warps"]), src)
+        r["launches"] = ", ".join(launch.labels)
+        by_binary[key] = r
+        log(f"[{i + 1}/{len(todo)}] {r['kernel']} {r['dtype']} {r['block_d']} {r['config']} w{r['num_warps']}"
+            f"s{r['num_stages']}: regs {r['regs']} spill {r['spill_load']} smem {r['smem']} ctas {r['ctas_per_sm']} "
+            f"{r['mma']} (wgmma {r['wgmma']}) loop {r['sass_loop']} atomics {r['atomics_loop']} {r['atomic_ops']}"
+            f"{'' if r['clean'] else '  NOT CLEAN'} [{r['launches']}]")
+        yield r
+
+
+def _binary_key(launch) -> str:
+    """The key Triton's launch path caches the binary under: the binder's specialisation and options."""
+    from triton.runtime.jit import compute_cache_key
+    with sm90_launch_path():
+        _, key_cache, _, _, binder = launch.fn.device_caches[0]
+        _, spec, options = binder(*launch.args, **launch.kwargs)
+        return f"{launch.name}:{compute_cache_key(key_cache, spec, options)}"
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--only", default="", help="comma list of kernel names (a partial report, for development)")
-    ap.add_argument("--dtypes", default="bf16,fp32")
-    ap.add_argument("--block-d", default="64,128", help="attention head-dim blocks to compile")
+    ap.add_argument("--dtypes", default="",
+                    help="comma list of precisions (launches.PRECISIONS: fp32, bf16, fp16, bf16-fsdp); default all")
     args = ap.parse_args(argv)
-    os.environ.pop("TRITON_INTERPRET", None)
-    src = source_hash()
-    todo = [c for c in cases() if (not args.only or c.name in args.only.split(",")) and c.dtype in args.dtypes
-            and (c.family != "attn" or str(c.block_d) in args.block_d.split(","))]
-    rows = []
-    for i, case in enumerate(todo):
-        rows.append(row(case, compile_case(case), src))
-        r = rows[-1]
-        print(f"[{i + 1}/{len(todo)}] {r['kernel']} {r['dtype']} d{r['block_d']} {r['config']} w{r['num_warps']}"
-              f"s{r['num_stages']}: regs {r['regs']} spill {r['spill_load']} smem {r['smem']} ctas {r['ctas_per_sm']} "
-              f"wgmma {r['wgmma']} loop {r['sass_loop']} membar {r['membar_loop']} atomics {r['atomics_loop']}"
-              f"{'' if r['clean'] else '  NOT CLEAN'}", flush=True)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("static_report.py compiles real kernels: run it without TRITON_INTERPRET=1")
+    rows = list(report([n for n in args.only.split(",") if n], [d for d in args.dtypes.split(",") if d] or None,
+                       log=lambda m: print(m, flush=True)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with open(args.out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
     bad = [r for r in rows if not r["clean"]]
-    print(f"{len(rows)} configurations, {len(bad)} not clean -> {args.out}")
+    print(f"{len(rows)} binaries, {len(bad)} not clean -> {args.out}")
     return 1 if bad else 0
 
 

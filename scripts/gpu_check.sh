@@ -3,7 +3,8 @@
 #
 # Runs from the repository root with the installed torch and triton (no network, no `make install`): PYTHONPATH=.
 # 1. the Triton kernels import and are the ones the encoder runs (fails, never falls back);
-# 2. the GPU tests (pytest -m gpu: kernels vs the torch path at NEST-L/XL sizes, fp32 and bf16);
+# 2. the GPU tests (pytest -m gpu: kernels vs the torch path at NEST-L/XL sizes, fp32 and bf16, and the first
+#    backward of a fresh autotune key: caches cleared, so the call that benchmarks is the one checked);
 # 3. kernels/bench.py at T = 250 and 750 (torch vs triton, fwd / bwd / fwd+bwd, bf16);
 # 4. scripts/benchmark_train.py, eager vs triton, NEST-L with 20 s utterances, a few steps.
 # Every CSV and log goes under OUTDIR. NEST_SSL_PIN_KERNEL_CONFIGS=1 pins one autotune configuration per attention

@@ -46,6 +46,15 @@ def test_dry_run_commands_name_existing_files_and_options(tmp_path):
                 assert opt in helps, f"{script} has no {opt}"
 
 
+def test_gpu_tests_check_the_first_backward_of_a_fresh_autotune_key(tmp_path):
+    # The autotuner's benchmark runs once per new key; a check on warmed-up keys would miss what it corrupts.
+    cmd = next(c for n, c in re.findall(r"^step (\S+) \(limit \d+s\): (.*)$", _dry_run(tmp_path).stdout, re.M)
+               if n == "gpu_tests")
+    sources = [(ROOT / w).read_text() for w in cmd.split() if w.startswith("tests/")]
+    assert "-m gpu" in cmd and any("@pytest.mark.gpu" in s and "def test_gpu_first_backward_of_a_fresh_autotune_key"
+                                   in s and "cache.clear()" in s for s in sources)
+
+
 def test_missing_outdir_is_a_usage_error():
     run = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), "--dry-run"], capture_output=True,
                          text=True, timeout=60)
