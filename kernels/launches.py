@@ -13,8 +13,11 @@ What the shipped configs launch (configs/*.yaml; the tiny CPU demo configs exclu
 (9, bias) for S/M/L, (9, no bias) XL, (5, no bias) XXL, (31, bias) contrastive_conformer_ssl, at C = 512 or 1024 (every
 shipped width is a multiple of 16, so one compile serves them all); precisions 32 (fp32), bf16-mixed and 16-mixed
 (bf16/fp16 activations, fp32 parameters), and bf16-mixed under FSDP (`bf16-fsdp`: parameters gathered in bf16, so
-pos_bias_u/v, the conv weights and the BatchNorm affine arrive as bf16 pointers). T = 750 frames, and T = 752 (labels
-ending `T%16=0`): Triton specialises an integer argument divisible by 16, so 1 length in 16 compiles other binaries.
+pos_bias_u/v and the conv weights arrive as bf16 pointers; the BatchNorm affine stays fp32, nest_ssl/fsdp.py shards
+BatchNorm with fp32 parameters). T = 750 frames, and T = 752 (labels ending `T%16=0`): Triton specialises an integer
+argument divisible by 16, so 1 length in 16 compiles other binaries. `trainer.sync_batchnorm` (DDP or FSDP, 2 ranks
+or more) adds SyncBatchNorm's two finalize launches (labels with `sync`): this rank's statistics, then the gathered
+ranks' (one row per rank, so a world size divisible by 16, `sync W%16=0`, compiles other binaries).
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ PRECISIONS = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, t
               "fp16": (torch.float16, torch.float32), "bf16-fsdp": (torch.bfloat16, torch.bfloat16)}
 ATTENTION = {"S": (44, 4), "M/L": (64, 8), "XL/XXL": (128, 8)}  # label -> (d_k, heads)
 CONV = {"S/M/L": (9, True, 512), "XL": (9, False, 1024), "XXL": (5, False, 1024), "conformer_ssl": (31, True, 512)}
+SYNC_WORLD = {" sync": 8, " sync W%16=0": 16}  # label infix -> ranks in the SyncBatchNorm group
 
 
 @dataclass
@@ -137,22 +141,37 @@ def attention_launches(act: torch.dtype, param: torch.dtype, d_k: int, heads: in
     return out
 
 
+@contextlib.contextmanager
+def _sync_group(module, world: int):
+    """SyncBatchNorm's collectives on `world` ranks without a process group: the gather returns `world` rows of
+    statistics (their values do not matter here, their shape does), the all-reduce leaves its tensor as it is."""
+    from unittest import mock
+    with mock.patch.object(module, "_synced", lambda group: True), \
+            mock.patch.object(torch.distributed, "get_world_size", lambda group=None: world), \
+            mock.patch.object(torch.distributed, "all_gather", lambda out, t, group=None: None), \
+            mock.patch.object(torch.distributed, "all_reduce", lambda t, group=None: None):
+        yield
+
+
 def conv_launches(act: torch.dtype, param: torch.dtype, kernel_size: int, bias: bool, channels: int, T: int,
-                  label: str) -> list[Launch]:
-    """Training forward + backward (BatchNorm statistics and running-stat update) and the BN-folded eval kernel."""
+                  label: str, world: int | None = None) -> list[Launch]:
+    """Training forward + backward (BatchNorm statistics and running-stat update) and the BN-folded eval kernel. With
+    `world`, SyncBatchNorm on that many ranks: only its two finalize launches (the others are the unsynced ones)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     m = importlib.import_module("nest_ssl.kernels.conv_module")
     out: list[Launch] = []
     pad = (kernel_size - 1) // 2
-    with FakeTensorMode(), _recording(m, out, label):
+    synced = _sync_group(m, world) if world else contextlib.nullcontext()
+    with FakeTensorMode(), _recording(m, out, label), synced:
         h = _fake(BATCH, T, 2 * channels, dtype=act)  # pointwise_conv1's output (B, T, 2C)
         w = _fake(channels, 1, kernel_size, dtype=param)
         b = _fake(channels, dtype=param) if bias else None
-        bn = torch.nn.BatchNorm1d(channels, device="cuda")
-        bn.weight, bn.bias = (torch.nn.Parameter(_fake(channels, dtype=param)) for _ in range(2))  # stats stay fp32
+        bn = torch.nn.BatchNorm1d(channels, device="cuda")  # fp32 affine and statistics under every precision
         lengths = torch.full((BATCH,), T, device="cuda", dtype=torch.int64)
         with _backward_at_once(m._ConvModuleCore):
-            m.conv_glu_dw_bn_silu(h, lengths, w, b, bn, (pad, pad))
+            m.conv_glu_dw_bn_silu(h, lengths, w, b, bn, (pad, pad), process_group=object() if world else None)
+        if world:
+            return [x for x in out if x.name == "_bn_finalize_fwd"]
         bn.eval()
         with torch.no_grad():
             m.conv_glu_dw_bn_silu(h, lengths, w, b, bn, (pad, pad))
@@ -168,4 +187,7 @@ def shipped_launches() -> list[tuple[str, Launch]]:
                 out += [(prec, x) for x in attention_launches(act, param, d_k, heads, T, f"{prec} {label}{suffix}")]
             for label, (k, bias, channels) in CONV.items():
                 out += [(prec, x) for x in conv_launches(act, param, k, bias, channels, T, f"{prec} {label}{suffix}")]
+                for sync, world in SYNC_WORLD.items():
+                    out += [(prec, x) for x in conv_launches(act, param, k, bias, channels, T,
+                                                             f"{prec} {label}{sync}{suffix}", world)]
     return out

@@ -54,18 +54,20 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
 
 
-# Autotune candidates (BLOCK_M, BLOCK_N, BLOCK_W, num_warps, num_stages) per kernel and (dtype, BLOCK_D), chosen from
-# the sm_90 static report of the launches as they compile (kernels/results/sm90_static.csv): within sm_90's shared
+# Autotune candidates (BLOCK_M, BLOCK_N, BLOCK_W, num_warps, num_stages) per kernel and (dtype, BLOCK_D or d_k), chosen
+# from the sm_90 static report of the launches as they compile (kernels/results/sm90_static.csv): within sm_90's shared
 # memory, at least 8 resident warps per SM, no spills (README lists any left). Larger tiles are out because they
 # spill: the backward's 64x64 tiles 0.6-2.6 KB per thread, its 32-row bf16 tiles at d_k 128 8-344 B (mma.sync operands
 # with K = 128 are held whole per warp), the fp32 dk/dv 32-row tiles 12-24 B as launched (d_k 64 and 128), and fp32
-# 64x64 forward tiles need up to 336 KB of shared memory.
+# 64x64 forward tiles need up to 336 KB of shared memory. A head dim with its own entry (d_k 44, NEST-S) uses it: its
+# 32x32 forward tiles with 4 warps spilled 8 B (eval, bf16 pos_bias under FSDP, T divisible by 16), with 8 warps not.
 # BLOCK_W >= BLOCK_M + BLOCK_N - 1 (the p window of one tile), a power of two. The first entry is the one
 # NEST_SSL_PIN_KERNEL_CONFIGS=1 pins.
 _SMALL = (16, 16, 32, 4, 2)
 _SMALL8 = (16, 16, 32, 8, 2)
 CONFIGS = {
     "_fwd_kernel": {("bf16", 64): [(64, 64, 128, 8, 3), (32, 32, 64, 4, 2)], ("bf16", 128): [(32, 32, 64, 4, 2)],
+                    ("bf16", 44): [(64, 64, 128, 8, 3), (32, 32, 64, 8, 2)],
                     ("fp32", 64): [_SMALL], ("fp32", 128): [_SMALL]},
     "_bwd_dkdv_kernel": {("bf16", 64): [(32, 32, 64, 8, 2), (32, 16, 64, 8, 2)], ("bf16", 128): [_SMALL8],
                          ("fp32", 64): [_SMALL8], ("fp32", 128): [_SMALL8]},
@@ -79,16 +81,18 @@ def _config(m, n, w, nw, ns):
     return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_W": w}, num_warps=nw, num_stages=ns)
 
 
-def gpu_configs(kernel, dtype, block_d):
-    """The candidates for one launch; bf16 and fp16 share their lists (same operand width); d_k <= 64 uses 64's."""
-    table = CONFIGS[kernel][("fp32" if dtype == "fp32" else "bf16", 64 if block_d <= 64 else 128)]
+def gpu_configs(kernel, dtype, block_d, d_k=None):
+    """The candidates for one launch; bf16 and fp16 share their lists (same operand width); the head dim's own list
+    where it has one, else d_k <= 64 uses 64's."""
+    dtype = "fp32" if dtype == "fp32" else "bf16"
+    table = CONFIGS[kernel].get((dtype, d_k)) or CONFIGS[kernel][(dtype, 64 if block_d <= 64 else 128)]
     return [_config(*c) for c in (table[:1] if os.environ.get(PIN_ENV) == "1" else table)]
 
 
 def _prune(kernel_name):
     def prune(configs, named_args, **kwargs):
         dtype = "fp32" if kwargs["IEEE"] else "bf16"
-        wanted = {str(c) for c in gpu_configs(kernel_name, dtype, kwargs["BLOCK_D"])}
+        wanted = {str(c) for c in gpu_configs(kernel_name, dtype, kwargs["BLOCK_D"], kwargs.get("D"))}
         return [c for c in configs if str(c) in wanted]
     return prune
 
@@ -364,7 +368,7 @@ ACCUMULATES = {"_fwd_kernel": (), "_bwd_dkdv_kernel": (), "_bwd_dq_kernel": ("DP
 def autotuned(kernel, configs, prune=None, do_bench=None):
     """`kernel` under Triton's autotuner. Keyed on T rounded up to a power of two: training sees a new T almost every
     batch, tuning each is too slow. `prune` keeps a launch's candidates; `do_bench` None is Triton's timer."""
-    return triton.autotune(configs, key=["T_BUCKET", "BLOCK_D", "DROPOUT", "IEEE"],
+    return triton.autotune(configs, key=["T_BUCKET", "D", "DROPOUT", "IEEE"],  # D: a head dim can have its own list
                            prune_configs_by=None if prune is None else {"early_config_prune": prune},
                            reset_to_zero=list(ACCUMULATES[kernel.__name__]), do_bench=do_bench)(kernel)
 
@@ -372,7 +376,7 @@ def autotuned(kernel, configs, prune=None, do_bench=None):
 def _maybe_tune(kernel):
     if INTERPRET:
         return kernel
-    # The pruner keeps the candidates of this launch's (dtype, BLOCK_D) from CONFIGS.
+    # The pruner keeps the candidates of this launch's (dtype, BLOCK_D or d_k) from CONFIGS.
     return autotuned(kernel, _configs(kernel.__name__), _prune(kernel.__name__))
 
 

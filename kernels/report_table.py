@@ -30,6 +30,13 @@ def _shapes(row: dict) -> str:
     return ", ".join(_t750(row))
 
 
+def _dtypes(row: dict) -> str:
+    """Every precision whose T = 750 launches compile to this binary (one binary can serve several: bf16 and
+    bf16-fsdp where no parameter enters the kernel)."""
+    labels = [label for label in row["launches"].split(", ") if not label.endswith(DIVISIBLE)]
+    return ", ".join(dict.fromkeys(label.split(" ", 1)[0] for label in labels))
+
+
 def _config(row: dict) -> str:
     blocks = [row["config"].split(f"{k}=")[1].split(",")[0] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_W")
               if f"{k}=" in row["config"]]
@@ -48,7 +55,7 @@ def attention_table(rows: list[dict]) -> list[str]:
     for r in rows:
         if r["kernel"] in ATTENTION:
             mma = f"{r['mma']} ({r['wgmma']} / {r['mma_sync']})" if r["mma"] != "fma" else "fma (IEEE fp32)"
-            out.append(f"| {SHORT[r['kernel']]} | {r['dtype']} | {_shapes(r)} | {_config(r)} | {mma} | {_figures(r)} |"
+            out.append(f"| {SHORT[r['kernel']]} | {_dtypes(r)} | {_shapes(r)} | {_config(r)} | {mma} | {_figures(r)} |"
                        f" {r['atomic_ops'] or '-'} |")
     return out
 
@@ -59,7 +66,7 @@ def other_table(rows: list[dict]) -> list[str]:
     for r in rows:
         if r["kernel"] not in ATTENTION:
             cfg = ",".join(kv for kv in r["config"].split(",") if not kv.startswith(("BLOCK_", "RANKS", "LOCAL")))
-            out.append(f"| {SHORT[r['kernel']]} | {r['dtype']} | {_shapes(r)} | {cfg or '-'} w{r['num_warps']}"
+            out.append(f"| {SHORT[r['kernel']]} | {_dtypes(r)} | {_shapes(r)} | {cfg or '-'} w{r['num_warps']}"
                        f"s{r['num_stages']} | {_figures(r)} |")
     return out
 

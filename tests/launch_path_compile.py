@@ -1,6 +1,6 @@
 """Compile kernel launches for sm_90 the way a real launch does, for tests/test_static_report.py (run without
-TRITON_INTERPRET, in a subprocess): `python tests/launch_path_compile.py KERNEL:LABEL ...` prints one JSON line per
-launch with the figures the report records.
+TRITON_INTERPRET, in a subprocess): `python tests/launch_path_compile.py KERNEL:LABEL[#N] ...` prints one JSON line per
+launch with the figures the report records (the first launch of KERNEL under LABEL, or its N-th).
 
 Each launch is the host wrapper's own call (kernels/launches.py records its arguments), replayed as
 `kernel[grid](*args, **kwargs)`: through the Autotuner for a tuned kernel (it prunes and benchmarks its first config
@@ -54,14 +54,20 @@ def launch_path_figures(launch) -> dict:
 
 
 def main(specs):
-    wanted = [s.split(":", 1) for s in specs]
-    precisions = {label.split()[0] for _, label in wanted}
+    wanted = {s if "#" in s else s + "#1" for s in specs}
+    precisions = {s.split(":", 1)[1].split()[0] for s in wanted}
+    seen = {}
     for prec, launch in L.shipped_launches():
-        if prec in precisions and [launch.name, launch.labels[0]] in wanted:
-            wanted.remove([launch.name, launch.labels[0]])  # the first launch (first pruned config) of each
-            print(json.dumps(dict(launch_path_figures(launch), label=launch.labels[0])), flush=True)
+        if prec not in precisions:
+            continue
+        spec = f"{launch.name}:{launch.labels[0]}"
+        seen[spec] = seen.get(spec, 0) + 1
+        if f"{spec}#{seen[spec]}" in wanted:  # #1: the first launch (first pruned config)
+            wanted.remove(f"{spec}#{seen[spec]}")
+            n = "" if seen[spec] == 1 else f"#{seen[spec]}"
+            print(json.dumps(dict(launch_path_figures(launch), label=launch.labels[0], spec=spec + n)), flush=True)
     if wanted:
-        raise SystemExit(f"no recorded launch for {wanted}")
+        raise SystemExit(f"no recorded launch for {sorted(wanted)}")
 
 
 if __name__ == "__main__":

@@ -193,11 +193,18 @@ def test_gpu_memory_is_linear_in_T():
 def test_autotune_pruner_keeps_the_configs_of_the_launch_dtype_and_head_dim(monkeypatch):
     import importlib
     m = importlib.import_module("nest_ssl.kernels.rel_pos_attention")
-    union = [m._config(*c) for c in {c: None for table in m.CONFIGS["_bwd_dq_kernel"].values() for c in table}]
-    prune = m._prune("_bwd_dq_kernel")
-    for (dtype, block_d), table in m.CONFIGS["_bwd_dq_kernel"].items():
-        kept = prune(union, {}, IEEE=dtype == "fp32", BLOCK_D=block_d)
-        assert [str(c) for c in kept] == [str(m._config(*c)) for c in table]
+    for name in m.CONFIGS:
+        union, prune = m._configs(name), m._prune(name)
+        for (dtype, d), table in m.CONFIGS[name].items():  # d: a BLOCK_D, or a head dim with its own list (44)
+            kept = prune(union, {}, IEEE=dtype == "fp32", BLOCK_D=triton.next_power_of_2(d), D=d)
+            assert [str(c) for c in kept] == [str(m._config(*c)) for c in table]
+    # NEST-S's own forward list; its backward uses d_k 64's.
+    fwd, dq = m._prune("_fwd_kernel"), m._prune("_bwd_dq_kernel")
+    assert [str(c) for c in fwd(m._configs("_fwd_kernel"), {}, IEEE=False, BLOCK_D=64, D=44)] == \
+        [str(m._config(*c)) for c in m.CONFIGS["_fwd_kernel"][("bf16", 44)]]
+    assert [str(c) for c in dq(m._configs("_bwd_dq_kernel"), {}, IEEE=False, BLOCK_D=64, D=44)] == \
+        [str(m._config(*c)) for c in m.CONFIGS["_bwd_dq_kernel"][("bf16", 64)]]
+    union, prune = m._configs("_bwd_dq_kernel"), m._prune("_bwd_dq_kernel")
     monkeypatch.setenv(m.PIN_ENV, "1")  # gpu-check: one config per kernel
     assert len(prune(union, {}, IEEE=False, BLOCK_D=64)) == 1
 
