@@ -8,34 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch.multiprocessing as mp
 
 from nest_ssl import checkpoint as ckpt
-from tests.train_support import failing_worker, free_port, make_data, run_config
+from tests.train_support import failing_worker, free_port, join_ranks, make_data, run_config, spawn_ranks
 
 TIMEOUT = 5.0  # trainer.collective_timeout: long enough for two ranks started together to stay within it under load
-
-
-def start(worker, world: int, args: tuple) -> list:
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=worker, args=(r, world, *args)) for r in range(world)]
-    for p in procs:
-        p.start()
-    return procs
-
-
-def join_all(procs: list, limit: float) -> list:
-    """Exit codes; a process still running after `limit` seconds is killed and the test fails (never a hang)."""
-    deadline = time.monotonic() + limit
-    for p in procs:
-        p.join(max(0.1, deadline - time.monotonic()))
-    hung = [p.pid for p in procs if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung, f"processes {hung} still running after {limit} s"
-    return [p.exitcode for p in procs]
 
 
 def last_step(exp: Path) -> int:
@@ -52,7 +29,7 @@ def test_a_stuck_rank_ends_the_run_with_the_rank_and_phase(tmp_path, stall, phas
                      collective_timeout=TIMEOUT)
     kw = {1: {"stall_at": (*stall, TIMEOUT + 3)}}
     t0 = time.monotonic()
-    codes = join_all(start(failing_worker, 2, (free_port(), cfg, str(tmp_path), kw)), limit=90)
+    codes = join_ranks(spawn_ranks(failing_worker, 2, (free_port(), cfg, str(tmp_path), kw)), limit=90)
     assert codes[0] != 0 and codes[1] != 0
     err0 = (tmp_path / "error_rank0.txt").read_text()
     assert err0.startswith(f"CollectiveError: rank 0: a collective in the {phase} failed or waited longer than "
@@ -71,7 +48,7 @@ def test_a_preemption_signal_while_blocked_still_ends_the_run_within_the_timeout
                      collective_timeout=TIMEOUT)
     marker = tmp_path / "stalled"
     kw = {1: {"stall_at": ("train", 3, TIMEOUT + 3, str(marker))}}
-    procs = start(failing_worker, 2, (free_port(), cfg, str(tmp_path), kw))
+    procs = spawn_ranks(failing_worker, 2, (free_port(), cfg, str(tmp_path), kw))
     deadline = time.monotonic() + 60
     while not marker.exists() and time.monotonic() < deadline and all(p.is_alive() for p in procs):
         time.sleep(0.05)
@@ -81,7 +58,7 @@ def test_a_preemption_signal_while_blocked_still_ends_the_run_within_the_timeout
     t_signal = time.monotonic()
     procs[0].join(TIMEOUT + 10)
     assert not procs[0].is_alive() and time.monotonic() - t_signal < TIMEOUT + 10
-    codes = join_all(procs, limit=30)
+    codes = join_ranks(procs, limit=30)
     assert codes[0] != 0 and codes[1] != 0
     err0 = (tmp_path / "error_rank0.txt").read_text()
     assert "rank 0: a collective in the train step" in err0 and "a preemption signal came" in err0, err0

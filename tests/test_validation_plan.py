@@ -12,19 +12,17 @@ import math
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
-import torch.multiprocessing as mp
 
 from nest_ssl.data.config import DatasetConfig
 from nest_ssl.data.loader import build_dataloader
 from nest_ssl.data.tarred import write_tarred_dataset
-from tests.train_support import TinyModel, free_port, make_data, validation_worker
+from tests.train_support import TinyModel, free_port, join_ranks, make_data, spawn_ranks, validation_worker
 
 ITEMS, BATCH_SIZES, WORLDS, KINDS = (1, 2, 3, 5), (1, 2, 3, 4), (2, 3), ("plain", "scatter", "replicate")
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,19 +96,8 @@ def reference_val_loss(kw: dict, world: int) -> float:
 @pytest.mark.parametrize("world", WORLDS)
 def test_validate_on_gloo_ranks_agrees_and_counts_every_batch(corpora, tmp_path, world):
     shapes = all_shapes(corpora, GLOO_SIZES)
-    ctx, port = mp.get_context("spawn"), free_port()
-    procs = [ctx.Process(target=validation_worker, args=(r, world, port, shapes, str(tmp_path))) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 240
-    for p in procs:
-        p.join(max(0.1, deadline - time.monotonic()))
-    hung = [p.pid for p in procs if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung and [p.exitcode for p in procs] == [0] * world, [p.exitcode for p in procs]
+    procs = spawn_ranks(validation_worker, world, (free_port(), shapes, str(tmp_path)))
+    assert join_ranks(procs, limit=240) == [0] * world
     results = [torch.load(tmp_path / f"val_rank{r}.pt") for r in range(world)]
     for key, kw in shapes:
         want = reference_val_loss(kw, world)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import os
 import socket
+import time
 from unittest import mock
 
 import torch
@@ -21,6 +22,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+def spawn_ranks(worker, world: int, args: tuple) -> list:
+    """`world` spawned processes running worker(rank, world, *args)."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=worker, args=(r, world, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def join_ranks(procs: list, limit: float) -> list:
+    """Exit codes; a process still running after `limit` seconds is killed and the test fails (never a hang)."""
+    deadline = time.monotonic() + limit
+    for p in procs:
+        p.join(max(0.1, deadline - time.monotonic()))
+    hung = [p.pid for p in procs if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not hung, f"processes {hung} still running after {limit} s"
+    return [p.exitcode for p in procs]
+
 
 
 class Crash(RuntimeError):
