@@ -40,6 +40,24 @@ def test_a_stuck_rank_ends_the_run_with_the_rank_and_phase(tmp_path, stall, phas
 
 
 @pytest.mark.slow
+def test_a_slow_checkpoint_write_ends_the_waiting_rank_in_the_checkpoint_phase(tmp_path):
+    """Rank 0's write of the step-4 checkpoint takes longer than the timeout; rank 1 waits at the save's barrier and
+    stops naming the checkpoint phase. Rank 0's file is written whole (temp file + rename) before it finds its peer
+    gone, so the newest checkpoint on disk is complete and readable."""
+    data = make_data(tmp_path / "demo")
+    cfg = run_config(data, tmp_path / "exp", batch_size=2, shuffle=False, max_steps=4, val_every=2,
+                     collective_timeout=TIMEOUT)
+    kw = {0: {"stall_save": (4, TIMEOUT + 3)}}
+    codes = join_ranks(spawn_ranks(failing_worker, 2, (free_port(), cfg, str(tmp_path), kw)), limit=90)
+    assert codes[0] != 0 and codes[1] != 0
+    err1 = (tmp_path / "error_rank1.txt").read_text()
+    assert err1.startswith("CollectiveError: rank 1: a collective in the checkpoint failed or waited longer than "
+                           f"trainer.collective_timeout={TIMEOUT:g} s"), err1
+    assert "CollectiveError: rank 0:" in (tmp_path / "error_rank0.txt").read_text()
+    assert last_step(tmp_path / "exp") == 4
+
+
+@pytest.mark.slow
 def test_a_preemption_signal_while_blocked_still_ends_the_run_within_the_timeout(tmp_path):
     """SIGTERM to rank 0 while it waits in step 3's all-reduce for the stuck rank 1: the signal cannot interrupt
     the wait, but the timeout ends it; the error says no checkpoint was written for the signal."""

@@ -224,8 +224,19 @@ def failing_worker(rank: int, world: int, port: int, cfg: dict, out: str, kw_by_
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    kw = dict((kw_by_rank or {}).get(rank, {}))
+    stall_save = kw.pop("stall_save", None)  # (step, seconds): this rank's checkpoint write of that step is slow
+    if stall_save is not None:
+        from nest_ssl import checkpoint as ckpt
+        real_save = ckpt.atomic_save
+
+        def slow_save(obj, path):
+            if obj.get("global_step") == stall_save[0]:
+                time.sleep(stall_save[1])
+            real_save(obj, path)
+        ckpt.atomic_save = slow_save
     try:
-        train_tiny(cfg, **(kw_by_rank or {}).get(rank, {}))
+        train_tiny(cfg, **kw)
     except BaseException as e:
         with open(f"{out}/error_rank{rank}.txt", "w") as f:
             f.write(f"{type(e).__name__}: {e} {' '.join(getattr(e, '__notes__', []))}")
