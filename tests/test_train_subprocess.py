@@ -56,6 +56,16 @@ def catches(pid: int, sig: int) -> bool:
     return False
 
 
+def start_training(data, tmp_path: Path, sleep: float) -> subprocess.Popen:
+    """A long tiny run (steps of `sleep` seconds) whose signal handlers are installed: train() writes config.yaml
+    before it installs them, and on a loaded machine a signal sent in between killed the process (exit -10).
+    Python catches SIGINT from the start, so SIGUSR1's handler is the one to wait for; SIGINT's is set just after."""
+    proc = start(run_config(data, tmp_path / "exp", max_steps=10_000, val_every=10_000), tmp_path, sleep=sleep)
+    wait_for(lambda: catches(proc.pid, signal.SIGUSR1), proc)
+    time.sleep(0.5)
+    return proc
+
+
 def lasts(exp):
     d = Path(exp, "tiny", "checkpoints")
     return list(d.glob("*-last.ckpt")) if d.is_dir() else []
@@ -63,11 +73,7 @@ def lasts(exp):
 
 @pytest.mark.slow
 def test_sigusr1_checkpoints_and_exits_with_requeue_code(data, tmp_path):
-    proc = start(run_config(data, tmp_path / "exp", max_steps=10_000, val_every=10_000), tmp_path, sleep=0.02)
-    # train() writes config.yaml before it installs its handler: on a loaded machine a signal sent in between
-    # killed the process (exit -10). Wait for the handler itself.
-    wait_for(lambda: catches(proc.pid, signal.SIGUSR1), proc)
-    time.sleep(0.5)
+    proc = start_training(data, tmp_path, sleep=0.02)
     proc.send_signal(signal.SIGUSR1)
     assert proc.wait(60) == REQUEUE_EXIT_CODE, proc.stdout.read().decode()
     (path,) = lasts(tmp_path / "exp")
@@ -77,9 +83,7 @@ def test_sigusr1_checkpoints_and_exits_with_requeue_code(data, tmp_path):
 
 @pytest.mark.slow
 def test_first_ctrl_c_checkpoints_at_the_current_step_and_exits_130(data, tmp_path):
-    proc = start(run_config(data, tmp_path / "exp", max_steps=10_000, val_every=10_000), tmp_path, sleep=0.02)
-    wait_for(lambda: catches(proc.pid, signal.SIGUSR1), proc)  # Python catches SIGINT from the start: wait for
-    time.sleep(0.5)                                            # train()'s handlers (SIGINT's is set just after)
+    proc = start_training(data, tmp_path, sleep=0.02)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(60) == INTERRUPT_EXIT_CODE
     out = proc.stdout.read().decode()
@@ -92,9 +96,7 @@ def test_first_ctrl_c_checkpoints_at_the_current_step_and_exits_130(data, tmp_pa
 @pytest.mark.slow
 def test_second_ctrl_c_aborts_at_once(data, tmp_path):
     """Each step sleeps 20 s: the first Ctrl-C would wait for the step's end, the second ends the process now."""
-    proc = start(run_config(data, tmp_path / "exp", max_steps=10_000, val_every=10_000), tmp_path, sleep=20.0)
-    wait_for(lambda: catches(proc.pid, signal.SIGUSR1), proc)  # Python catches SIGINT from the start: wait for
-    time.sleep(0.5)                                            # train()'s handlers (SIGINT's is set just after)
+    proc = start_training(data, tmp_path, sleep=20.0)
     proc.send_signal(signal.SIGINT)
     wait_for(lambda: not catches(proc.pid, signal.SIGINT), proc, timeout=10)  # the first one was handled
     t0 = time.monotonic()
