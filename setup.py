@@ -3,6 +3,8 @@ from setuptools import setup
 ONNX = ["onnx>=1.16", "onnxscript>=0.1", "onnxruntime>=1.18"]
 # transformers' ParakeetEncoder (4.57+); convolution_bias (use_bias: false encoders) is in the pinned 5.23
 HF = ["transformers>=4.57", "safetensors>=0.4"]
+# lhotse (use_lhotse: true). lhotse 1.33 imports urllib3 without declaring it, so the extra pulls it.
+LHOTSE = ["lhotse>=1.33", "urllib3>=2"]
 
 setup(
     name="nest_ssl",
@@ -23,10 +25,11 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
     ],
     # dev includes the onnx and hf extras so that `make test` exercises the ONNX export and its onnxruntime check,
-    # and the Hugging Face round trip.
+    # the Hugging Face round trip and the Lhotse data path.
     extras_require={
-        "dev": ["pytest>=8", "pytest-xdist>=3", "ruff>=0.5", *ONNX, *HF],
+        "dev": ["pytest>=8", "pytest-xdist>=3", "ruff>=0.5", *ONNX, *HF, *LHOTSE],
         "onnx": ONNX,
         "hf": HF,
+        "lhotse": LHOTSE,
     },
 )
