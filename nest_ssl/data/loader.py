@@ -8,17 +8,14 @@ of skipped items, limited by `max_bad_samples`.
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 import logging
 
-import torch
-
 from nest_ssl.data.audio import measure_duration
 from nest_ssl.data.augmentation import TorchMultiSpeakerNoiseAugmentation
 from nest_ssl.data.config import DatasetConfig
-from nest_ssl.data.dataset import AudioNoiseCollate, AudioNoiseDataset, BadItem
+from nest_ssl.data.dataset import AudioNoiseCollate, AudioNoiseDataset
 from nest_ssl.data.manifest import ManifestReport, read_manifests, split_paths
 from nest_ssl.data.sampler import BatchSampler
 from nest_ssl.data.tarred import (
@@ -30,86 +27,10 @@ from nest_ssl.data.tarred import (
     shard_list,
     unmeasurable,
 )
+from nest_ssl.data.wrapper import DataLoaderWrapper, TooManyBadSamples, check_batches, with_report  # noqa: F401
 from nest_ssl.nemo_compat import instantiate, target_config
 
 log = logging.getLogger(__name__)
-
-
-class TooManyBadSamples(RuntimeError):
-    """More bad items were skipped than `max_bad_samples` allows (the one data error that raising it can fix)."""
-
-
-class DataLoaderWrapper:
-    def __init__(self, cfg: DatasetConfig, dataset, collate: AudioNoiseCollate, sampler: BatchSampler | None,
-                 num_batches: int, once: bool = False):
-        """`once` (tarred validation): the stream is read exactly once, neither re-read nor cut at num_batches."""
-        self.cfg, self.dataset, self.collate, self.sampler = cfg, dataset, collate, sampler
-        self.num_batches, self.epoch, self.start, self.once = num_batches, 0, 0, once
-        self.bad_samples: list[tuple[str, str]] = []  # distinct (path, reason), first-seen order
-        self.bad_counts: collections.Counter = collections.Counter()  # path -> times skipped (all epochs)
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    def set_epoch(self, epoch: int):
-        if epoch != self.epoch:
-            self.epoch, self.start = epoch, 0
-        for obj in (self.dataset, self.collate, getattr(self.dataset, "base", None)):
-            if obj is not None:
-                obj.epoch = epoch
-        if self.sampler is not None:
-            self.sampler.set_epoch(epoch)
-
-    def _torch_loader(self):
-        c = self.cfg
-        kw = dict(num_workers=c.num_workers, collate_fn=self.collate, pin_memory=c.pin_memory)
-        if c.num_workers > 0:
-            kw.update(prefetch_factor=c.prefetch_factor or 2, persistent_workers=False)
-        if self.sampler is not None:
-            self.sampler.start = self.start
-            return torch.utils.data.DataLoader(self.dataset, batch_sampler=self.sampler, **kw)
-        return torch.utils.data.DataLoader(self.dataset, batch_size=c.batch_size, **kw)
-
-    def _record_bad(self, bad):
-        for b in bad:
-            if (b.path, b.reason) not in self.bad_samples:  # a bad file is counted once, not once per epoch
-                self.bad_samples.append((b.path, b.reason))
-                log.warning("skipping bad sample %s: %s", b.path, b.reason)
-            self.bad_counts[b.path] += 1
-        if len(self.bad_samples) > self.cfg.max_bad_samples:
-            worst = self.bad_counts.most_common(10)
-            raise TooManyBadSamples(f"{len(self.bad_samples)} bad samples exceed max_bad_samples="
-                               f"{self.cfg.max_bad_samples}; worst files: {worst}")
-
-    def __iter__(self):
-        self.set_epoch(self.epoch)
-        skip = self.start if self.sampler is None else 0  # the iterable path replays up to the resume point
-        passes = 0
-        while self.start < self.num_batches or (self.once and passes == 0):
-            passes, got = passes + 1, 0
-            for batch, bad in self._torch_loader():
-                self._record_bad(bad)
-                if batch is None:
-                    continue
-                got += 1
-                if skip:
-                    skip -= 1
-                    continue
-                self.start += 1
-                yield batch
-                if self.start >= self.num_batches and not self.once:
-                    break
-            if self.once or self.sampler is not None or got == 0 or passes > 100:
-                break  # a tarred stream shorter than num_batches is read again (equal batches on every rank)
-        self.epoch, self.start = self.epoch + 1, 0
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "start": self.start, "bad_samples": list(self.bad_samples)}
-
-    def load_state_dict(self, sd: dict):
-        self.epoch, self.start = int(sd["epoch"]), int(sd["start"])
-        self.bad_samples = [tuple(x) for x in sd.get("bad_samples", [])]
-        self.bad_counts = collections.Counter(p for p, _ in self.bad_samples)
 
 
 def build_dataloader(ds_cfg: DatasetConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0, augmentor=None,
@@ -137,13 +58,13 @@ def build_dataloader(ds_cfg: DatasetConfig, *, rank: int = 0, world_size: int = 
                            c.channel_selector, seed, c.skip_bad_samples, c.duration_tolerance)
     collate = AudioNoiseCollate(augmentor, c.augment_on_device, seed, c.return_sample_id)
     if c.is_tarred and not is_train:
-        return _with_report(_tarred_validation(c, ds, collate, entries, sharded, rank, world_size, seed), report)
+        return with_report(_tarred_validation(c, ds, collate, entries, sharded, rank, world_size, seed), report)
     if c.is_tarred:
         shards = shard_list(c.tarred_audio_filepaths, rank, world_size, c.tarred_shard_strategy)
         tds = TarredAudioNoiseDataset(ds, shards, c.shuffle_n if c.shuffle else 0, seed + 7919 * rank)
         n = _tarred_batches(c, entries, sharded, rank, world_size)
-        _check_batches(n, n, len(entries), c, world_size, where)
-        return _with_report(DataLoaderWrapper(c, tds, collate, None, n), report)
+        check_batches(n, n, len(entries), c, world_size, where)
+        return with_report(DataLoaderWrapper(c, tds, collate, None, n), report)
     sampler = BatchSampler(ds.durations(), c.batch_size, shuffle=c.shuffle, drop_last=c.drop_last, rank=rank,
                            world_size=world_size, seed=seed, batch_duration=c.batch_duration,
                            num_buckets=c.num_buckets, bucket_buffer_size=c.bucket_buffer_size,
@@ -153,8 +74,8 @@ def build_dataloader(ds_cfg: DatasetConfig, *, rank: int = 0, world_size: int = 
                            else None, even=is_train)
     n = len(sampler)  # each len() and global_batches() plans a whole epoch: plan the all-rank one only if needed
     total = n if is_train and n > 0 else len(sampler.global_batches())
-    _check_batches(n, total, len(entries), c, world_size, where)
-    return _with_report(DataLoaderWrapper(c, ds, collate, sampler, n), report)
+    check_batches(n, total, len(entries), c, world_size, where)
+    return with_report(DataLoaderWrapper(c, ds, collate, sampler, n), report)
 
 
 def _read_manifests(key: str, *args, **kwargs):
@@ -163,20 +84,6 @@ def _read_manifests(key: str, *args, **kwargs):
         return read_manifests(*args, **kwargs)
     except ValueError as e:
         raise ValueError(f"{key}: {e}") from e
-
-
-def _check_batches(per_rank: int, total: int, items: int, c: DatasetConfig, world_size: int, where: str) -> None:
-    """An epoch without a training batch would loop forever, and an empty validation set would report a loss of
-    nothing: both stop here, at start-up, with the numbers that led to them."""
-    training = where == "model.train_ds"
-    if (per_rank if training else total) > 0:
-        return
-    size = f"batch_duration={c.batch_duration}" if c.batch_duration is not None else f"batch_size={c.batch_size}"
-    cut = f", cut to a multiple of the world size {world_size}" if training and world_size > 1 else ""
-    raise ValueError(f"{where}: 0 {'training' if training else 'validation'} batches per epoch"
-                     f"{' on each rank' if training and world_size > 1 else ''}: {items} items with {size}, "
-                     f"drop_last={c.drop_last} give {total} batch(es){cut}; lower {size.split('=')[0]}, set "
-                     f"drop_last: false, or add data{' or use fewer ranks' if world_size > 1 else ''}")
 
 
 def _tarred_validation(c: DatasetConfig, ds, collate, entries, sharded: bool, rank: int, world_size: int,
@@ -196,7 +103,7 @@ def _tarred_validation(c: DatasetConfig, ds, collate, entries, sharded: bool, ra
     batches, line = plan_tarred_validation(counts, entry_shards, rank, world_size, strategy, c.batch_size,
                                            c.num_workers)
     log.info(line)
-    _check_batches(batches[rank], sum(batches), len(entries), c, world_size, "model.validation_ds")
+    check_batches(batches[rank], sum(batches), len(entries), c, world_size, "model.validation_ds")
     return DataLoaderWrapper(c, tds, collate, None, batches[rank], once=True)
 
 
@@ -239,14 +146,6 @@ def _measure(c: DatasetConfig):
     if c.is_tarred:
         return unmeasurable
     return measure_duration
-
-
-def _with_report(loader: DataLoaderWrapper, report: ManifestReport) -> DataLoaderWrapper:
-    """Bad manifest lines count as bad samples (skip_bad_samples / max_bad_samples), as bad audio does."""
-    loader.manifest_report = report
-    if report.bad:
-        loader._record_bad([BadItem(f.path or f.where, f"{f.where}: {f.reason}") for f in report.bad])
-    return loader
 
 
 def build_loader(ds_cfg: DatasetConfig, *, rank: int = 0, world_size: int = 1, seed: int = 0, is_train: bool = True):
