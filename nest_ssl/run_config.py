@@ -33,6 +33,7 @@ from nest_ssl.config import (
 )
 from nest_ssl.conformer.checkpointing import parse_mode
 from nest_ssl.data.config import DatasetConfig
+from nest_ssl.data.lhotse_config import strip_off_keys
 from nest_ssl.exp_manager import ExpManagerConfig
 from nest_ssl.fsdp import mixed_precision
 from nest_ssl.health import HealthConfig
@@ -213,10 +214,25 @@ def warn_ignored(run: RunConfig) -> list[str]:
 
 def build_run_config(plain: dict) -> RunConfig:
     """Typed view of a resolved plain dict; every section checked (unknown keys, types, `_target_`)."""
+    plain = _without_lhotse_off_keys(plain)
     run = from_dict(RunConfig, plain, "")
     validate_targets(plain)
     warn_ignored(run)
     return run
+
+
+def _without_lhotse_off_keys(plain: dict) -> dict:
+    """`use_lhotse: true` sections may carry NeMo Lhotse keys we do not implement, switched off
+    (data/lhotse_config.py); they are dropped here, and one switched on is an error naming it."""
+    model = plain.get("model")
+    if not isinstance(model, dict):
+        return plain
+    model = dict(model)
+    for ds in ("train_ds", "validation_ds", "test_ds"):
+        section = model.get(ds)
+        if isinstance(section, dict) and section.get("use_lhotse") is True:
+            model[ds] = strip_off_keys(section, f"model.{ds}")
+    return {**plain, "model": model}
 
 
 def _section_class(tp: Any, node: Any) -> type | None:

@@ -18,6 +18,7 @@ from nest_ssl.data.config import DatasetConfig
 from nest_ssl.data.dataset import AudioNoiseCollate, AudioNoiseDataset
 from nest_ssl.data.manifest import ManifestReport, read_manifests, split_paths
 from nest_ssl.data.sampler import BatchSampler
+from nest_ssl.data.source import SourceContext
 from nest_ssl.data.tarred import (
     TarredAudioNoiseDataset,
     expand_shards,
@@ -37,6 +38,10 @@ def build_dataloader(ds_cfg: DatasetConfig, *, rank: int = 0, world_size: int = 
                      is_train: bool = True) -> DataLoaderWrapper:
     where = "model.train_ds" if is_train else "model.validation_ds"
     c = ds_cfg.validate(where)
+    if c.use_lhotse:
+        from nest_ssl.data import lhotse_source
+
+        return lhotse_source.build(c, SourceContext(where, rank, world_size, seed, is_train, augmentor))
     report = ManifestReport()  # bad lines of the noise and data manifests alike
     noise = _read_manifests(f"{where}.noise_manifest", c.noise_manifest, report=report,
                             skip_bad=c.skip_bad_samples, check_files=not c.skip_bad_samples) if c.noise_manifest else []
