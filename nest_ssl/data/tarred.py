@@ -1,21 +1,18 @@
-"""Tarred datasets (shards `audio_{0..N-1}.tar` + `tarred_audio_manifest.json`), read as NeMo's loaders read them.
+"""Tarred datasets (shards `audio_{0..N-1}.tar` + `tarred_audio_manifest.json`), read as NeMo's loaders read them:
+the shard format, its split over ranks, streaming and writing (the tarred source, data/tarred_source.py, plans
+batches from them).
 
 Shards are expanded from NeMo's brace syntax and split per rank: `replicate` gives every rank all shards;
 `scatter` gives rank r a contiguous block, the first N mod W ranks one shard more (NeMo leaves those N mod W
-shards unread; we never drop one). Every rank runs the same number of batches per epoch, that of the rank with
-the most items (`plan_tarred`); a rank with fewer re-reads its stream from the start to fill up, so some of its
-items are seen twice in that epoch, and none is skipped. Scatter over more ranks than shards is an error naming
-both counts and the fixes. Validation instead counts every item exactly once over the ranks
-(`plan_tarred_validation`): each rank reads its stream once and runs its own number of batches (the loss is
-all-reduced once, after the loop), a `scatter` rank past the last shard validates nothing, and `replicate` keeps
-entry i on rank i mod W only. Within a rank, shards are split per DataLoader worker and streamed with `tarfile` (a
-`pipe:cmd` source is read from the command's stdout). Manifest entries match tar members by file stem; several
-entries per stem (offsets) are served in turn. Unlike NeMo, which only shuffles shard order, `shuffle_n` is a
-sample-level buffer that mixes samples across shard boundaries.
+shards unread; we never drop one). Scatter over more ranks than shards is an error naming both counts and the
+fixes, except for validation, where a rank past the last shard reads none. Within a rank, shards are split per
+DataLoader worker and streamed with `tarfile` (a `pipe:cmd` source is read from the command's stdout). Manifest
+entries match tar members by file stem; several entries per stem (offsets) are served in turn; `keep` serves only
+entry i with i mod W == rank (replicated validation). Unlike NeMo, which only shuffles shard order, `shuffle_n` is
+a sample-level buffer that mixes samples across shard boundaries.
 """
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
@@ -65,63 +62,6 @@ def shard_list(paths, rank: int, world_size: int, strategy: str, allow_empty: bo
     """The shards (or sharded manifests) rank `rank` reads."""
     shards = expand_shards(paths)
     return [shards[i] for i in rank_shard_indices(len(shards), rank, world_size, strategy, allow_empty)]
-
-
-def _rank_batches(items: list[int], batch_size: int, workers: int) -> int:
-    """Batches one pass over a rank's shards yields: DataLoader worker w reads shards w, w+W, ... (fixed, see
-    TarredAudioNoiseDataset.__iter__) and ends on its own partial batch."""
-    nw = max(1, workers)
-    return sum(-(-sum(items[w::nw]) // batch_size) for w in range(nw))
-
-
-def plan_tarred(items_per_shard: list[int], rank: int, world_size: int, strategy: str, batch_size: int,
-                workers: int) -> tuple[int, str]:
-    """(batches per epoch on every rank, a log line saying what this rank reads and repeats)."""
-    n = len(items_per_shard)
-    blocks = [rank_shard_indices(n, r, world_size, strategy) for r in range(world_size)]
-    per_rank = [[items_per_shard[i] for i in b] for b in blocks]
-    batches = max(_rank_batches(x, batch_size, workers) for x in per_rank)
-    mine = sum(per_rank[rank])
-    line = (f"tarred: {n} shards, {strategy} over {world_size} rank(s); rank {rank} reads shards "
-            f"{blocks[rank].start}..{blocks[rank].stop - 1} ({mine} items); {batches} batches of {batch_size} per "
-            f"epoch on every rank; up to {max(0, batches * batch_size - mine)} of this rank's items repeat to fill")
-    return batches, line
-
-
-def plan_tarred_validation(items_per_shard: list[int], entry_shards: list[int], rank: int, world_size: int,
-                           strategy: str, batch_size: int, workers: int) -> tuple[list[int], str]:
-    """(validation batches of every rank, a log line) when each item is counted once over the ranks.
-
-    `scatter`: rank r reads its shard block once (a rank past the last shard reads none). `replicate`: every rank
-    streams every shard but keeps only entries i with i % world_size == rank (`entry_shards[i]` is entry i's shard),
-    so each entry is validated on exactly one rank. Ranks may run different batch counts: validation all-reduces its
-    (loss sum, batch count) once, after the loop."""
-    n = len(items_per_shard)
-    if strategy == "replicate":
-        per_rank = [[0] * n for _ in range(world_size)]
-        for i, s in enumerate(entry_shards):
-            per_rank[i % world_size][s] += 1
-    else:
-        per_rank = [[items_per_shard[i] for i in rank_shard_indices(n, r, world_size, strategy, allow_empty=True)]
-                    for r in range(world_size)]
-    batches = [_rank_batches(x, batch_size, workers) for x in per_rank]
-    line = (f"tarred validation: {n} shards, {strategy} over {world_size} rank(s); rank {rank} validates "
-            f"{sum(per_rank[rank])} items in {batches[rank]} batches of up to {batch_size}, each item once over the "
-            f"ranks (batches per rank: {batches})")
-    return batches, line
-
-
-def items_per_shard(entries: list[ManifestEntry], num_shards: int) -> list[int] | None:
-    """Entries per shard from the manifest's `shard_id` (NeMo's and our writers set it); None when absent."""
-    ids = [e.shard_id for e in entries]
-    if not ids or any(i is None for i in ids):
-        return None
-    bad = sorted({i for i in ids if not 0 <= i < num_shards})
-    if bad:
-        raise ValueError(f"manifest shard_id values {bad[:5]} are outside the {num_shards} shards given in "
-                         "tarred_audio_filepaths")
-    counts = collections.Counter(ids)
-    return [counts.get(i, 0) for i in range(num_shards)]
 
 
 def unmeasurable(e: ManifestEntry) -> float:
