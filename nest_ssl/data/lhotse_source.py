@@ -68,7 +68,7 @@ class LhotsePlan:
                  even: bool):
         self.cfg, self.items, self.seed, self.even = cfg, items, seed, even
         self.rank, self.world_size = rank, world_size
-        self.epoch, self.start, self._cached = 0, 0, (None, None)
+        self.epoch, self.start, self._cached, self.repeated = 0, 0, (None, None), 0
         self.bins = self._bins()
 
     def _bins(self) -> list[float] | None:
@@ -141,10 +141,22 @@ class LhotsePlan:
         """All ranks' batches of this epoch, in one plan (validation's split, and the start-up counts)."""
         return [[int(c.id) for c in b] for b in self._sampler(self.epoch, 0, 1)]
 
+    def _rank_batches(self) -> list[list[int]]:
+        """This rank's training batches: lhotse's split. When the last round has fewer cuts than ranks, lhotse
+        repeats some (ids `<id>_dup<k>`) so that every rank still gets a batch: counted in `repeated`."""
+        batches, self.repeated = [], 0
+        for b in self._sampler(self.epoch, self.rank, self.world_size):
+            batches.append([int(c.id.split("_dup")[0]) for c in b])
+            self.repeated += sum("_dup" in c.id for c in b)
+        if self.repeated:
+            log.info("epoch %d: %d cut(s) repeated on rank %d so that every rank has a last batch (the last round "
+                     "had fewer cuts than ranks)", self.epoch, self.repeated, self.rank)
+        return batches
+
     def epoch_batches(self) -> list[list[int]]:
         if self._cached[0] != self.epoch:
             if self.even:
-                batches = [[int(c.id) for c in b] for b in self._sampler(self.epoch, self.rank, self.world_size)]
+                batches = self._rank_batches()
             else:
                 batches = self.global_batches()[self.rank:: self.world_size]
             self._cached = (self.epoch, batches)
