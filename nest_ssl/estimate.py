@@ -27,6 +27,23 @@ OPTIMIZER_STATE_BYTES = {"adam": 8, "adamw": 8, "novograd": 4, "sgd": 4, "adafac
 HALF = {"16": torch.float16, "16-mixed": torch.float16, "bf16": torch.bfloat16, "bf16-mixed": torch.bfloat16}
 
 
+def _batch_shape(ds, seconds: float | None) -> tuple[float, int]:
+    """(seconds, utterances) of the batch to estimate: at `seconds` (else max_duration, else 20 s), batch_size or
+    what batch_duration allows; with per-bucket batch sizes (Lhotse), the last bucket's size at its bin."""
+    if getattr(ds, "bucket_batch_size", None) and seconds is None:
+        return float(ds.bucket_duration_bins[-1]), int(ds.bucket_batch_size[-1])
+    seconds = float(seconds if seconds is not None else (ds.max_duration or 20.0))
+    if getattr(ds, "bucket_batch_size", None):
+        bucket = next((i for i, b in enumerate(ds.bucket_duration_bins) if seconds <= b), None)
+        if bucket is None:
+            raise ValueError(f"{seconds} s is longer than the last model.train_ds.bucket_duration_bins edge "
+                             f"{ds.bucket_duration_bins[-1]}: such utterances are filtered out")
+        return seconds, int(ds.bucket_batch_size[bucket])
+    if getattr(ds, "batch_duration", None):
+        return seconds, max(1, int(float(ds.batch_duration) // seconds))
+    return seconds, int(ds.batch_size)
+
+
 def parameter_counts(model: nn.Module) -> tuple[int, int, int]:
     """(all parameters, trainable parameters, buffer elements)."""
     total = sum(p.numel() for p in model.parameters())
@@ -94,9 +111,7 @@ def estimate(plain: dict, run, hours: float = 1000.0, gpus: Optional[int] = None
     if mfu > 1:
         raise ValueError(f"mfu={mfu}; a fraction of the peak in (0, 1]")
     ds = run.model.train_ds
-    seconds = float(seconds if seconds is not None else (ds.max_duration or 20.0))
-    batch = int(ds.batch_size) if not getattr(ds, "batch_duration", None) else max(
-        1, int(float(ds.batch_duration) // seconds))
+    seconds, batch = _batch_shape(ds, seconds)
     model = build_model(plain["model"], device="meta")
     total, trainable, buffers = parameter_counts(model)
     precision = str(run.trainer.precision if run.trainer is not None else 32)

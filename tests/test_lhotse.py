@@ -279,3 +279,21 @@ def test_without_lhotse_installed_the_error_names_the_extra(corpus, monkeypatch)
     with pytest.raises(ImportError, match=r"use_lhotse=true needs the lhotse package: pip install "
                                           r"'nest_ssl\[lhotse\]'"):
         build_dataloader(cfg(inputs(corpus)["cuts"]))
+
+
+def test_fit_scan_and_estimate_take_the_per_bucket_batch_sizes(corpus):
+    """trainer.fit_scan's worst case is the planned batch with the most padded audio (not batch_size x the longest
+    cut, which a per-bucket plan never builds); estimate.py sizes the bucket of the duration it is given."""
+    from nest_ssl.estimate import _batch_shape
+    from nest_ssl.fit_scan import largest_batch
+
+    c = cfg(inputs(corpus)["cuts"], batch_duration=None, use_bucketing=True, bucket_duration_bins=[0.8, 1.7],
+            bucket_batch_size=[5, 3])
+    loader = build_dataloader(c)
+    batches = durations_of(loader)
+    worst = max(batches, key=lambda b: len(b) * max(b))
+    n, secs = largest_batch(loader, c)
+    assert (n, round(secs, 1)) == (len(worst), max(worst)) and n <= 5
+    assert _batch_shape(c, None) == (1.7, 3) and _batch_shape(c, 0.7) == (0.7, 5)
+    with pytest.raises(ValueError, match="longer than the last model.train_ds.bucket_duration_bins edge 1.7"):
+        _batch_shape(c, 2.0)

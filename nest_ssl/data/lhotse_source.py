@@ -162,6 +162,12 @@ class LhotsePlan:
             self._cached = (self.epoch, batches)
         return self._cached[1]
 
+    def largest_batch(self) -> tuple[int, float]:
+        """(utterances, longest seconds) of this epoch's batch with the most padded audio (trainer.fit_scan)."""
+        durations = [[self.items.entries[i].duration for i in b] for b in self.epoch_batches()]
+        worst = max(durations, key=lambda d: len(d) * max(d))
+        return len(worst), float(max(worst))
+
     def set_epoch(self, epoch: int):
         if epoch != self.epoch:
             self.epoch, self.start = epoch, 0
