@@ -270,6 +270,14 @@ def test_inputs_lhotse_cannot_read_exactly_are_refused_by_name(corpus, tmp_path)
         build_dataloader(cfg({"cuts_path": str(tmp_path / "c.jsonl.gz")}))
     with pytest.raises(ValueError, match=r"shar_path=.*no cuts\.\*\.jsonl"):
         build_dataloader(cfg({"shar_path": str(tmp_path)}))
+    import gzip
+    import shutil
+
+    shutil.copytree(corpus / "shar", tmp_path / "gz")
+    tar = tmp_path / "gz" / "recording.000001.tar"
+    tar.write_bytes(gzip.compress(tar.read_bytes()))
+    with pytest.raises(ValueError, match=r"recording.000001.tar is a compressed tar: its members cannot be read by "):
+        build_dataloader(cfg({"shar_path": str(tmp_path / "gz")}))
 
 
 def test_without_lhotse_installed_the_error_names_the_extra(corpus, monkeypatch):

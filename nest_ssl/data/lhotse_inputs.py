@@ -57,6 +57,11 @@ class LhotseItems:
 def tar_index(path: str) -> dict[str, Member]:
     """Member name -> Member for each file in an uncompressed tar, from its headers only (tarfile seeks over the
     data). A compressed tar cannot be read by offset and is refused."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00":
+        raise ValueError(f"{path} is a compressed tar: its members cannot be read by offset; write it uncompressed "
+                         "(Shar and NeMo's tarred datasets are)")
     index = {}
     with tarfile.open(path, mode="r:") as tar:
         for m in tar:
