@@ -305,3 +305,16 @@ def test_fit_scan_and_estimate_take_the_per_bucket_batch_sizes(corpus):
     assert _batch_shape(c, None) == (1.7, 3) and _batch_shape(c, 0.7) == (0.7, 5)
     with pytest.raises(ValueError, match="longer than the last model.train_ds.bucket_duration_bins edge 1.7"):
         _batch_shape(c, 2.0)
+
+
+def test_an_epoch_with_more_batches_than_the_first_is_read_to_its_end(corpus):
+    """Dynamic batches number differently from epoch to epoch (here 7, 8, 8, 8, 9, 7 batches of <= 2.5 s); the
+    loader's length follows the epoch, so no epoch is cut at epoch 0's count. Fails when len() is fixed at start-up
+    (an epoch with more batches than epoch 0 loses its last cuts)."""
+    loader = build_dataloader(cfg(inputs(corpus)["cuts"], batch_duration=2.5, shard_seed=1))
+    counts = []
+    for _ in range(6):
+        batches = durations_of(loader)
+        counts.append(len(batches))
+        assert sorted(x for b in batches for x in b) == durations()
+    assert max(counts[1:]) > counts[0], counts  # the case this test is about happened

@@ -30,11 +30,19 @@ class DataLoaderWrapper:
         """`once` (tarred validation): the stream is read exactly once, neither re-read nor cut at num_batches."""
         self.cfg, self.dataset, self.collate, self.sampler = cfg, dataset, collate, sampler
         self.num_batches, self.epoch, self.start, self.once = num_batches, 0, 0, once
+        self._len = (0, num_batches)  # (epoch, its batch count): the caller planned epoch 0
         self.bad_samples: list[tuple[str, str]] = []  # distinct (path, reason), first-seen order
         self.bad_counts: collections.Counter = collections.Counter()  # path -> times skipped (all epochs)
 
     def __len__(self) -> int:
-        return self.num_batches
+        """Batches in the current epoch on this rank. A batch sampler plans each epoch anew (dynamic and bucketed
+        batches can number differently from epoch to epoch, equally on every rank); the count is cached per epoch."""
+        if self.sampler is None:
+            return self.num_batches
+        if self._len[0] != self.epoch:
+            self.sampler.set_epoch(self.epoch)
+            self._len = (self.epoch, len(self.sampler))
+        return self._len[1]
 
     def set_epoch(self, epoch: int):
         if epoch != self.epoch:
@@ -70,7 +78,8 @@ class DataLoaderWrapper:
         self.set_epoch(self.epoch)
         skip = self.start if self.sampler is None else 0  # the iterable path replays up to the resume point
         passes = 0
-        while self.start < self.num_batches or (self.once and passes == 0):
+        num_batches = len(self)
+        while self.start < num_batches or (self.once and passes == 0):
             passes, got = passes + 1, 0
             for batch, bad in self._torch_loader():
                 self._record_bad(bad)
@@ -82,7 +91,7 @@ class DataLoaderWrapper:
                     continue
                 self.start += 1
                 yield batch
-                if self.start >= self.num_batches and not self.once:
+                if self.start >= num_batches and not self.once:
                     break
             if self.once or self.sampler is not None or got == 0 or passes > 100:
                 break  # a tarred stream shorter than num_batches is read again (equal batches on every rank)
