@@ -86,6 +86,16 @@ def saved_activation_bytes(model: nn.Module, batch: int, seconds: float, dtype: 
     return sum(seen.values())
 
 
+def persistent_bytes(model: nn.Module, precision: str, optimizer: str, gpus: int) -> dict:
+    """Bytes per GPU that do not depend on the batch, by category (module docstring): weights, gradients, optimizer
+    state, autocast's half-precision weight copies, DDP's gradient buckets. Call before casting `model` to half."""
+    total, trainable, buffers = parameter_counts(model)
+    half = str(precision) in HALF
+    return {"weights": 4 * total + 4 * buffers, "gradients": 4 * trainable,
+            "optimizer": OPTIMIZER_STATE_BYTES.get(optimizer.lower(), 8) * trainable,
+            "autocast_weight_cache": 2 * trainable if half else 0, "ddp_buckets": 4 * trainable if gpus > 1 else 0}
+
+
 def config_gpus(trainer) -> tuple[int, str]:
     """(GPU count, where it came from) from `trainer.devices` x `num_nodes`; 1 when devices means "all visible"
     (-1 / auto: unknown before launch), said so."""
@@ -116,12 +126,10 @@ def estimate(plain: dict, run, hours: float = 1000.0, gpus: Optional[int] = None
     total, trainable, buffers = parameter_counts(model)
     precision = str(run.trainer.precision if run.trainer is not None else 32)
     dtype = HALF.get(precision, torch.float32)
-    act = saved_activation_bytes(model.to(dtype) if dtype != torch.float32 else model, batch, seconds, dtype)
     optim = run.model.optim.name.lower()
-    state_per_param = OPTIMIZER_STATE_BYTES.get(optim, 8)
-    memory = {"weights": 4 * total + 4 * buffers, "gradients": 4 * trainable,
-              "optimizer": state_per_param * trainable, "autocast_weight_cache": 2 * trainable if dtype != torch.float32
-              else 0, "ddp_buckets": 4 * trainable if gpus > 1 else 0, "activations": act}
+    memory = persistent_bytes(model, precision, optim, gpus)
+    memory["activations"] = saved_activation_bytes(model.to(dtype) if dtype != torch.float32 else model, batch,
+                                                   seconds, dtype)
     flops = nest_train_flops_per_audio_second(trainable, plain["model"]["encoder"], seconds)
     per_second = gpus * peak_tflops * 1e12 * mfu / flops  # audio-seconds per second over all GPUs
     tc = run.trainer
@@ -129,9 +137,9 @@ def estimate(plain: dict, run, hours: float = 1000.0, gpus: Optional[int] = None
     step_audio = batch * seconds * gpus * (tc.accumulate_grad_batches if tc is not None else 1)  # worst case
     return {"params": total, "trainable": trainable, "buffers": buffers, "seconds": seconds, "batch": batch,
             "precision": precision, "optimizer": optim, "memory": memory, "memory_total": sum(memory.values()),
-            "activation_bytes_per_audio_second": act / (batch * seconds), "flops_per_audio_second": flops,
-            "hours": hours, "gpus": gpus, "gpus_from": gpus_from, "mfu": mfu, "peak_tflops": peak_tflops,
-            "epochs": epochs,
+            "activation_bytes_per_audio_second": memory["activations"] / (batch * seconds),
+            "flops_per_audio_second": flops, "hours": hours, "gpus": gpus, "gpus_from": gpus_from, "mfu": mfu,
+            "peak_tflops": peak_tflops, "epochs": epochs,
             "wall_clock_s": epochs * hours * 3600 / per_second, "max_steps": steps, "step_audio_s": step_audio,
             "steps_wall_clock_s": steps * step_audio / per_second}
 

@@ -49,6 +49,9 @@ CASES = [
     ("export.py", ["{nemo}", "--out", "{ro}/e.nemo", "--format", "nemo"], "Read-only file system"),
     ("estimate.py", ["{missing}"], "{missing}"),
     ("estimate.py", [TINY, "trainer.max_step=5"], "did you mean trainer.max_steps?"),
+    ("batch_search.py", ["{missing}", "--memory", "1"], "{missing}"),
+    ("batch_search.py", [TINY, "--device", "cpu", "--memory", "1", "--bins", "2,1"], "--bins"),
+    ("benchmark_batch_search.py", ["--config", "{missing}", "--points", "1x1"], "{missing}"),
     ("probe.py", ["{missing}", "--train-manifest", "{manifest}", "--eval-manifest", "{manifest}"], "{missing}"),
     ("make_manifest.py", ["{tmp}", "{ro}/m.json"], "Read-only file system"),
     ("make_tarred_dataset.py", ["--manifest", "{missing}", "--out", "{tmp}/shards"], "{missing}"),
@@ -67,7 +70,7 @@ CASES = [
 ]
 BAD_OPTION = ["check_data.py", "extract_features.py", "export.py", "estimate.py", "probe.py", "make_manifest.py",
               "make_tarred_dataset.py", "make_demo_data.py", "benchmark_data.py", "benchmark_encoder.py",
-              "benchmark_memory.py", "benchmark_train.py"]
+              "benchmark_memory.py", "benchmark_train.py", "batch_search.py", "benchmark_batch_search.py"]
 
 
 def run(script: str, argv: list[str], capsys) -> tuple[int, list[str], str]:
