@@ -17,7 +17,6 @@ scripts/benchmark_batch_search.py checks the second against the first measured o
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import os
@@ -30,8 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nest_ssl.config import apply_overrides, dataclass_keys, load_yaml, resolve
-from nest_ssl.data.config import DatasetConfig
+from nest_ssl.config import apply_overrides, load_yaml, resolve
 from nest_ssl.estimate import HALF, persistent_bytes, saved_activation_bytes
 from nest_ssl.memory import PeakMemory, tensor_bytes
 from nest_ssl.run_config import build_run_config, schema_keys
@@ -43,21 +41,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # ---- config and bins -----------------------------------------------------------------------------------------------
 def load_config(path, overrides=()) -> tuple[dict, object, dict]:
-    """(plain, RunConfig, the bucket keys model.train_ds sets). The bucket keys may be set or overridden even where
-    DatasetConfig does not know them yet (the Lhotse source is being added): they are set aside before validation."""
-    def schema(tree, parts):
-        keys = schema_keys(tree, parts)
-        return sorted({*keys, *BUCKET_KEYS}) if keys is not None and parts == ["model", "train_ds"] else keys
-
-    plain = resolve(apply_overrides(load_yaml(path), overrides, schema))
-    ds = (plain.get("model") or {}).get("train_ds") or {}
-    found = {k: ds[k] for k in BUCKET_KEYS if k in ds}
-    known = set(dataclass_keys(DatasetConfig))
-    plain = copy.deepcopy(plain)
-    for k in found:
-        if k not in known:
-            del plain["model"]["train_ds"][k]
-    return plain, build_run_config(plain), found
+    """(plain, RunConfig, the bucket keys model.train_ds sets)."""
+    plain = resolve(apply_overrides(load_yaml(path), overrides, schema_keys))
+    run = build_run_config(plain)
+    ds = run.model.train_ds
+    found = {k: getattr(ds, k) for k in BUCKET_KEYS if ds is not None and getattr(ds, k) is not None}
+    return plain, run, found
 
 
 def check_bins(bins, name: str) -> list[float]:

@@ -99,7 +99,7 @@ def test_bins_come_from_the_flag_before_the_config_key_and_sizes_fit_the_budget(
     (["--bins", "0"], "0 is not a positive number of seconds"),
     (["--bins", ""], "--bins=[]: give a non-empty list"),
     (["--bins", "1,x"], "--bins='1,x': give comma-separated seconds"),
-    (["++model.train_ds.bucket_duration_bins=[5, 2]"], "model.train_ds.bucket_duration_bins=[5, 2]: not strictly"),
+    (["++model.train_ds.bucket_duration_bins=[5, 2]"], "model.train_ds.bucket_duration_bins=[5.0, 2.0]: not strictly"),
     (["++model.train_ds.bucket_duration_bins=[]"], "model.train_ds.bucket_duration_bins=[]: give a non-empty"),
     (["--num-buckets", "0"], "--num-buckets=0; must be >= 1"),
     (["model.train_ds.max_duration=null"], "model.train_ds.max_duration is not set"),

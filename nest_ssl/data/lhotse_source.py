@@ -23,6 +23,7 @@ import collections
 import logging
 import random
 
+import numpy as np
 import torch
 
 from nest_ssl.data.config import DatasetConfig
@@ -81,8 +82,7 @@ class LhotsePlan:
             return [float(b) for b in c.bucket_duration_bins]
         if c.max_duration is not None and c.max_duration < float("inf"):
             lo = c.min_duration if c.min_duration is not None and c.min_duration > 0 else 0.0
-            step = (c.max_duration - lo) / c.num_buckets
-            return [lo + step * k for k in range(1, c.num_buckets)]
+            return np.linspace(lo, c.max_duration, c.num_buckets + 1)[1:-1].tolist()
         from lhotse.dataset.sampling.dynamic_bucketing import estimate_duration_buckets
 
         first = _Metadata(self.items, self._order(0)[: c.num_cuts_for_bins_estimate])
