@@ -157,3 +157,18 @@ def test_the_memory_model_is_within_the_measured_cpu_step():
     ratio = row["tensor_peak"] / row["model"]
     assert 1.0 <= ratio <= 1.35, row
     assert row["rss_peak"] is not None and 0.8 <= row["rss_peak"] / row["tensor_peak"] <= 1.2, row
+
+
+def test_the_printed_lines_configure_a_lhotse_run(capsys):
+    """What batch_search prints, pasted as NeMo's Lhotse keys, is a valid use_lhotse config (fails if the lines'
+    format or the keys' names drift from what DatasetConfig reads)."""
+    rc, out, err = run_cli([TINY, "--device", "cpu", "--memory", "0.5", "--num-buckets", "3"], capsys)
+    assert rc == 0, err
+    got = pasted(out)
+    keys = [f"model.train_ds.{k}={v}" for k, v in got.items()]
+    _, run, found = bs.load_config(TINY, ["model.train_ds.use_lhotse=true", "model.train_ds.shar_path=shar",
+                                          "model.train_ds.manifest_filepath=null",
+                                          "model.train_ds.use_bucketing=true", *keys])
+    ds = run.model.train_ds.validate()
+    assert ds.bucket_duration_bins == got["bucket_duration_bins"] and ds.bucket_batch_size == got["bucket_batch_size"]
+    assert found == got
