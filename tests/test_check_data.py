@@ -1,17 +1,22 @@
 """scripts/check_data.py and the training loader on one manifest that mixes every kind of damage with good lines:
 one report entry per bad line (line number, path, kind, reason), totals over trainable lines only, durations
 measured before the filters, and the loader skipping exactly the same lines."""
+import collections
+import contextlib
+import io
 import json
 import os
 import runpy
+import tarfile
 
 import numpy as np
 import pytest
 import soundfile as sf
-from test_data import SR, cfg, write_wav
+from test_data import SR, cfg, write_manifest, write_wav
 
 from nest_ssl.data.audio import BAD_KINDS
-from nest_ssl.data.check import check
+from nest_ssl.data.check import check, check_lhotse
+from nest_ssl.data.config import DatasetConfig
 from nest_ssl.data.loader import build_dataloader
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,3 +153,138 @@ def test_a_bad_noise_manifest_line_follows_the_same_setting(hostile, tmp_path):
                                                   "double quotes (column 2) in '{oops'"]
     with pytest.raises(ValueError, match=f"{noise}:2: invalid JSON"):
         build_dataloader(cfg(str(good), noise_manifest=str(noise), skip_bad_samples=False))
+
+
+# ---- Lhotse inputs: a cuts manifest and a Shar directory written by lhotse's own writers from the same files ----
+CUT_SECS = [1.0, 1.1, 1.2, 1.3, 1.4]  # cut i is u{i}.wav; Shar shards of 3 cuts: shard 0 holds u0-u2, shard 1 u3-u4
+
+
+@pytest.fixture
+def lhotse_data(tmp_path):
+    from lhotse import CutSet, Recording
+    from lhotse.shar import SharWriter
+
+    paths = [tmp_path / f"u{i}.wav" for i in range(len(CUT_SECS))]
+    for i, (p, secs) in enumerate(zip(paths, CUT_SECS)):
+        write_wav(p, secs, seed=i)
+    cuts = CutSet.from_cuts([Recording.from_file(str(p)).to_cut() for p in paths])
+    cuts.to_file(str(tmp_path / "cuts.jsonl.gz"))
+    os.makedirs(tmp_path / "shar")
+    with SharWriter(str(tmp_path / "shar"), fields={"recording": "flac"}, shard_size=3) as w:
+        for c in cuts:
+            w.write(c)
+    return tmp_path
+
+
+def run_main(*argv) -> tuple[int, dict]:
+    main = runpy.run_path(os.path.join(ROOT, "scripts", "check_data.py"))["main"]
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        rc = main([*argv, "--workers", "1", "--json"])
+    return rc, json.loads(out.getvalue())
+
+
+def rewrite_member(tar: str, name: str, change):
+    """Write `tar` again with member `name`'s bytes replaced by change(bytes), or left out when that is None."""
+    with tarfile.open(tar) as t:
+        members = [(m, t.extractfile(m).read()) for m in t.getmembers()]
+    with tarfile.open(tar, "w") as t:
+        for m, data in members:
+            data = change(data) if m.name == name else data
+            if data is not None:
+                m.size = len(data)
+                t.addfile(m, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("flag,path", [("--cuts", "cuts.jsonl.gz"), ("--shar", "shar")])
+def test_good_lhotse_inputs_pass(lhotse_data, flag, path):
+    rc, rep = run_main(flag, str(lhotse_data / path))
+    assert rc == 0 and rep["errors"] == rep["warnings"] == rep["filtered"] == []
+    assert rep["utterances"] == len(CUT_SECS) and rep["sample_rates"] == {str(SR): len(CUT_SECS)}
+    assert rep["hours"] == pytest.approx(sum(CUT_SECS) / 3600, rel=1e-6)
+
+
+def _garbage_in_place(tar: str, name: str):
+    with tarfile.open(tar) as t:
+        m = t.getmember(name)
+    with open(tar, "r+b") as f:
+        f.seek(m.offset_data)
+        f.write(b"not audio " * (m.size // 10))
+
+
+SHAR_DAMAGE = {  # name -> (damage shard 0 of the Shar, expected (cuts file line, kind) rows)
+    "missing_member": (lambda t: rewrite_member(t, "u1.flac", lambda d: None), [(2, "missing_member")]),
+    "garbage_member": (lambda t: _garbage_in_place(t, "u1.flac"), [(2, "unreadable")]),
+    "truncated_member": (lambda t: rewrite_member(t, "u1.flac", lambda d: d[: len(d) // 2]), [(2, "unreadable")]),
+    # cut inside u1.flac: the tar's index cannot be read, so the loader skips every cut of the shard, and says why
+    "truncated_tar": (lambda t: os.truncate(t, tarfile.open(t).getmember("u1.flac").offset_data + 100),
+                      [(None, "unreadable"), (1, "missing_member"), (2, "missing_member"), (3, "missing_member")]),
+}
+
+
+@pytest.mark.parametrize("damage", list(SHAR_DAMAGE))
+def test_damaged_shar_is_reported_per_cut_with_its_reason(lhotse_data, damage, capsys):
+    shar = lhotse_data / "shar"
+    cut_file, tar = str(shar / "cuts.000000.jsonl.gz"), str(shar / "recording.000000.tar")
+    change, expected = SHAR_DAMAGE[damage]
+    change(tar)
+    rc, rep = run_main("--shar", str(shar))
+    assert rc == 1 and [(x["manifest"], x["line"], x["kind"]) for x in rep["errors"]] == [
+        (cut_file, line, kind) for line, kind in expected]
+    assert all(x["reason"] and x.get("cut") == (f"u{x['line'] - 1}" if x["line"] else None) for x in rep["errors"])
+    bad_cuts = sum(line is not None for line, _ in expected)
+    assert rep["utterances"] == len(CUT_SECS) - bad_cuts and rep["counts"] == dict(
+        collections.Counter(k for _, k in expected))
+    main = runpy.run_path(os.path.join(ROOT, "scripts", "check_data.py"))["main"]
+    assert main(["--shar", str(shar), "--workers", "1"]) == 1
+    text = capsys.readouterr().out
+    assert f"ERROR {cut_file}:2 [{expected[-2 if damage == 'truncated_tar' else 0][1]}]" in text
+
+
+def test_cuts_manifest_pointing_at_a_missing_file_is_reported_at_its_line(lhotse_data, capsys):
+    os.remove(lhotse_data / "u3.wav")
+    cuts = str(lhotse_data / "cuts.jsonl.gz")
+    rc, rep = run_main("--cuts", cuts)
+    assert rc == 1 and rep["utterances"] == len(CUT_SECS) - 1
+    assert [(x["manifest"], x["line"], x["kind"], x["path"], x["reason"], x["cut"]) for x in rep["errors"]] == [
+        (cuts, 4, "no_such_file", str(lhotse_data / "u3.wav"), "no such file", "u3")]
+    main = runpy.run_path(os.path.join(ROOT, "scripts", "check_data.py"))["main"]
+    assert main(["--cuts", cuts, "--workers", "1"]) == 1
+    assert f"ERROR {cuts}:4 [no_such_file] {lhotse_data / 'u3.wav'}: no such file" in capsys.readouterr().out
+
+
+def test_lhotse_check_reports_what_the_lhotse_loader_skips(lhotse_data):
+    shar = lhotse_data / "shar"
+    _garbage_in_place(str(shar / "recording.000000.tar"), "u1.flac")
+    rewrite_member(str(shar / "recording.000001.tar"), "u4.flac", lambda d: None)
+    c = DatasetConfig(manifest_filepath=None, use_lhotse=True, shar_path=str(shar), batch_size=1, min_duration=1.05)
+    rep = check_lhotse(c, workers=2)  # through the process pool too
+    assert [(x["cut"], x["kind"]) for x in rep["errors"]] == [("u1", "unreadable"), ("u4", "missing_member")]
+    assert [x["cut"] for x in rep["filtered"]] == ["u0"]
+    loader = build_dataloader(c)
+    assert sum(len(b.audio_len) for b in loader) == rep["utterances"] == 2  # u2, u3
+    # the loader names an item it never read (no member) by read_inputs' name for the cut
+    assert sorted(p for p, _ in loader.bad_samples) == sorted(
+        x["path"] or f"{x['manifest']}: cut {x['cut']}" for x in rep["errors"])
+
+
+def test_no_input_kind_is_guessed(lhotse_data, tmp_path):
+    """--manifest refuses lhotse inputs, --cuts a NeMo manifest (a NeMo row naming `id` and `recording` columns is
+    still a NeMo manifest: it has an audio_filepath)."""
+    nemo = write_manifest(tmp_path / "nemo.json", [{"audio_filepath": str(lhotse_data / "u0.wav"), "duration": 1.0,
+                                                     "id": "x", "recording": "y"}])
+    for argv, needle in ((["--manifest", str(lhotse_data / "shar")], "is a lhotse Shar directory"),
+                         (["--manifest", str(lhotse_data / "cuts.jsonl.gz")], "is a lhotse cuts manifest"),
+                         (["--cuts", nemo], "its first row is not a lhotse cut")):
+        main = runpy.run_path(os.path.join(ROOT, "scripts", "check_data.py"))["main"]
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            assert main([*argv, "--workers", "1"]) == 1
+        assert needle in err.getvalue(), err.getvalue()
+    rc, rep = run_main("--manifest", nemo)
+    assert rc == 0 and rep["utterances"] == 1
+
+
+def test_a_use_lhotse_config_section_is_checked_through_lhotse(lhotse_data):
+    rewrite_member(str(lhotse_data / "shar" / "recording.000000.tar"), "u2.flac", lambda d: None)
+    rc, rep = run_main("--config", os.path.join(ROOT, "configs", "nest_tiny_cpu.yaml"),
+                       "model.train_ds.use_lhotse=true", f"model.train_ds.shar_path={lhotse_data / 'shar'}")
+    assert rc == 1 and [(x["line"], x["kind"]) for x in rep["errors"]] == [(3, "missing_member")]
