@@ -65,7 +65,7 @@ class DatasetConfig:
     bucket_batch_size: list[int] | None = None  # one batch size per bin (FixedBucketBatchSizeConstraint)
     num_cuts_for_bins_estimate: int = 10000
     shuffle_buffer_size: int | None = 10000
-    seed: Any = 0  # int, or "trng"/"randomized" (then the run's seed: plans are always reproducible)
+    seed: Any = None  # the noise/augmentation seed: an int; None (unset), "trng", "randomized": the run's seed
     shard_seed: Any = "trng"  # the sampler's and shard order's seed; "trng"/"randomized" -> the run's seed
     max_open_streams: int | None = None  # open tar files per DataLoader worker (None: no limit)
     concurrent_bucketing: bool = True  # accepted; plans are made from metadata, never in a background thread
@@ -163,7 +163,8 @@ class DatasetConfig:
                 bad("bucket_batch_size", "needs use_bucketing: true")
         for key in ("seed", "shard_seed"):
             value = getattr(self, key)
-            if not (isinstance(value, int) and not isinstance(value, bool)) and value not in ("trng", "randomized"):
+            integer = isinstance(value, int) and not isinstance(value, bool)
+            if value is not None and not integer and value not in ("trng", "randomized"):
                 bad(key, "must be an integer, 'trng' or 'randomized'")
         refused = {"is_concat": "combine sources with input_cfg and weights", "bucketing_batch_size": "use "
                    "bucket_duration_bins + bucket_batch_size", "augmentor": "use batch_augmentor",

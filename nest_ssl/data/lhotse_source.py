@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 def resolve_seed(value, run_seed: int, key: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
+    if value is None:
+        return run_seed
     log.info("%s=%r: NeMo draws a new seed each run (not resumable); nest_ssl uses the run seed %d", key, value,
              run_seed)
     return run_seed
