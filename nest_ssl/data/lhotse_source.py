@@ -139,12 +139,12 @@ class LhotsePlan:
 
     def global_batches(self) -> list[list[int]]:
         """All ranks' batches of this epoch, in one plan (validation's split, and the start-up counts)."""
-        return [[int(c.id) for c in b] for b in self._sampler(self.epoch, 0, 1)]
+        return [[_entry(c.id) for c in b] for b in self._sampler(self.epoch, 0, 1)]
 
     def epoch_batches(self) -> list[list[int]]:
         if self._cached[0] != self.epoch:
             if self.even:
-                batches = [[int(c.id) for c in b] for b in self._sampler(self.epoch, self.rank, self.world_size)]
+                batches = [[_entry(c.id) for c in b] for b in self._sampler(self.epoch, self.rank, self.world_size)]
             else:
                 batches = self.global_batches()[self.rank:: self.world_size]
             self._cached = (self.epoch, batches)
@@ -165,6 +165,12 @@ class LhotsePlan:
 
     def load_state_dict(self, sd: dict):
         self.epoch, self.start = int(sd["epoch"]), int(sd["start"])
+
+
+def _entry(cut_id: str) -> int:
+    """The entry index of a planned cut. A last round with fewer cuts than ranks is dealt one per rank by copying
+    cuts, which lhotse renames `<id>_dup<k>` (lhotse.dataset.sampling.base.mark_as_duplicate)."""
+    return int(cut_id.split("_dup", 1)[0])
 
 
 def _cutset(stream):
