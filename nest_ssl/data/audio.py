@@ -54,8 +54,11 @@ def check_file(path: str) -> None:
         raise BadSample(path, "empty file (0 bytes)", "empty")
 
 
-def _open_error(name: str, e: Exception) -> BadSample:
-    return BadSample(name, f"unreadable or unknown audio format ({type(e).__name__}: {str(e)[:120]})", "unreadable")
+def _open_error(name: str, e: Exception, buf: io.BytesIO | None = None) -> BadSample:
+    # soundfile names an in-memory file by its repr, an address that differs at each read: the same bad tar member
+    # would give a new reason every epoch and be counted again, not once
+    msg = str(e) if buf is None else str(e).replace(repr(buf), "the tar member")
+    return BadSample(name, f"unreadable or unknown audio format ({type(e).__name__}: {msg[:120]})", "unreadable")
 
 
 def file_info(path: str):
@@ -124,11 +127,11 @@ class AudioLoader:
 
     def load(self, path: str, offset: float = 0.0, duration: float | None = None, data: bytes | None = None,
              name: str | None = None, whole_file: bool = False) -> torch.Tensor:
-        name = name or path
+        name, buf = name or path, io.BytesIO(data) if data is not None else None
         if data is None:
             check_file(path)
         try:
-            with sf.SoundFile(io.BytesIO(data) if data is not None else path) as f:
+            with sf.SoundFile(buf if buf is not None else path) as f:
                 sr = f.samplerate
                 if f.frames > 0:  # 0: a header without a frame count (streamed); nothing to compare with
                     check_span(name, f.frames / sr, offset, duration, whole_file, self.duration_tolerance)
@@ -138,7 +141,7 @@ class AudioLoader:
                 frames = int(duration * sr) if duration else -1
                 x = f.read(frames=frames, dtype="float32", always_2d=True)  # (L, C)
         except (RuntimeError, OSError, sf.LibsndfileError, ValueError) as e:
-            raise _open_error(name, e) from None
+            raise _open_error(name, e, buf) from None
         if x.shape[0] == 0:
             raise BadSample(name, "no audio samples (0 frames)", "empty")
         if not np.isfinite(x).all():

@@ -141,14 +141,14 @@ class LhotsePlan:
 
     def global_batches(self) -> list[list[int]]:
         """All ranks' batches of this epoch, in one plan (validation's split, and the start-up counts)."""
-        return [[int(c.id) for c in b] for b in self._sampler(self.epoch, 0, 1)]
+        return [[int(c.id) for c in b] for b in self._sampler(self.epoch, 0, 1)]  # one rank: no copies
 
     def _rank_batches(self) -> list[list[int]]:
         """This rank's training batches: lhotse's split. When the last round has fewer cuts than ranks, lhotse
         repeats some (ids `<id>_dup<k>`) so that every rank still gets a batch: counted in `repeated`."""
         batches, self.repeated = [], 0
         for b in self._sampler(self.epoch, self.rank, self.world_size):
-            batches.append([int(c.id.split("_dup")[0]) for c in b])
+            batches.append([_entry(c.id) for c in b])
             self.repeated += sum("_dup" in c.id for c in b)
         if self.repeated:
             log.info("epoch %d: %d cut(s) repeated on rank %d so that every rank has a last batch (the last round "
@@ -185,6 +185,12 @@ class LhotsePlan:
 
     def load_state_dict(self, sd: dict):
         self.epoch, self.start = int(sd["epoch"]), int(sd["start"])
+
+
+def _entry(cut_id: str) -> int:
+    """The entry index of a planned cut. A last round with fewer cuts than ranks is dealt one per rank by copying
+    cuts, which lhotse renames `<id>_dup<k>` (lhotse.dataset.sampling.base.mark_as_duplicate)."""
+    return int(cut_id.split("_dup", 1)[0])
 
 
 def _cutset(stream):

@@ -1,6 +1,6 @@
 """`DataLoaderWrapper`: what every data source (manifest, tarred, Lhotse) hands the trainer.
 
-__iter__ (AudioNoiseBatch), __len__ (batches per epoch on this rank: equal on every rank for training; for
+__iter__ (AudioNoiseBatch), __len__ (batches of the current epoch on this rank: equal on every rank for training; for
 validation each rank's own count, every item once over the ranks), set_epoch, state_dict/load_state_dict (resume
 with the next unseen batch) and `bad_samples`, the (path, reason) list of skipped items, limited by
 `max_bad_samples`. A source with a batch sampler (an object with set_epoch, `start`, __iter__ and __len__) resumes
