@@ -235,8 +235,9 @@ def rank_ids(kw: dict, world: int, is_train: bool = True, epochs: int = 1) -> li
                                   is_train=is_train)
         out.append([])
         for _ in range(epochs):
+            planned = len(loader)  # the count the training loop steps by (the coming epoch's own)
             out[-1].append([[int(i) for i in b.sample_id] for b in loader])
-            assert len(out[-1][-1]) == len(loader)  # the count the training loop steps by (its epoch's own)
+            assert len(out[-1][-1]) == planned
     return out
 
 
