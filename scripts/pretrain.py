@@ -24,12 +24,15 @@ from nest_ssl import cpu_run
 from nest_ssl.checkpoint import DISK_FULL_EXIT_CODE, DiskFullError
 from nest_ssl.cli import USER_ERRORS, one_line
 from nest_ssl.config import config_file_from_args
+from nest_ssl.data.wrapper import TooManyBadSamples
 from nest_ssl.distributed import CollectiveError
 from nest_ssl.run_config import load_config
 from nest_ssl.train import train
 
-# A rank that ended because another rank stopped answering is one line too (that rank's own error is in its log).
-STOP_ERRORS = USER_ERRORS + (CollectiveError,)
+# A rank that ended because another rank stopped answering is one line too (that rank's own error is in its log), and
+# so is data with more bad items than max_bad_samples allows (at start-up or in the loop, where the note says where
+# the training state was saved).
+STOP_ERRORS = USER_ERRORS + (CollectiveError, TooManyBadSamples)
 
 
 def main(argv=None) -> int:

@@ -346,3 +346,11 @@ def test_noise_and_batch_augmentor_are_the_native_loaders_own(corpus):
     plain, _ = build_loader(DatasetConfig(**{**common, "batch_augmentor": None}, use_lhotse=True,
                                           batch_duration=None), seed=4)
     assert any(not torch.equal(a.noisy_audio, p.noisy_audio) for (a, _), p in zip(pairs, plain))  # it did mix
+
+
+def test_too_few_cuts_to_estimate_the_buckets_name_the_settings(corpus):
+    """lhotse asserts when asked for more buckets than cuts; the error names num_buckets and the alternatives."""
+    with pytest.raises(ValueError, match=r"30 num_buckets cannot be estimated from 13 cut\(s\); set "
+                                         r"bucket_duration_bins, a finite max_duration, or fewer num_buckets"):
+        build_dataloader(cfg(inputs(corpus)["cuts"], use_bucketing=True))
+    assert len(build_dataloader(cfg(inputs(corpus)["cuts"], use_bucketing=True, num_buckets=3))) > 0

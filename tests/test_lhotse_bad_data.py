@@ -107,3 +107,23 @@ def test_bad_lhotse_items_beyond_max_bad_samples_raise_naming_the_file(corpus, t
         list(build_dataloader(DatasetConfig(**kw, max_bad_samples=0), seed=0))
     with pytest.raises(ValueError, match=re.escape(bad.split(": cut")[0])):
         list(build_dataloader(DatasetConfig(**kw, skip_bad_samples=False), seed=0))
+
+
+def test_too_many_bad_items_at_start_up_end_pretrain_with_one_line(corpus, tmp_path):
+    """A Shar missing a member over max_bad_samples=0 stops scripts/pretrain.py at start-up with one `error:` line
+    naming the item and exit 1, not a traceback (fails when TooManyBadSamples is not among pretrain's stop errors)."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_lhotse_train import ROOT
+
+    shar, bad = damaged_shar(corpus, tmp_path, "missing")
+    cmd = [sys.executable, "scripts/pretrain.py", "--config", "configs/nest_tiny_cpu.yaml",
+           "model.train_ds.use_lhotse=true", f"model.train_ds.shar_path={shar}",
+           "model.train_ds.manifest_filepath=null", "model.train_ds.max_bad_samples=0", "model.validation_ds=null", f"exp_manager.exp_dir={tmp_path}"]
+    out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and lines[-1].startswith("error: 1 bad samples exceed max_bad_samples=0"), out.stderr
+    assert bad in lines[-1] and "Traceback" not in out.stderr

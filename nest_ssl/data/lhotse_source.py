@@ -88,6 +88,9 @@ class LhotsePlan:
         from lhotse.dataset.sampling.dynamic_bucketing import estimate_duration_buckets
 
         first = _Metadata(self.items, self._order(0)[: c.num_cuts_for_bins_estimate])
+        if len(first.order) < c.num_buckets:  # lhotse's estimate would fail an assert
+            raise ValueError(f"use_bucketing: {c.num_buckets} num_buckets cannot be estimated from {len(first.order)} "
+                             "cut(s); set bucket_duration_bins, a finite max_duration, or fewer num_buckets")
         return list(estimate_duration_buckets(first, num_buckets=c.num_buckets, constraint=self._constraint()))
 
     def _constraint(self):
