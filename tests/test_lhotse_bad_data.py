@@ -121,7 +121,8 @@ def test_too_many_bad_items_at_start_up_end_pretrain_with_one_line(corpus, tmp_p
     shar, bad = damaged_shar(corpus, tmp_path, "missing")
     cmd = [sys.executable, "scripts/pretrain.py", "--config", "configs/nest_tiny_cpu.yaml",
            "model.train_ds.use_lhotse=true", f"model.train_ds.shar_path={shar}",
-           "model.train_ds.manifest_filepath=null", "model.train_ds.max_bad_samples=0", "model.validation_ds=null", f"exp_manager.exp_dir={tmp_path}"]
+           "model.train_ds.manifest_filepath=null", "model.train_ds.max_bad_samples=0", "model.validation_ds=null",
+           f"exp_manager.exp_dir={tmp_path}"]
     out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                          timeout=120)
     lines = out.stderr.strip().splitlines()
