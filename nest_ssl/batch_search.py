@@ -20,7 +20,6 @@ import contextlib
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 from collections.abc import Callable
@@ -219,24 +218,32 @@ def training_model(plain: dict, run, device: torch.device) -> torch.nn.Module:
 
 # ---- the validation: model vs a measured CPU step, in a fresh process ---------------------------------------------
 def measure_point(config: str, overrides: list, batch: int, seconds: float) -> dict:
-    """Measured bytes of one fp32 CPU step on `batch` x `seconds` (call in a fresh process: peak RSS is a process
-    high-water mark), after a 1 x 0.5 s warm-up that loads the kernels: the tensor peak (as MeasuredMemory counts it,
-    optimizer state excluded), and the parameters and buffers plus the growth of peak RSS over the resident set
-    before the step (None if the step did not raise the high-water mark)."""
+    """Measured bytes of one fp32 CPU step on `batch` x `seconds` (call in a fresh process), after a 1 x 0.5 s
+    warm-up that loads the kernels: the tensor peak (as MeasuredMemory counts it, optimizer state excluded), and the
+    parameters and buffers plus the growth of the process's peak RSS over its resident set before the step. The
+    peak (VmHWM) is reset to the current RSS just before the step (Linux: `5` to /proc/self/clear_refs), so an
+    earlier high-water mark (imports, the warm-up) cannot hide the step's."""
     torch.set_num_threads(1)
     torch.manual_seed(0)
     plain, run, _ = load_config(config, [*overrides, "trainer.precision=32"])
     model = training_model(plain, run, torch.device("cpu"))
     measure = MeasuredMemory(model, torch.device("cpu"), None, run.model.sample_rate)
     measure(1, 0.5)
-    with open("/proc/self/statm") as f:
-        resident = int(f.read().split()[1]) * resource.getpagesize()
-    high_water = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    resident = _status_bytes("VmRSS")
     tensor_peak = measure(batch, seconds)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     persistent = tensor_bytes([*model.parameters(), *model.buffers()])
     return {"batch": batch, "seconds": seconds, "tensor_peak": tensor_peak,
-            "rss_peak": persistent + after - resident if after > high_water else None}
+            "rss_peak": persistent + _status_bytes("VmHWM") - resident}
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise OSError(f"/proc/self/status has no {key}")
 
 
 def measure_in_subprocess(config: str, overrides: list, batch: int, seconds: float, glibc_default: bool = False,

@@ -19,7 +19,7 @@ from nest_ssl.data.batch import synthetic_batch
 def largest_batch(loader, ds_cfg) -> tuple[int, float]:
     """(utterances, seconds each) of the worst-case padded batch of this loader (a Lhotse plan knows its batches:
     the one with the most padded audio)."""
-    if hasattr(loader.sampler, "largest_batch"):
+    if hasattr(getattr(loader, "sampler", None), "largest_batch"):
         return loader.sampler.largest_batch()
     dataset = getattr(loader.dataset, "base", loader.dataset)
     known = [d for d in dataset.durations() if d is not None]
