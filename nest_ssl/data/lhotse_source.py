@@ -31,7 +31,7 @@ from nest_ssl.data.dataset import AudioNoiseCollate, AudioNoiseDataset, BadItem
 from nest_ssl.data.lhotse_config import NATIVE_ONLY
 from nest_ssl.data.lhotse_inputs import LhotseItems, Member, read_inputs
 from nest_ssl.data.manifest import read_manifests
-from nest_ssl.data.sampler import concat_order
+from nest_ssl.data.sampler import EpochPlan, concat_order
 from nest_ssl.data.source import SourceContext
 from nest_ssl.data.wrapper import DataLoaderWrapper, check_batches, with_report
 
@@ -63,9 +63,9 @@ class _Metadata:
             yield MonoCut(id=str(i), start=e.offset, duration=e.duration, channel=0)
 
 
-class LhotsePlan:
-    """A batch sampler for DataLoader (lists of entry indices) with the native BatchSampler's interface:
-    set_epoch, `start` (resume position), __len__, __iter__, state_dict/load_state_dict."""
+class LhotsePlan(EpochPlan):
+    """A batch sampler for DataLoader (lists of entry indices), planned a whole epoch at a time (sampler.EpochPlan,
+    as the native BatchSampler)."""
 
     def __init__(self, cfg: DatasetConfig, items: LhotseItems, *, rank: int, world_size: int, seed: int,
                  even: bool):
@@ -173,21 +173,6 @@ class LhotsePlan:
         worst = max(durations, key=lambda d: len(d) * max(d))
         return len(worst), float(max(worst))
 
-    def set_epoch(self, epoch: int):
-        if epoch != self.epoch:
-            self.epoch, self.start = epoch, 0
-
-    def __len__(self) -> int:
-        return len(self.epoch_batches())
-
-    def __iter__(self):
-        yield from self.epoch_batches()[self.start:]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "start": self.start, "seed": self.seed}
-
-    def load_state_dict(self, sd: dict):
-        self.epoch, self.start = int(sd["epoch"]), int(sd["start"])
 
 
 def _entry(cut_id: str) -> int:

@@ -30,7 +30,31 @@ def concat_order(sizes: list[int], temperature: float, probs, g: torch.Generator
     return out
 
 
-class BatchSampler:
+class EpochPlan:
+    """A batch sampler whose epoch is planned whole: `epoch_batches()` (this rank's batches, a pure function of
+    (seed, epoch)); `start` is the resume position within it. Subclasses set epoch, start and seed."""
+
+    def epoch_batches(self) -> list[list[int]]:
+        raise NotImplementedError
+
+    def set_epoch(self, epoch: int):
+        if epoch != self.epoch:
+            self.epoch, self.start = epoch, 0
+
+    def __len__(self) -> int:
+        return len(self.epoch_batches())
+
+    def __iter__(self):
+        yield from self.epoch_batches()[self.start:]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "start": self.start, "seed": self.seed}
+
+    def load_state_dict(self, sd: dict):
+        self.epoch, self.start = int(sd["epoch"]), int(sd["start"])
+
+
+class BatchSampler(EpochPlan):
     def __init__(self, durations: list[float | None], batch_size: int, *, shuffle: bool, drop_last: bool,
                  rank: int = 0, world_size: int = 1, seed: int = 0, batch_duration: float | None = None,
                  num_buckets: int = 30, bucket_buffer_size: int = 10000, concat_sizes: list[int] | None = None,
@@ -44,10 +68,6 @@ class BatchSampler:
         self.batch_duration, self.num_buckets, self.buffer = batch_duration, num_buckets, bucket_buffer_size
         self.concat_sizes, self.concat_temperature, self.concat_probs = concat_sizes, concat_temperature, concat_probs
         self.even, self.epoch, self.start = even, 0, 0
-
-    def set_epoch(self, epoch: int):
-        if epoch != self.epoch:
-            self.epoch, self.start = epoch, 0
 
     def _order(self, g) -> list[int]:
         n = len(self.durations)
@@ -95,15 +115,3 @@ class BatchSampler:
         batches = self.global_batches()
         usable = len(batches) // self.world_size * self.world_size if self.even else len(batches)
         return batches[self.rank: usable: self.world_size]
-
-    def __len__(self) -> int:
-        return len(self.epoch_batches())
-
-    def __iter__(self):
-        yield from self.epoch_batches()[self.start:]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "start": self.start, "seed": self.seed}
-
-    def load_state_dict(self, sd: dict):
-        self.epoch, self.start = int(sd["epoch"]), int(sd["start"])
