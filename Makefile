@@ -10,7 +10,7 @@ DEMO_DIR ?= demo_out
 # made 100 steps 8-15x slower (README, Quick start).
 DEMO_THREADS ?= 1
 
-.PHONY: install test test-numerics lint demo probe-demo bench bench-train kernel-report gpu-check clean
+.PHONY: install test test-numerics lint demo probe-demo bench bench-train bench-data kernel-report gpu-check clean
 
 install: $(STAMP)
 
@@ -67,6 +67,11 @@ bench: install
 BENCH_TRAIN_ARGS ?= --modes eager,triton,triton+compile
 bench-train: install
 	$(BIN)/python scripts/benchmark_train.py $(BENCH_TRAIN_ARGS)
+
+# Data paths on generated files: native manifest / tarred loaders vs Lhotse cuts / Shar (and NeMo's Lhotse path where
+# NeMo is installed), interleaved repeats; the stages table too by default.
+bench-data: install
+	$(BIN)/python scripts/benchmark_data.py $(BENCH_DATA_ARGS)
 
 # sm_90 compile report of every kernel launch the shipped configs make (no GPU needed; tens of minutes of CPU):
 # kernels/results/sm90_static.csv
