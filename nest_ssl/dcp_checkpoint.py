@@ -12,6 +12,11 @@ discovery ignores and the next save removes. `async_save` (exp_manager.checkpoin
 copies the state to host memory, returns, and writes in a background thread on a separate gloo group; the rename
 happens when the write is done (`AsyncSave.wait`, called before the next save and at the end of training).
 
+A full disk (ENOSPC / EDQUOT) ends a save like the single-file path's: every rank reaches one gather after its writes
+(whether its own succeeded or not, so none waits for a rank that failed), rank 0 removes the `.tmp` directory, and
+every rank raises the same `checkpoint.DiskFullError` (scripts/pretrain.py: exit 74, one line); the previous
+checkpoints are untouched. Other write errors propagate as before.
+
 Resume needs the world size the checkpoint was written with: DCP could reshard the weights and the optimizer, but
 the data-loader positions and RNG streams are per rank and have no meaning for another rank count. A different
 world size is refused with the way out: `to_single_file` (scripts/export.py --to-ckpt) gives a one-file checkpoint
@@ -19,15 +24,20 @@ for export, `.nemo` or `init_from_*`.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from nest_ssl import checkpoint as ckpt
 from nest_ssl.distributed import barrier
 from nest_ssl.fsdp import broadcast_batchnorm_stats
 
@@ -63,14 +73,93 @@ def _commit(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-class AsyncSave:
-    """A checkpoint being written in the background; `wait()` finishes it (rank 0 renames it into place)."""
+def _disk_full_cause(err: BaseException) -> Optional[OSError]:
+    """The ENOSPC / EDQUOT OSError behind `err` (itself or in its chain), else None: torch.save inside DCP turns a
+    failed write into "unexpected pos" RuntimeError, with the OSError only as its context."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
-    def __init__(self, future, tmp: Path, final: Path):
-        self.future, self.tmp, self.final = future, tmp, final
+
+class _Writer(FileSystemWriter):
+    """DCP's file writer, except that a full disk raises a DiskFullError on the rank it happened on. The failure DCP
+    hands to every rank is pickled, which drops the OSError behind torch.save's RuntimeError: name it first."""
+
+    def _raise_disk_full(self, err: BaseException):
+        cause = _disk_full_cause(err)
+        full = None if cause is None else ckpt.disk_full(cause, Path(self.path),
+                                                         f" (rank {_rank()}; {_free(Path(self.path))})")
+        if full is None:
+            raise err
+        raise full from err
+
+    def write_data(self, plan, planner):
+        try:
+            return super().write_data(plan, planner)  # one writer thread (the default): errors surface here
+        except BaseException as e:  # noqa: B036  (re-raised unchanged unless it is a full disk)
+            self._raise_disk_full(e)
+
+    def finish(self, metadata, results) -> None:
+        try:
+            super().finish(metadata, results)  # the coordinator's .metadata
+        except BaseException as e:  # noqa: B036
+            self._raise_disk_full(e)
+
+
+def _free(path: Path) -> str:
+    return f"{shutil.disk_usage(path if path.exists() else path.parent).free / 2**20:.1f} MB free"
+
+
+def _disk_full_of(err: CheckpointException) -> Optional[ckpt.DiskFullError]:
+    """The DiskFullError of a failed DCP collective when every failing rank ran out of space, else None."""
+    failures = [exc for exc, _ in err.failures.values()]
+    if failures and all(isinstance(e, ckpt.DiskFullError) for e in failures):
+        return failures[0]
+    return None
+
+
+def _settle(error: Optional[ckpt.DiskFullError], tmp: Path) -> None:
+    """Every rank calls this after its part of a write, failed or not: one gather says whether any rank ran out of
+    space. Then rank 0 removes the partial `tmp` and every rank raises (its own error, or the first failing
+    rank's), so all of them stop here and none waits in a later collective for a rank that has left."""
+    mine = None if error is None else (error.errno, error.strerror)
+    errors = [mine] * _world()
+    if dist.is_initialized():
+        dist.all_gather_object(errors, mine)
+    first = next((e for e in errors if e is not None), None)
+    if first is None:
+        return
+    if _rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise error if error is not None else ckpt.DiskFullError(*first)
+
+
+def _dcp_disk_full(write) -> Optional[ckpt.DiskFullError]:
+    """Run a DCP write (a collective: it raises on every rank or on none); a full disk is returned, not raised."""
+    try:
+        write()
+    except CheckpointException as e:
+        full = _disk_full_of(e)
+        if full is None:
+            raise
+        return full
+    return None
+
+
+class AsyncSave:
+    """A checkpoint being written in the background; `wait()` finishes it (rank 0 renames it into place). A full
+    disk raises DiskFullError on every rank from `wait()` (the `.tmp` removed)."""
+
+    def __init__(self, future, tmp: Path, final: Path, error: Optional[ckpt.DiskFullError] = None):
+        self.future, self.tmp, self.final, self.error = future, tmp, final, error
 
     def wait(self) -> Path:
-        self.future.result()  # on rank 0 (the coordinator) this returns once every rank's shards are written
+        # on rank 0 (the coordinator) the result comes once every rank's shards are written
+        _settle(_dcp_disk_full(self.future.result) or self.error, self.tmp)
         _commit(self.tmp, self.final)
         return self.final
 
@@ -105,25 +194,40 @@ def save(path: str | os.PathLike, model, optimizer, train_state: dict, rank_stat
     if final.suffix != SUFFIX:
         raise ValueError(f"DCP checkpoint path {final} must end in {SUFFIX}")
     tmp = final.with_name(final.name + ".tmp")
+    error = None
     if _rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # left by a killed writer
-        tmp.mkdir(parents=True)
-    barrier()
+        error = _own_write(lambda: tmp.mkdir(parents=True), tmp)
+    _settle(error, tmp)  # the barrier before anyone writes into tmp
     # Replicated tensors are written once, by whichever rank DCP picks: make BatchNorm statistics rank 0's on every
     # rank first (what DDP and fsdp.shard use), so the file never holds another rank's.
     broadcast_batchnorm_stats(model)
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    torch.save(rank_state, tmp / f"rank{_rank()}.pt")
-    if _rank() == 0:
-        torch.save({"format_version": FORMAT_VERSION, "world_size": _world(), **train_state}, tmp / TRAIN_STATE)
+    error = _own_write(lambda: ckpt.atomic_save(rank_state, tmp / f"rank{_rank()}.pt"), tmp)
+    if _rank() == 0 and error is None:
+        error = _own_write(lambda: ckpt.atomic_save({"format_version": FORMAT_VERSION, "world_size": _world(),
+                                                     **train_state}, tmp / TRAIN_STATE), tmp)
     state = {"model": model_sd, "optim": optim_sd}
-    if async_save:
-        return AsyncSave(dcp.async_save(state, checkpoint_id=tmp, process_group=_checkpoint_group()), tmp, final)
-    dcp.save(state, checkpoint_id=tmp)
-    barrier()  # every rank's shards and rank file are on disk
+    if async_save:  # DCP's collectives run on every rank even after a failed write above: settled in wait()
+        future = dcp.async_save(state, storage_writer=_Writer(tmp), process_group=_checkpoint_group())
+        return AsyncSave(future, tmp, final, error)
+    full = _dcp_disk_full(lambda: dcp.save(state, storage_writer=_Writer(tmp)))
+    _settle(error or full, tmp)  # every rank's shards and rank file are on disk, or every rank raises
     _commit(tmp, final)
     barrier()
     return final
+
+
+def _own_write(write, path: Path) -> Optional[ckpt.DiskFullError]:
+    """A write of this rank alone; a full disk is returned (settled with the other ranks), any other error raised."""
+    try:
+        write()
+    except OSError as e:
+        full = e if isinstance(e, ckpt.DiskFullError) else ckpt.disk_full(e, path)
+        if full is None:
+            raise
+        return full
+    return None
 
 
 def read_train_state(path: str | os.PathLike) -> dict:
@@ -199,8 +303,6 @@ def to_single_file(path: str | os.PathLike, out: str | os.PathLike) -> Path:
     """One process, no process group: the whole checkpoint as one nest_ssl checkpoint file (weights, optimizer in
     `optimizer.state_dict()` form, scheduler, step, config), for export, `.nemo` and `init_from_ckpt`. Per-rank RNG
     and data positions are left out: the file starts runs, it does not resume a sharded one."""
-    from nest_ssl import checkpoint as ckpt
-
     path, out = Path(path), Path(out)
     train_state = read_train_state(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -216,8 +318,6 @@ def to_single_file(path: str | os.PathLike, out: str | os.PathLike) -> Path:
 def restore(path: str | os.PathLike, *, model, optimizer, scheduler):
     """A training run's resume: shards into model/optimizer, the scheduler, this rank's RNG states ->
     (the loop's TrainState, this rank's data-loader state)."""
-    from nest_ssl import checkpoint as ckpt
-
     train_state, rank_state = load(path, model, optimizer)
     if scheduler is not None and train_state.get("scheduler") is not None:
         scheduler.load_state_dict(train_state["scheduler"])

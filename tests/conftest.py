@@ -1,5 +1,6 @@
 """Shared test settings: fixture paths, markers, determinism."""
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -41,3 +42,31 @@ def triton_interpret():
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton on CPU needs TRITON_INTERPRET=1 (make test sets it)")
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """mount(free_bytes) -> a directory on a fresh tmpfs with that much free space; unmounted afterwards."""
+    mounts = []
+
+    def mount(free: int) -> Path:
+        d = tmp_path / f"disk{len(mounts)}"
+        d.mkdir()
+        size = max(free, 64 * 1024)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs for the full-disk test (needs root): {done.stderr.strip()}")
+        mounts.append(d)
+        if free < size:  # fill it down to `free` bytes (tmpfs counts whole pages)
+            with open(d / "filler", "wb") as f:
+                try:
+                    f.write(b"\0" * (size - free))
+                    f.flush()
+                except OSError:
+                    pass
+        return d
+
+    yield mount
+    for d in mounts:
+        subprocess.run(["umount", "-l", str(d)], check=False)

@@ -1,7 +1,7 @@
 """A full disk ends the run with exit 74 and one line `error: no space left on device writing PATH ...`, whatever
 the free space: nothing half-written left, the earlier checkpoints intact (issue 25 §4). Real small tmpfs mounts as
-exp_dir (mounting needs root: skipped otherwise); the stand-in model carries ~1 MB of frozen weights, the size of
-the tiny NEST model's checkpoint, through scripts/pretrain.py's own error handling."""
+exp_dir (conftest.small_disk; mounting needs root: skipped otherwise); the stand-in model carries ~1 MB of frozen
+weights, the size of the tiny NEST model's checkpoint, through scripts/pretrain.py's own error handling."""
 
 import os
 import subprocess
@@ -22,34 +22,6 @@ BALLAST = 250_000  # frozen float32 weights: ~1 MB per checkpoint
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("demo"))
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """mount(free_bytes) -> a directory on a fresh tmpfs with that much free space; unmounted afterwards."""
-    mounts = []
-
-    def mount(free: int) -> Path:
-        d = tmp_path / f"disk{len(mounts)}"
-        d.mkdir()
-        size = max(free, 64 * 1024)
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(d)], capture_output=True,
-                              text=True)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a small tmpfs for the full-disk test (needs root): {done.stderr.strip()}")
-        mounts.append(d)
-        if free < size:  # fill it down to `free` bytes (tmpfs counts whole pages)
-            with open(d / "filler", "wb") as f:
-                try:
-                    f.write(b"\0" * (size - free))
-                    f.flush()
-                except OSError:
-                    pass
-        return d
-
-    yield mount
-    for d in mounts:
-        subprocess.run(["umount", "-l", str(d)], check=False)
 
 
 @pytest.mark.slow
