@@ -200,8 +200,10 @@ def load_latest(ckpt_dir: str | os.PathLike,
     return None, None
 
 
-def state(*, model, optimizer, scheduler, scaler, train_state: TrainState, loader_state: dict, config: dict) -> dict:
-    """The checkpoint dict; `global_step` and `epoch` also sit at the top level, where Lightning puts them."""
+def state(*, model, optimizer, scheduler, scaler, train_state: TrainState, loader_state: dict, config: dict,
+          health: Optional[dict] = None) -> dict:
+    """The checkpoint dict; `global_step` and `epoch` also sit at the top level, where Lightning puts them. `health`:
+    HealthMonitor.state_dict() (the running code prior behind context_gain)."""
     return {
         "format_version": FORMAT_VERSION,
         "state_dict": model.state_dict(),
@@ -214,6 +216,7 @@ def state(*, model, optimizer, scheduler, scaler, train_state: TrainState, loade
         "loader": loader_state,
         "rng": rng_state(),
         "config": config,
+        "health": health,
     }
 
 

@@ -3,7 +3,7 @@
 Every rank writes its own shards in parallel; nothing is gathered on one rank. One checkpoint is a directory:
 
     <stem>.dcp/.metadata, __<rank>_0.distcp   model + optimizer shards (DCP)
-    <stem>.dcp/train_state.pt                 world size, step, epoch, scheduler, config, ... (rank 0)
+    <stem>.dcp/train_state.pt                 world size, step, epoch, scheduler, config, health prior (rank 0)
     <stem>.dcp/rank<r>.pt                     what differs per rank: RNG states, data-loader position
 
 Atomic like the single-file checkpoints: everything is written to `<stem>.dcp.tmp/` and renamed to `<stem>.dcp/`
@@ -317,9 +317,9 @@ def to_single_file(path: str | os.PathLike, out: str | os.PathLike) -> Path:
 
 def restore(path: str | os.PathLike, *, model, optimizer, scheduler):
     """A training run's resume: shards into model/optimizer, the scheduler, this rank's RNG states ->
-    (the loop's TrainState, this rank's data-loader state)."""
+    (the loop's TrainState, this rank's data-loader state, the health monitor's state: None in older checkpoints)."""
     train_state, rank_state = load(path, model, optimizer)
     if scheduler is not None and train_state.get("scheduler") is not None:
         scheduler.load_state_dict(train_state["scheduler"])
     ckpt.set_rng_state(rank_state["rng"])
-    return ckpt.TrainState(**train_state["train_state"]), rank_state["loader"]
+    return ckpt.TrainState(**train_state["train_state"]), rank_state["loader"], train_state.get("health")

@@ -194,7 +194,7 @@ class CheckpointWriter:
     cannot write a sharded checkpoint, so then the last complete one stays the resume point."""
 
     def __init__(self, cfg: ExpManagerConfig, name: str, ckpt_dir: Path, config: dict, is_main: bool, *, model,
-                 optimizer, scheduler, scaler, sharded: bool = False):
+                 optimizer, scheduler, scaler, sharded: bool = False, health=None):
         ccp = cfg.checkpoint_callback_params
         self.enabled, self.ccp, self.name, self.dir, self.config = cfg.create_checkpoint_callback, ccp, name, \
             ckpt_dir, config
@@ -205,6 +205,7 @@ class CheckpointWriter:
         self.ours = checkpoint_name_re(ccp.filename, name)
         self.nemo_name = f"{ccp.prefix or name}.nemo"
         self.sharded, self.pending = sharded, None  # pending: (AsyncSave, names to delete once it is committed)
+        self.health = health  # a HealthMonitor: its running code prior goes into every checkpoint
 
     def _is_ours(self, name: str) -> bool:
         return bool(self.ours.match(name))
@@ -281,6 +282,9 @@ class CheckpointWriter:
                 if name.endswith(dcp_checkpoint.SUFFIX) and self._is_ours(name[:-len(dcp_checkpoint.SUFFIX)] + ".ckpt"):
                     shutil.rmtree(self.dir / name, ignore_errors=True)
 
+    def _health_state(self) -> Optional[dict]:
+        return None if self.health is None else self.health.state_dict()
+
     @property
     def monitors_probe(self) -> bool:
         return str(self.ccp.monitor).startswith("probe_")
@@ -298,7 +302,7 @@ class CheckpointWriter:
     def _write(self, state: ckpt.TrainState, loader_state: dict, rank: bool) -> Path:
         stem, top_path, is_top, dropped = self._stem_and_topk(state, rank, ".ckpt")
         saved = ckpt.state(**self.parts, train_state=dataclasses.replace(state, micro=0), loader_state=loader_state,
-                           config=self.config)
+                           config=self.config, health=self._health_state())
         if is_top:
             ckpt.atomic_save(saved, top_path)
             if self.ccp.always_save_nemo and Path(state.topk[0][1]).name == top_path.name:
@@ -326,7 +330,7 @@ class CheckpointWriter:
         model, optimizer, scheduler = self.parts["model"], self.parts["optimizer"], self.parts["scheduler"]
         shared = {"train_state": dataclasses.asdict(dataclasses.replace(state, micro=0)), "global_step": state.step,
                   "epoch": state.epoch, "config": self.config,
-                  "scheduler": None if scheduler is None else scheduler.state_dict()}
+                  "scheduler": None if scheduler is None else scheduler.state_dict(), "health": self._health_state()}
         per_rank = {"rng": ckpt.rng_state(), "loader": loader_state}
         if is_top:
             dcp_checkpoint.save(top_path, model, optimizer, shared, per_rank)

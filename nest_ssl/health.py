@@ -209,6 +209,18 @@ class HealthMonitor:
             self.observed.observers.remove(self._on_frames)
             self.observed = None
 
+    def state_dict(self) -> dict:
+        """What a resume needs for the same metrics as an uninterrupted run: the running code-prior histograms
+        (all-reduced, so the same on every rank: saved once) and the last told context state. The window's sums are
+        not in it: checkpoints follow log steps and validations, which reset them."""
+        return {"prior_hist": {k: v.detach().cpu() for k, v in self.prior_hist.items()},
+                "context_learned": dict(self.context_learned)}
+
+    def load_state_dict(self, state: dict) -> None:
+        device = next(self.model.parameters()).device
+        self.prior_hist = {k: v.to(device=device, dtype=torch.float64) for k, v in state["prior_hist"].items()}
+        self.context_learned = {**self.context_learned, **state["context_learned"]}
+
     def _phase(self) -> str:
         return "train" if self.model.training else "val"
 

@@ -380,7 +380,8 @@ def _train(plain: dict, preempt: dist_utils.Preemption, phases: dist_utils.Phase
     logdir = Path(dist_utils.broadcast_object(str(em.log_dir(em_cfg, run.name))))  # same datetime version
     ckpt_dir = em.checkpoint_dir(em_cfg, logdir)
     writer = em.CheckpointWriter(em_cfg, name, ckpt_dir, plain, dist.is_main, model=model, optimizer=optimizer,
-                                 scheduler=scheduler, scaler=scaler, sharded=sharded)
+                                 scheduler=scheduler, scaler=scaler, sharded=sharded,
+                                 health=health_monitor)
 
     # ---- resume ---------------------------------------------------------------------------------------
     saved, unreadable, init_lines = None, [], init_lines + [dist_utils.devices_note(tc, dist.world_size)]
@@ -398,11 +399,17 @@ def _train(plain: dict, preempt: dist_utils.Preemption, phases: dist_utils.Phase
     state, limits = ckpt.TrainState(), Limits.of(tc)
     if saved is not None:
         if sharded:
-            state, loader_state = dcp_checkpoint.restore(saved, model=model, optimizer=optimizer, scheduler=scheduler)
+            state, loader_state, health_state = dcp_checkpoint.restore(saved, model=model, optimizer=optimizer,
+                                                                       scheduler=scheduler)
         else:
             state = ckpt.restore(saved, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-            loader_state = saved["loader"]
+            loader_state, health_state = saved["loader"], saved.get("health")
         train_loader.load_state_dict(loader_state)
+        if health_state is not None:  # context_gain's running code prior goes on as if never interrupted
+            health_monitor.load_state_dict(health_state)
+        elif health_monitor.handles:
+            init_lines.append(f"the checkpoint has no health state (written by an older version): context_gain's "
+                              f"code prior starts again from the targets after step {state.step}")
         if limits.reached(state):  # a finished run: say so and leave its directory as it is
             make_logger(dist.is_main, None, False).info(f"{name}: {limits.describe(state)} in {ckpt_dir}; nothing "
                                                         "to do (raise trainer.max_steps / max_epochs to go on)")
