@@ -1,21 +1,24 @@
 """Batch-plan parity with NeMo 2.6.2's Lhotse sampler: the cut ids of every batch, 2 epochs, per case.
 
-For a small generated corpus written by lhotse's own writers (a cuts manifest and a Shar directory), each case
+For a small generated corpus (a cuts manifest and a Shar directory written by lhotse's own writers, NeMo tarred
+shards of the same files written by ours), each case
 builds NeMo's sampler (`get_lhotse_sampler_from_config`, nemo/collections/common/data/lhotse/dataloader.py) and
 nest_ssl's plan (`build_dataloader(DatasetConfig(use_lhotse=True, ...))`, `loader.sampler.epoch_batches()`) from the
 same keys (shuffle true unless the case says otherwise), and prints per case and epoch whether the batches are
 identical, or the first difference.
 
 NeMo's side runs with `concurrent_bucketing: false` (its default, true, fills the bucket buffer from a background
-thread, so its batches are not reproducible) and, for Shar, `force_finite: true` (one pass, no `.repeat()`).
+thread, so its batches are not reproducible) and `force_finite: true` (Shar: one pass, no `.repeat()`).
 Two ranks are compared for the cuts manifest only: that is NeMo's map-style path, where the sampler splits the
-batches by rank; for Shar NeMo puts one whole sampler in every DataLoader worker (IterableDatasetWrapper, rank 0
-of 1), so there is no rank split to compare. Runs only where `nemo` is importable:
+batches by rank; for Shar and NeMo tarred NeMo puts one whole sampler in every DataLoader worker
+(IterableDatasetWrapper, rank 0 of 1), so there is no rank split to compare. Lhotse's `<id>_dup<k>` copies (a
+last round with fewer cuts than ranks) are compared as the cut they copy. Runs only where `nemo` is importable:
 
     python scripts/compare_nemo_lhotse.py [--files 60] [--shard_seed 1234]
 """
 import argparse
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -29,6 +32,7 @@ import soundfile as sf
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from nest_ssl.data.config import DatasetConfig  # noqa: E402
 from nest_ssl.data.loader import build_dataloader  # noqa: E402
+from nest_ssl.data.tarred import write_tarred_dataset  # noqa: E402
 
 SR = 16000
 BINS = [3.0, 6.0, 9.0]  # the longest cuts (up to 12 s) lie past the last bin
@@ -40,8 +44,9 @@ CASES = {  # name -> the sampler keys of that case (shared by both sides)
 }
 
 
-def write_corpus(root: str, n: int, shard_size: int) -> tuple[str, str]:
-    """n WAV files of 1-12 s -> (a cuts manifest, a Shar directory), written by lhotse's own writers."""
+def write_corpus(root: str, n: int, shard_size: int) -> dict[str, dict]:
+    """n WAV files of 1-12 s -> per input kind, its keys: a cuts manifest and a Shar directory written by lhotse's
+    own writers, NeMo tarred shards (our writer, data/tarred.py) of the same files."""
     from lhotse import CutSet, Recording
     from lhotse.shar import SharWriter
 
@@ -58,7 +63,19 @@ def write_corpus(root: str, n: int, shard_size: int) -> tuple[str, str]:
     with SharWriter(shar, fields={"recording": "wav"}, shard_size=shard_size) as w:
         for c in cuts:
             w.write(c)
-    return cuts_path, shar
+    manifest = os.path.join(root, "m.json")
+    with open(manifest, "w") as f:
+        f.writelines(json.dumps({"audio_filepath": c.recording.sources[0].source, "duration": c.duration}) + "\n"
+                     for c in cuts)
+    tars = write_tarred_dataset(manifest, os.path.join(root, "tarred"), math.ceil(n / shard_size))
+    return {"cuts": dict(cuts_path=cuts_path), "shar": dict(shar_path=shar),
+            "nemo_tarred": dict(manifest_filepath=os.path.join(root, "tarred", "tarred_audio_manifest.json"),
+                                tarred_audio_filepaths=tars)}
+
+
+def name(cut_id: str) -> str:
+    """A cut's file stem: the cut id of a cuts manifest or Shar, the tar member name (u007.wav) of NeMo tarred."""
+    return os.path.splitext(os.path.basename(cut_id))[0]
 
 
 def nemo_batches(keys: dict, rank: int, world_size: int, epochs: int) -> list[list[list[str]]]:
@@ -74,7 +91,7 @@ def nemo_batches(keys: dict, rank: int, world_size: int, epochs: int) -> list[li
     out = []
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
-        out.append([[re.sub(r"_dup\d+$", "", c.id) for c in batch] for batch in sampler])  # see below
+        out.append([[name(re.sub(r"_dup\d+$", "", c.id)) for c in batch] for batch in sampler])  # see below
     return out
 
 
@@ -82,9 +99,10 @@ def nemo_batches(keys: dict, rank: int, world_size: int, epochs: int) -> list[li
 # (lhotse.dataset.sampling.base.mark_as_duplicate); our plan keeps the entry index (LhotsePlan.repeated counts
 # them), so NeMo's ids are compared without that suffix.
 def ours_batches(keys: dict, rank: int, world_size: int, epochs: int) -> list[list[list[str]]]:
-    loader = build_dataloader(DatasetConfig(use_lhotse=True, manifest_filepath=None, **keys), rank=rank,
+    loader = build_dataloader(DatasetConfig(**dict(dict(use_lhotse=True, manifest_filepath=None), **keys)), rank=rank,
                               world_size=world_size, seed=0)
-    ids = [e.where.split(": cut ", 1)[1] for e in loader.dataset.entries]  # entry index -> lhotse cut id
+    ids = [name(e.where.split(": cut ", 1)[1] if ": cut " in e.where else e.audio_filepath.rsplit(":", 1)[1])
+           for e in loader.dataset.entries]  # entry index -> the cut id (a NeMo tarred row: its tar member)
     out = []
     for epoch in range(epochs):
         loader.set_epoch(epoch)
@@ -102,8 +120,7 @@ def first_difference(a: list[list[str]], b: list[list[str]]) -> str:
 def compare(args) -> list[tuple]:
     rows = []
     with tempfile.TemporaryDirectory() as root:
-        cuts_path, shar = write_corpus(root, args.files, math.ceil(args.files / args.shards))
-        for source, data in (("cuts", dict(cuts_path=cuts_path)), ("shar", dict(shar_path=shar))):
+        for source, data in write_corpus(root, args.files, math.ceil(args.files / args.shards)).items():
             for case, sampling in CASES.items():
                 for world_size in (1, 2) if source == "cuts" else (1,):
                     keys = dict(dict(data, batch_size=None, shuffle=True, shard_seed=args.shard_seed, seed=0,
@@ -132,10 +149,10 @@ def main(argv=None) -> int:
         return 0
     logging.disable(logging.WARNING)  # NeMo's and our start-up notes; the table is the output
     rows = compare(args)
-    print(f"{'input':5} {'case':28} {'W':>1} {'rank':>4} {'epoch':>5} {'batches nemo/ours':>17} "
+    print(f"{'input':11} {'case':28} {'W':>1} {'rank':>4} {'epoch':>5} {'batches nemo/ours':>17} "
           f"{'cuts nemo/ours':>14}  result")
     for src, case, w, r, e, bn, bo, cn, co, result in rows:
-        print(f"{src:5} {case:28} {w:>1} {r:>4} {e:>5} {f'{bn}/{bo}':>17} {f'{cn}/{co}':>14}  {result}")
+        print(f"{src:11} {case:28} {w:>1} {r:>4} {e:>5} {f'{bn}/{bo}':>17} {f'{cn}/{co}':>14}  {result}")
     return 0 if all(r[-1] == "identical" for r in rows) else 1
 
 
