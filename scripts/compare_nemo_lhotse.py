@@ -1,11 +1,10 @@
 """Batch-plan parity with NeMo 2.6.2's Lhotse sampler: the cut ids of every batch, 2 epochs, per case.
 
 For a small generated corpus (a cuts manifest and a Shar directory written by lhotse's own writers, NeMo tarred
-shards of the same files written by ours), each case
-builds NeMo's sampler (`get_lhotse_sampler_from_config`, nemo/collections/common/data/lhotse/dataloader.py) and
-nest_ssl's plan (`build_dataloader(DatasetConfig(use_lhotse=True, ...))`, `loader.sampler.epoch_batches()`) from the
-same keys (shuffle true unless the case says otherwise), and prints per case and epoch whether the batches are
-identical, or the first difference.
+shards of the same files written by ours), each case builds NeMo's sampler (`get_lhotse_sampler_from_config`,
+nemo/collections/common/data/lhotse/dataloader.py) and nest_ssl's plan (`build_dataloader(DatasetConfig(
+use_lhotse=True, ...))`, `loader.sampler.epoch_batches()`) from the same keys (shuffle true unless the case says
+otherwise), and prints per case and epoch whether the batches are identical, or the first difference.
 
 NeMo's side runs with `concurrent_bucketing: false` (its default, true, fills the bucket buffer from a background
 thread, so its batches are not reproducible) and `force_finite: true` (Shar: one pass, no `.repeat()`).
