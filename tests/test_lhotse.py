@@ -104,6 +104,30 @@ def test_plan_is_lhotses_own_sampler_over_the_cuts(corpus):
     assert ours.epoch_batches() != LhotsePlan(c, ours.items, rank=0, world_size=1, seed=5, even=True).epoch_batches()
 
 
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_shar_plan_is_nemos_sampler_over_nemos_shard_order(corpus, shuffle):
+    """Our Shar plan equals what NeMo 2.6.2 samples: lhotse's DynamicCutSampler over CutSet.from_shar(
+    shuffle_shards=True, seed=shard_seed) (nemo/collections/common/data/lhotse/cutset.py, read_lhotse_manifest's
+    shar_path branch: shards shuffled even with shuffle false), whose LazySharIterator shuffles the shards with
+    random.Random(shard_seed + epoch), epoch = the passes made so far (lhotse/shar/readers/lazy.py, _get_rng with
+    stateful_shuffle). Fails if our shard order uses another RNG (it was random.Random(f"{seed}-{epoch}"): same
+    cuts, other batches; 4 shards here) or keeps the written order without shuffle."""
+    import glob
+
+    from lhotse import CutSet
+    from lhotse.dataset import DynamicCutSampler
+
+    loader = build_dataloader(cfg(inputs(corpus)["shar"], shuffle=shuffle))
+    ids = [e.where.split(": cut ", 1)[1] for e in loader.dataset.entries]
+    nemo_cuts = CutSet.from_shar(fields={"cuts": sorted(glob.glob(str(corpus / "shar" / "cuts.*")))},
+                                 shuffle_shards=True, seed=5)  # one object: its pass count is the epoch
+    ref = DynamicCutSampler(nemo_cuts, max_duration=3.0, shuffle=shuffle, shuffle_buffer_size=10000, seed=5)
+    for epoch in (0, 1):
+        ref.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        assert [[ids[i] for i in b] for b in loader.sampler.epoch_batches()] == [[c.id for c in b] for b in ref]
+
+
 def test_plans_repeat_for_a_seed_and_change_with_the_epoch_and_shard_seed(corpus):
     c = cfg(inputs(corpus)["shar"])
     a, b = build_dataloader(c), build_dataloader(c)

@@ -44,6 +44,9 @@ class LhotseItems:
     shards: list[int] = field(default_factory=list)  # per entry: its shard (the unit shard-order shuffling moves)
     sources: list[int] = field(default_factory=list)  # per entry: its input_cfg source
     weights: list[float] | None = None  # per source, None: one source or unweighted concatenation
+    # NeMo shuffles a Shar directory's shards even with shuffle: false (cutset.py, read_lhotse_manifest:
+    # CutSet.from_shar(shuffle_shards=True)); cuts and NeMo tarred shards only with shuffle
+    shar_shards_shuffled: bool = False
     report: ManifestReport = field(default_factory=ManifestReport)
 
     def add(self, entry: ManifestEntry, member: Member | None, shard: int, source: int):
@@ -134,6 +137,7 @@ class InputReader:
 
     def _shar_list(self, spec, key: str):
         if isinstance(spec, str):
+            self.items.shar_shards_shuffled = True
             return self._shar_dir(spec, 0, key)
         if not isinstance(spec, list) or not spec:
             raise ValueError(f"{key}={spec!r}: expected a directory, a list of directories or of [directory, weight]")

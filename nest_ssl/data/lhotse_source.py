@@ -106,7 +106,7 @@ class LhotsePlan(EpochPlan):
 
     def _order(self, epoch: int) -> list[int]:
         """The cut order the sampler reads: weighted sources drawn by weight; otherwise the inputs' own order, with
-        the shard order shuffled per epoch when `shuffle` (NeMo shuffles tarred and Shar shards)."""
+        the shard order shuffled per epoch when `shuffle`, and always for one Shar directory (as NeMo)."""
         items, n = self.items, len(self.items.entries)
         if items.weights is not None and len(items.weights) > 1:
             by_source = collections.defaultdict(list)
@@ -117,13 +117,15 @@ class LhotsePlan(EpochPlan):
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             draws = concat_order([len(by_source[s]) for s in sources], 1.0, [items.weights[s] for s in sources], g)
             return [flat[j] for j in draws]
-        if not self.cfg.shuffle:
+        if not self.cfg.shuffle and not items.shar_shards_shuffled:
             return list(range(n))
         shard_of = collections.defaultdict(list)
         for i, s in enumerate(items.shards):
             shard_of[s].append(i)
         shards = list(shard_of)
-        random.Random(f"{self.seed}-{epoch}").shuffle(shards)
+        # NeMo's shard order: random.Random(shard_seed + epoch).shuffle (lhotse's LazySharIterator with
+        # stateful_shuffle, NeMo's LazyNeMoTarredIterator._get_seed), epoch = the passes made so far
+        random.Random(self.seed + epoch).shuffle(shards)
         return [i for s in shards for i in shard_of[s]]
 
     def _sampler(self, epoch: int, rank: int, world_size: int):
