@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -190,13 +189,10 @@ def test_kill9_mid_epoch_then_resume_is_bit_exact(corpus, full_run, tmp_path):
     assert_resumed_bit_exact(corpus, full_run, tmp_path / "b")
 
 
-def killed_in_save(rank: int, world: int, cfg: dict, step: int) -> None:
-    """train_tiny(cfg), SIGKILLed halfway through writing the checkpoint of `step`: its temp file is half written
-    and never renamed (the monkeypatched write is checkpoint.atomic_save's)."""
-    torch.set_num_threads(1)
-    real = ckpt._save_reporting_write_errors
-
-    def half_then_kill(obj, f):
+def half_then_kill(real, step: int):
+    """checkpoint's write function, except that the checkpoint of `step` is written halfway and the process then
+    SIGKILLs itself: the temp file is half written and never renamed."""
+    def write(obj, f):
         if obj.get("global_step") == step:
             buf = io.BytesIO()
             torch.save(obj, buf)
@@ -204,8 +200,14 @@ def killed_in_save(rank: int, world: int, cfg: dict, step: int) -> None:
             f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
         real(obj, f)
+    return write
 
-    ckpt._save_reporting_write_errors = half_then_kill
+
+def killed_in_save(rank: int, world: int, cfg: dict, step: int) -> None:
+    """train_tiny(cfg), SIGKILLed halfway through writing the checkpoint of `step` (the monkeypatched write is
+    checkpoint.atomic_save's)."""
+    torch.set_num_threads(1)
+    ckpt._save_reporting_write_errors = half_then_kill(ckpt._save_reporting_write_errors, step)
     train_tiny(cfg)
 
 
@@ -286,23 +288,19 @@ def test_epochs_of_different_lengths_are_each_trained_to_their_end(corpus, tmp_p
     assert (result["step"], result["epoch"]) == (sum(counts), 3), counts
 
 
-KILL_CALL = 4  # the 2-rank kill: in step 4, after the step-3 checkpoint (step 4 ends the 4-batch epoch)
+KILL_SAVE = 4  # the 2-rank kill: rank 0 inside the step-4 checkpoint's write (2 ranks validate at 3, 4, 7, 8: the
+# epoch has 4 batches per rank); step 3's (mid-epoch) stays the last complete one
 
 
 def full_then_killed(rank: int, world: int, ports: list, cfgs: list, shapes: list, out: str) -> None:
     """On each rank: run cfgs[0] to its end, validate `shapes` under ddp and fsdp (validation_worker), then run
-    cfgs[1], which SIGKILLs this process at its KILL_CALL-th training step."""
+    cfgs[1], in which rank 0 (the checkpoint writer) SIGKILLs itself halfway through writing step KILL_SAVE's
+    checkpoint; rank 1 then loses its peer in the next collective."""
     sequential_worker(rank, world, ports[:1], cfgs[:1], out)
     validation_worker(rank, world, ports[1], shapes, out)
-    real = TinyModel.training_step
-
-    def step(self, batch, generator=None, global_step=None):
-        if self.calls + 1 == KILL_CALL:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(self, batch, generator, global_step)
-
-    with mock.patch.object(TinyModel, "training_step", step):
-        sequential_worker(rank, world, ports[2:], cfgs[1:], out)
+    if rank == 0:
+        ckpt._save_reporting_write_errors = half_then_kill(ckpt._save_reporting_write_errors, KILL_SAVE)
+    sequential_worker(rank, world, ports[2:], cfgs[1:], out)
 
 
 # validation shapes (name, cuts, batch size): 3 cuts in 2 batches for 2 ranks; 1 cut: rank 1 has no batch;
@@ -323,10 +321,11 @@ def two_ranks(corpus, tmp_path_factory) -> tuple[Path, dict, dict]:
     shapes = [((name,), val_kwargs(corpus, n, bs)) for name, n, bs in VAL_SHAPES]
     procs = spawn_ranks(full_then_killed, 2, ([free_port() for _ in range(3)], cfgs, shapes, str(out)))
     codes = join_ranks(procs, limit=240)
+    torn = [p.name for p in (out / "b" / "tiny" / "checkpoints").glob("*.tmp")]  # before the resume tidies them
     killed = ckpt.load(lasts(out / "b")[0])
     (out / "resume").mkdir()
     procs = spawn_ranks(sequential_worker, 2, ([free_port()], cfgs[1:], str(out / "resume")))
-    return out, {"codes": codes, "resumed_codes": join_ranks(procs, limit=240)}, killed
+    return out, {"codes": codes, "torn": torn, "resumed_codes": join_ranks(procs, limit=240)}, killed
 
 
 @pytest.mark.slow
@@ -340,11 +339,14 @@ def test_two_rank_lhotse_run_finishes_with_equal_steps_on_both_ranks(two_ranks):
 
 
 @pytest.mark.slow
-def test_two_rank_kill9_mid_epoch_then_resume_is_bit_exact(two_ranks):
-    """Both ranks killed in step 4; resumed from step 3 (mid-epoch, asserted) on 2 ranks: each rank's losses and the
-    final weights equal the uninterrupted 2-rank run's. Breaks if a rank resumes at another batch of its plan."""
+def test_two_rank_kill9_inside_a_save_then_resume_is_bit_exact(two_ranks):
+    """Rank 0 killed halfway through writing step 4's checkpoint (the torn temp file is there), rank 1 stops when
+    its peer is gone; resumed from step 3 (mid-epoch, asserted) on 2 ranks: each rank's losses and the final
+    weights equal the uninterrupted 2-rank run's. Breaks if the torn write is picked up or replaces step 3's, or a
+    rank resumes at another batch of its plan."""
     out, codes, killed = two_ranks
     assert codes["codes"][0] == -signal.SIGKILL and codes["codes"][1] != 0, codes
+    assert codes["torn"], codes  # the kill was inside the write
     assert codes["resumed_codes"] == [0, 0], codes
     assert killed["global_step"] == 3
     assert_mid_epoch(killed, world=2)
