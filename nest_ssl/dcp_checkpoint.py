@@ -133,8 +133,10 @@ def _settle(error: Optional[ckpt.DiskFullError], tmp: Path) -> None:
     first = next((e for e in errors if e is not None), None)
     if first is None:
         return
-    if _rank() == 0:
+    if _rank() == 0 and tmp.is_dir():  # a checkpoint's .tmp directory
         shutil.rmtree(tmp, ignore_errors=True)
+    elif _rank() == 0:  # the temp file of a write rank 0 made alone (save_on_rank0)
+        tmp.unlink(missing_ok=True)
     raise error if error is not None else ckpt.DiskFullError(*first)
 
 
@@ -216,6 +218,13 @@ def save(path: str | os.PathLike, model, optimizer, train_state: dict, rank_stat
     _commit(tmp, final)
     barrier()
     return final
+
+
+def save_on_rank0(write, path: Path, tmp: Path) -> None:
+    """A write rank 0 makes alone inside a sharded save (the best checkpoint's `.nemo`), settled like the shards:
+    every rank calls this, and a full disk on rank 0 raises the same DiskFullError on every rank (its partial `tmp`
+    removed) rather than rank 0 leaving while the others wait in the next collective."""
+    _settle(_own_write(write, path) if _rank() == 0 else None, tmp)
 
 
 def _own_write(write, path: Path) -> Optional[ckpt.DiskFullError]:

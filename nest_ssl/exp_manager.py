@@ -334,8 +334,10 @@ class CheckpointWriter:
         per_rank = {"rng": ckpt.rng_state(), "loader": loader_state}
         if is_top:
             dcp_checkpoint.save(top_path, model, optimizer, shared, per_rank)
-            if self.ccp.always_save_nemo and Path(state.topk[0][1]).name == top_path.name and self.is_main:
-                _save_nemo_from_dcp(top_path, self.config, self.dir / self.nemo_name)
+            if self.ccp.always_save_nemo and Path(state.topk[0][1]).name == top_path.name:
+                nemo = self.dir / self.nemo_name  # rank 0 writes it; a full disk there stops every rank
+                dcp_checkpoint.save_on_rank0(lambda: _save_nemo_from_dcp(top_path, self.config, nemo), nemo,
+                                             nemo.with_name(nemo.name + ".tmp"))
         last = self.dir / f"{stem}-last{dcp_checkpoint.SUFFIX}"
         stale = dropped + [p.name for p in self.dir.glob(f"*-last{dcp_checkpoint.SUFFIX}") if p != last]
         written = dcp_checkpoint.save(last, model, optimizer, shared, per_rank, async_save=bool(self.ccp.async_save))
