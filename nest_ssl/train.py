@@ -452,7 +452,7 @@ def _train(plain: dict, preempt: dist_utils.Preemption, phases: dist_utils.Phase
         try:
             state.last_val = validate(step_model, val_loader, dist, run.seed, amp_dtype, device_mix=val_mix,
                                       health=health_monitor)
-        except Exception as err:
+        except Exception as err:  # any error (bad data, a dead worker, a collective): re-raised after the checkpoint
             if not dist_utils.failed_collective(err):  # a data error: checkpoint (a collective failure: nothing)
                 on_data_error(err)
             raise

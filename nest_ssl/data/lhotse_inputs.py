@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
-from nest_ssl.data.manifest import BadLine, Finding, ManifestEntry, ManifestReport, read_manifests, split_paths
+from nest_ssl.data.manifest import BadLine, Finding, ManifestEntry, ManifestReport, duration_filtered, split_paths
+from nest_ssl.data.source import read_manifests_keyed
 from nest_ssl.data.tarred import expand_shards, stem
 
 log = logging.getLogger(__name__)
@@ -168,15 +169,10 @@ class InputReader:
                 self._cut(cut, f"{cut_file}: cut {cut.id}", source, index)
             self.shard_base += 1
 
-    def _index(self, tar: str, cut_file: str) -> dict[str, Member] | None:
-        """Cut id -> Member of a Shar recording tar (members `<id>.<ext>` + `<id>.json`); None (every cut of the
-        shard a bad item) when the tar is unreadable."""
-        try:
-            by_name = tar_index(tar)
-        except (tarfile.TarError, OSError, EOFError) as e:
-            self.items.report.bad.append(Finding(cut_file, tar, "unreadable", f"shard {tar}: {type(e).__name__}: "
-                                                 f"{str(e)[:100]}"))
-            return {}
+    def _index(self, tar: str, cut_file: str) -> dict[str, Member]:
+        """Cut id -> Member of a Shar recording tar (members `<id>.<ext>` + `<id>.json`); empty when the tar is
+        unreadable (reported once, and every cut of the shard is then a missing member)."""
+        by_name = self._readable_index(tar, cut_file) or {}
         return {os.path.splitext(n)[0]: m for n, m in by_name.items() if not n.endswith(".json")}
 
     def _cuts(self, path, source: int, key: str):
@@ -228,12 +224,9 @@ class InputReader:
             raise ValueError(f"{where}.tarred_audio_filepaths is not set (type nemo_tarred)")
         report = self.items.report
         measure = None if tars else self._measure()
-        try:
-            entries = read_manifests(split_paths(manifests) if not tars else expand_shards(manifests),
-                                     c.min_duration, c.max_duration, report=report, skip_bad=c.skip_bad_samples,
-                                     measure=measure, check_files=not (c.skip_bad_samples or tars))
-        except ValueError as e:
-            raise ValueError(f"{key}: {e}") from e
+        entries = read_manifests_keyed(key, split_paths(manifests) if not tars else expand_shards(manifests),
+                                       c.min_duration, c.max_duration, report=report, skip_bad=c.skip_bad_samples,
+                                       measure=measure, check_files=not (c.skip_bad_samples or tars))
         if not tars:
             for e in entries:
                 self._add(e, None, self.shard_base, source)
@@ -276,8 +269,13 @@ class InputReader:
         return names.index(path) if path in names else None
 
     def _stem_index(self, tar: str, where: str) -> dict[str, Member] | None:
+        by_name = self._readable_index(tar, where)
+        return None if by_name is None else {stem(n): m for n, m in by_name.items()}
+
+    def _readable_index(self, tar: str, where: str) -> dict[str, Member] | None:
+        """tar_index(tar), or None after reporting the shard as one unreadable bad item at `where`."""
         try:
-            return {stem(n): m for n, m in tar_index(tar).items()}
+            return tar_index(tar)
         except (tarfile.TarError, OSError, EOFError) as e:
             self.items.report.bad.append(Finding(where, tar, "unreadable", f"shard {tar}: {type(e).__name__}: "
                                                  f"{str(e)[:100]}"))
@@ -292,14 +290,13 @@ class InputReader:
         """Keep e unless the duration filter drops it; with bucket_batch_size, a cut longer than the last bin has no
         bucket (NeMo's BucketingFilter drops it too)."""
         c, report = self.cfg, self.items.report
+        if duration_filtered(e, c.min_duration, c.max_duration, report):
+            return
         last = c.bucket_duration_bins[-1] if c.bucket_batch_size is not None else None
-        for lo, hi, why in ((c.min_duration, None, "min_duration"), (None, c.max_duration, "max_duration"),
-                            (None, last, "the last bucket_duration_bins edge")):
-            if (lo is not None and e.duration < lo) or (hi is not None and e.duration > hi):
-                kind, op = ("too_short", "<") if lo is not None else ("too_long", ">")
-                report.filtered.append(Finding(e.where, e.audio_filepath, kind, f"{e.duration} s {op} {why} "
-                                               f"{lo if lo is not None else hi}"))
-                return
+        if last is not None and e.duration > last:
+            report.filtered.append(Finding(e.where, e.audio_filepath, "too_long",
+                                           f"{e.duration} s > the last bucket_duration_bins edge {last}"))
+            return
         self.items.add(e, member, shard, source)
 
 

@@ -30,9 +30,8 @@ from nest_ssl.data.config import DatasetConfig
 from nest_ssl.data.dataset import AudioNoiseCollate, AudioNoiseDataset, BadItem
 from nest_ssl.data.lhotse_config import NATIVE_ONLY
 from nest_ssl.data.lhotse_inputs import LhotseItems, Member, read_inputs
-from nest_ssl.data.manifest import read_manifests
 from nest_ssl.data.sampler import EpochPlan, concat_order
-from nest_ssl.data.source import SourceContext
+from nest_ssl.data.source import SourceContext, read_manifests_keyed
 from nest_ssl.data.wrapper import DataLoaderWrapper, check_batches, with_report
 
 log = logging.getLogger(__name__)
@@ -248,11 +247,8 @@ def build(c: DatasetConfig, ctx: SourceContext) -> DataLoaderWrapper:
                          f"{c.max_duration}] s, {len(report.bad)} bad)")
     noise = []
     if c.noise_manifest:
-        try:
-            noise = read_manifests(c.noise_manifest, report=report, skip_bad=c.skip_bad_samples,
-                                   check_files=not c.skip_bad_samples)
-        except ValueError as e:
-            raise ValueError(f"{ctx.where}.noise_manifest: {e}") from e
+        noise = read_manifests_keyed(f"{ctx.where}.noise_manifest", c.noise_manifest, report=report,
+                                     skip_bad=c.skip_bad_samples, check_files=not c.skip_bad_samples)
     data_seed = resolve_seed(c.seed, ctx.seed, f"{ctx.where}.seed")
     plan = LhotsePlan(c, items, rank=ctx.rank, world_size=ctx.world_size,
                       seed=resolve_seed(c.shard_seed, ctx.seed, f"{ctx.where}.shard_seed"), even=ctx.is_train)

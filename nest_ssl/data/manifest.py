@@ -180,7 +180,7 @@ def read_manifests(paths, min_duration: float | None = None, max_duration: float
                 idx += 1
                 if e is None:
                     continue
-                if _filtered(e, min_duration, max_duration, report):
+                if duration_filtered(e, min_duration, max_duration, report):
                     if measured and measured[-1].where == where:  # reported once: as filtered (measured)
                         report.filtered[-1].reason += " (measured: no 'duration' in the manifest)"
                         measured.pop()
@@ -219,7 +219,7 @@ def _entry(line, where, manifest_dir, resolve, idx, report, skip_bad, measure, c
     return None
 
 
-def _filtered(e: ManifestEntry, lo: float | None, hi: float | None, report: ManifestReport) -> bool:
+def duration_filtered(e: ManifestEntry, lo: float | None, hi: float | None, report: ManifestReport) -> bool:
     if e.duration is not None and lo is not None and e.duration < lo:
         report.filtered.append(Finding(e.where, e.audio_filepath, "too_short", f"{e.duration} s < min_duration {lo}"))
         return True

@@ -50,9 +50,9 @@ def read_manifest_data(c: DatasetConfig, ctx: SourceContext, groups: list[list[s
     """The noise manifest, then each group of data manifests; `measure` gives an entry without `duration` one (see
     when_needed), `check_files` stats every data entry's audio. No entry left is a start-up error."""
     report = ManifestReport()
-    noise = _read_manifests(f"{ctx.where}.noise_manifest", c.noise_manifest, report=report,
+    noise = read_manifests_keyed(f"{ctx.where}.noise_manifest", c.noise_manifest, report=report,
                             skip_bad=c.skip_bad_samples, check_files=not c.skip_bad_samples) if c.noise_manifest else []
-    parts = [_read_manifests(f"{ctx.where}.manifest_filepath", g, c.min_duration, c.max_duration, c.max_utts,
+    parts = [read_manifests_keyed(f"{ctx.where}.manifest_filepath", g, c.min_duration, c.max_duration, c.max_utts,
                              report=report, skip_bad=c.skip_bad_samples, measure=when_needed(c, measure),
                              check_files=check_files) for g in groups]
     entries = [e for p in parts for e in p]
@@ -66,7 +66,7 @@ def read_manifest_data(c: DatasetConfig, ctx: SourceContext, groups: list[list[s
     return ManifestData(parts, ds, collate, report)
 
 
-def _read_manifests(key: str, *args, **kwargs) -> list[ManifestEntry]:
+def read_manifests_keyed(key: str, *args, **kwargs) -> list[ManifestEntry]:
     """read_manifests with the config key in the error (the message already names the file or file:line)."""
     try:
         return read_manifests(*args, **kwargs)
