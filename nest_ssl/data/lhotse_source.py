@@ -71,6 +71,7 @@ class LhotsePlan(EpochPlan):
         self.cfg, self.items, self.seed, self.even = cfg, items, seed, even
         self.rank, self.world_size = rank, world_size
         self.epoch, self.start, self._cached, self.repeated = 0, 0, (None, None), 0
+        self._global = (None, None)  # (epoch, all ranks' batches)
         self.bins = self._bins()
 
     def _bins(self) -> list[float] | None:
@@ -144,8 +145,11 @@ class LhotsePlan(EpochPlan):
         return s
 
     def global_batches(self) -> list[list[int]]:
-        """All ranks' batches of this epoch, in one plan (validation's split, and the start-up counts)."""
-        return [[int(c.id) for c in b] for b in self._sampler(self.epoch, 0, 1)]  # one rank: no copies
+        """All ranks' batches of this epoch, in one plan (validation's split, and the start-up counts); planned once
+        per epoch."""
+        if self._global[0] != self.epoch:
+            self._global = (self.epoch, [[int(c.id) for c in b] for b in self._sampler(self.epoch, 0, 1)])  # no copies
+        return self._global[1]
 
     def _rank_batches(self) -> list[list[int]]:
         """This rank's training batches: lhotse's split. When the last round has fewer cuts than ranks, lhotse
